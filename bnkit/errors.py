@@ -1,0 +1,63 @@
+"""Error and warning types raised by bnkit.
+
+Every error bnkit raises for bad input is a :class:`BatchNormError`, which is a
+:class:`ValueError`, so ``except ValueError`` keeps working for code written against
+``torch.nn.BatchNorm*d``. The subclasses let callers (and tests) tell the cases apart.
+
+Messages follow one pattern: *where* (the layer or function), *what was expected*, and
+*what came*, e.g.::
+
+    BatchNorm2d(64): expected 4D input (N, C, H, W), got 3D input of shape (8, 64, 32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "BatchNormError",
+    "ConfigError",
+    "EmptyBatchError",
+    "NonFiniteStatsWarning",
+    "ShapeError",
+    "SingleValueError",
+    "format_choices",
+    "format_shape",
+]
+
+
+class BatchNormError(ValueError):
+    """Base class of every input or configuration error raised by bnkit."""
+
+
+class ShapeError(BatchNormError):
+    """The input (or a mask, or a parameter) has the wrong rank or size."""
+
+
+class ConfigError(BatchNormError):
+    """An option is out of range: eps <= 0, momentum outside [0, 1], an unknown choice..."""
+
+
+class EmptyBatchError(BatchNormError):
+    """Batch statistics were asked of a batch with no values at all."""
+
+
+class SingleValueError(BatchNormError):
+    """A training batch holds a single value per feature, so its variance is undefined."""
+
+
+class NonFiniteStatsWarning(RuntimeWarning):
+    """A training batch produced NaN or Inf statistics and they were not recorded."""
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    """Render a shape the way users write it: ``(8, 64, 32)``, ``(8,)``, ``()``."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 1:
+        return f"({dims[0]},)"
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def format_choices(choices: Iterable[object]) -> str:
+    """Render a fixed set of option values for an error message: ``'raise', 'running'``."""
+    return ", ".join(repr(c) for c in choices)
