@@ -219,3 +219,33 @@ def test_layer_matches_torch_module_over_training_and_test(case: Case, estimator
     if estimator == "unbiased":
         expected = torch_bn(torch.from_numpy(single)).detach().numpy()
     assert relative_error(bn.forward(single, training=False), expected) < 1e-10
+
+
+@given(batches(), st.sampled_from([torch.float64, torch.float32]))
+def test_matches_torch_on_drawn_inputs(
+    batch: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], dtype: torch.dtype
+) -> None:
+    x, gamma, beta, dy, eps = batch
+    if dtype == torch.float32:  # compare on the values float32 can hold
+        x, gamma, beta, dy = (a.astype(np.float32).astype(np.float64) for a in (x, gamma, beta, dy))
+    case = Case(x.shape, eps=eps)
+    expected = torch_train_step(case, x, gamma, beta, dy, dtype)
+    actual = reference_train_step(case, x, gamma, beta, dy)
+    unit = 1e-13 if dtype == torch.float64 else 1e-6  # a few units of rounding
+    # errors grow with how far the values sit from their mean, relative to sqrt(var + eps)
+    tolerance = unit * max(1.0, condition(x, eps))
+    gain = max(1.0, float(np.abs(gamma).max()))
+    axes = (0, *range(2, x.ndim))
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    terms = np.abs(gamma.reshape(view) * dy) / np.sqrt(x.var(axis=axes) + eps).reshape(view)
+    scale = {
+        "y": gain * max(1.0, condition(x, eps)) + float(np.abs(beta).max()),
+        "dx": 10 * float(terms.max()),
+        "dgamma": float(np.abs(dy).sum()) * max(1.0, condition(x, eps)),
+        "dbeta": float(np.abs(dy).sum()),
+        "running_mean": max(1.0, float(np.abs(x).max())),
+        "running_var": max(1.0, float(np.abs(x).max()) ** 2),
+    }
+    for name, value in actual.items():
+        error = float(np.abs(value - expected[name]).max())
+        assert error <= tolerance * scale[name], (name, error, tolerance * scale[name])
