@@ -17,6 +17,7 @@ from collections.abc import Iterable
 __all__ = [
     "BatchNormError",
     "ConfigError",
+    "DTypeError",
     "EmptyBatchError",
     "NonFiniteStatsWarning",
     "ShapeError",
@@ -36,6 +37,13 @@ class ShapeError(BatchNormError):
 
 class ConfigError(BatchNormError):
     """An option is out of range: eps <= 0, momentum outside [0, 1], an unknown choice..."""
+
+
+class DTypeError(BatchNormError, TypeError):
+    """The input has a dtype batch normalization cannot handle (an integer or complex tensor).
+
+    Also a :class:`TypeError`: the problem is the kind of value, not its size.
+    """
 
 
 class EmptyBatchError(BatchNormError):

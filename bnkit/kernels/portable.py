@@ -1,0 +1,280 @@
+"""The portable kernel: batch normalization in plain torch operations, for any device.
+
+Numerics (why it is written this way):
+
+- Statistics are computed on ``x - shift`` with ``shift`` = the channel's first value
+  (``x[0, c, 0, ...]``). For data far from zero (a channel at 1e4 with spread 1e-2) that
+  subtraction is exact in the input's dtype, so the mean and variance of the difference
+  are as accurate as for centred data. The variance is then the exact two-pass one (the
+  mean, then the mean squared deviation from it): never E[x^2] - E[x]^2. A sample of the
+  data is a good enough shift: if it lies t standard deviations from the mean, the
+  rounding error grows only by a factor of about t.
+- The normalization is ``(x - shift) * alpha + beta'`` with alpha = weight / sqrt(var + eps)
+  and beta' = bias - shifted_mean * alpha: every term is of the order of the output. The
+  usual folded form ``x * alpha + (bias - mean * alpha)`` (torch's CPU kernel) adds two
+  terms of size |x| * alpha and loses about eps_machine * |x| / std of accuracy, i.e.
+  percent-level errors in float32 for the data above. Likewise inference uses
+  ``(x - running_mean) * alpha + bias``.
+- float16 and bfloat16 inputs are promoted to float32 inside each operation; statistics,
+  accumulation and the affine map run in float32 and only the output is rounded back.
+  Alternatives considered: accumulating float32 input in float64 fixes the statistics but
+  not the folded normalization, costs a float64 copy of the input, and float64 is slow or
+  missing on many GPUs (and absent on MPS).
+
+Gradients: training-mode normalization is one :class:`torch.autograd.Function` with the
+analytic backward (it saves the input and per-channel statistics only, like torch's own
+kernel). Its backward is written in differentiable operations and, when a double backward
+is requested, recomputes the statistics from the input so that second derivatives include
+their dependence on it. Inference-mode normalization is composed operations that autograd
+differentiates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnkit.kernels import BatchStats, compute_dtype
+
+__all__ = ["KERNEL", "PortableKernel", "batch_stats"]
+
+
+def _channel_view(x: Tensor) -> list[int]:
+    """Shape that broadcasts a (C,) vector against x (N, C, *): [1, C, 1, ...]."""
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _output_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format torch's batch norm gives its output: channels-last for a
+    channels-last 4D or 5D input, contiguous for anything else."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _affine_terms(
+    shifted_mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-channel (alpha, beta') such that y = (x - shift) * alpha + beta'."""
+    alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    beta = -shifted_mean * alpha
+    if bias is not None:
+        beta = beta + bias.to(invstd.dtype)
+    return alpha, beta
+
+
+def _two_pass_moments(
+    shifted: Tensor, dims: list[int], view: list[int], *, in_place: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance: the mean first, then the mean squared deviation
+    from it (exact two-pass; several times faster than torch.var_mean's Welford on CPU)."""
+    mean = shifted.mean(dims)  # (C,)
+    deviation = shifted - mean.view(view)  # (N, C, *)
+    # mul_ rather than square_: square_ has no vmap batching rule.
+    squared = deviation.mul_(deviation) if in_place else deviation * deviation
+    return mean, squared.mean(dims)
+
+
+def batch_stats(x: Tensor) -> BatchStats:
+    """Per-channel (count, shift, shifted_mean, biased var) of x (N, C, *), no autograd graph.
+
+    Example:
+        >>> x = 1e4 + 1e-2 * torch.randn(64, 3)
+        >>> stats = batch_stats(x)
+        >>> bool((stats.var.sqrt() / 1e-2 - 1).abs().max() < 0.5)
+        True
+    """
+    x = x.detach()
+    dtype = compute_dtype(x.dtype)
+    channels = x.shape[1]
+    view = _channel_view(x)
+    first = (0, slice(None)) + (0,) * (x.dim() - 2)
+    shift = x[first].to(dtype).clone()  # (C,)
+    # Mixed-dtype subtraction promotes half inputs to float32 without a separate copy.
+    shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
+    shifted_mean, var = _two_pass_moments(shifted, _reduce_dims(x), view)  # (C,), (C,)
+    count = torch.full((channels,), x.numel() // max(channels, 1), dtype=dtype, device=x.device)
+    return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
+
+
+class _NormalizeWithBatchStats(torch.autograd.Function):
+    """y = (x - shift - shifted_mean) * invstd * weight + bias, with the batch statistics
+    treated as functions of x in the backward pass."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shift: Tensor,
+        shifted_mean: Tensor,
+        invstd: Tensor,
+        count: Tensor,
+        eps: float,
+    ) -> Tensor:
+        view = _channel_view(x)
+        alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
+        y = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
+        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, shift, shifted_mean, invstd, count, eps = inputs
+        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, shift, shifted_mean, invstd, count = ctx.saved_tensors
+        view = _channel_view(x)
+        dims = _reduce_dims(x)
+        shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
+        if torch.is_grad_enabled():
+            # Double backward: the saved statistics carry no graph, so recompute them from
+            # x to let autograd see how they depend on it.
+            shifted_mean, var = _two_pass_moments(shifted, dims, view, in_place=False)
+            invstd = torch.rsqrt(var + ctx.eps)
+        # dL/dy per value; the sums below run over each channel's count values.
+        g = grad_output.to(invstd.dtype)
+        x_hat = torch.addcmul(
+            (-shifted_mean * invstd).view(view), shifted, invstd.view(view)
+        )  # (N, C, *)
+        grad_bias = g.sum(dims)  # (C,)
+        grad_weight = (g * x_hat).sum(dims)  # (C,)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
+            # are the paths through the batch mean and the batch variance. Evaluated as
+            # alpha * g + (x_hat * k1 + k0), two fused passes.
+            alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            k1 = -alpha * grad_weight / count
+            k0 = -alpha * grad_bias / count
+            through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
+            grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
+        grad_w = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = grad_weight.to(weight.dtype)
+        grad_b = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_w, grad_b, None, None, None, None, None
+
+
+def _update_dtype(device: torch.device) -> torch.dtype:
+    """Running statistics are blended in float64 where the device has it (C values: free),
+    which reproduces torch's CPU update ``m * batch + (1 - m) * running`` in double."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class PortableKernel:
+    """:class:`bnkit.kernels.Kernel` in plain torch operations (any device, torch.compile)."""
+
+    def batch_stats(self, x: Tensor) -> BatchStats:
+        return batch_stats(x)
+
+    def normalize_batch(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        invstd = torch.rsqrt(stats.var + eps)
+        # torch types Function.apply without annotations.
+        output: Tensor = _NormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps
+        )
+        return output
+
+    def normalize_population(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        view = _channel_view(x)
+        alpha = torch.rsqrt(var.to(dtype) + eps)
+        if weight is not None:
+            alpha = alpha * weight.to(dtype)
+        # (x - mean) is exact for x near mean, unlike x * alpha - mean * alpha.
+        centred = x - mean.to(dtype).view(view)  # (N, C, *) in the compute dtype
+        if bias is None:
+            y = centred * alpha.view(view)
+        else:
+            y = torch.addcmul(bias.to(dtype).view(view), centred, alpha.view(view))
+        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        stats: BatchStats,
+        momentum: float | None,
+        *,
+        num_batches_tracked: Tensor | None,
+        unbiased: bool,
+        skip_nonfinite: bool,
+    ) -> Tensor | None:
+        with torch.no_grad():
+            dtype = _update_dtype(stats.var.device)
+            # Formed in the update dtype, so a float32 mean far from zero is rounded once.
+            batch_mean = stats.shift.to(dtype) + stats.shifted_mean.to(dtype)
+            batch_var = stats.var.to(dtype)
+            if unbiased:
+                count = stats.count.to(dtype)
+                batch_var = batch_var * count / (count - 1)
+            recorded = None
+            if skip_nonfinite:
+                # A 0-d device tensor: deciding with torch.where keeps the update free of
+                # host synchronization and of graph breaks under torch.compile.
+                recorded = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+            if num_batches_tracked is not None:
+                if recorded is None:
+                    num_batches_tracked.add_(1)
+                else:
+                    num_batches_tracked.add_(recorded.to(num_batches_tracked.dtype))
+            factor: float | Tensor
+            if momentum is None:
+                # Cumulative average: the k-th recorded batch gets weight 1/k.
+                if num_batches_tracked is None:
+                    raise ValueError("momentum=None needs num_batches_tracked")
+                factor = 1.0 / num_batches_tracked.to(dtype)
+            else:
+                factor = momentum
+            for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+                if running is None:
+                    continue
+                old = running.to(dtype)
+                new = batch * factor + old * (1.0 - factor)
+                if recorded is not None:
+                    new = torch.where(recorded, new, old)
+                running.copy_(new)
+            return recorded
+
+
+KERNEL = PortableKernel()
