@@ -1,0 +1,315 @@
+"""Drop-in batch normalization layers: ``bnkit.BatchNorm1d/2d/3d``.
+
+They take the same constructor arguments as ``torch.nn.BatchNorm1d/2d/3d`` of the
+installed torch, hold the same parameters and buffers under the same state_dict keys
+(``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``, version
+2), print the same ``repr`` and, with default options, compute the same outputs, gradients
+and running statistics. Checkpoints load either way. The extras are keyword-only:
+``running_var_estimator``, ``single_sample``, ``skip_nonfinite`` and ``frozen``.
+
+Base class: :class:`BatchNormNd` derives from ``torch.nn.modules.batchnorm._BatchNorm``
+(not from ``torch.nn.BatchNorm2d``):
+
+- deriving from ``_BatchNorm`` keeps code that finds batch norm layers by
+  ``isinstance(m, _BatchNorm)`` working (weight-decay exclusion, ``fuse_conv_bn_eval``,
+  ``torch.func.replace_all_batch_norm_modules_``, freezing helpers), and inherits torch's
+  parameter/buffer registration, ``reset_parameters``, ``extra_repr`` and the
+  ``_load_from_state_dict`` that upgrades version-1 checkpoints, so these stay identical
+  to torch's by construction;
+- not deriving from ``torch.nn.BatchNorm2d`` keeps code that dispatches on torch's exact
+  layer classes (quantization fusion patterns, ONNX export, layer converters) from
+  treating this layer as torch's and bypassing its forward and extras.
+
+Caveat: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` also matches ``_BatchNorm`` and
+would replace these layers by torch's SyncBatchNorm, dropping the extras.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnkit.errors import ConfigError, ShapeError, format_shape
+from bnkit.functional import NonFiniteMonitor, _batch_norm, check_eps, check_options
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd"]
+
+# Recent torch releases give the batch norm layers a keyword-only ``bias`` argument; with
+# an older torch it is emulated by removing the bias parameter after construction.
+_TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+class BatchNormNd(_BatchNorm):
+    r"""Batch normalization over the channel dimension of an (N, C, \*) input.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    In training, E[x] and the biased Var[x] are taken per channel over the batch and all
+    spatial positions, and the running statistics are updated::
+
+        running_mean = (1 - momentum) * running_mean + momentum * batch_mean
+        running_var  = (1 - momentum) * running_var  + momentum * batch_var_unbiased
+
+    In eval mode (or when frozen) the running statistics are used. The subclasses
+    :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` differ only in the
+    input ranks they accept.
+
+    Args:
+        num_features: C, the number of channels (features).
+        eps: added to the variance. Default 1e-5.
+        momentum: weight of each new batch in the running statistics, in [0, 1], or None
+            for the cumulative average over all batches. Default 0.1.
+        affine: learn a per-channel scale ``weight`` (gamma) and shift ``bias`` (beta).
+        track_running_stats: keep running statistics; if False, batch statistics are used
+            in eval mode too.
+        device, dtype: where and in what dtype to create parameters and buffers.
+        bias: with ``affine``, also learn the shift. Default True.
+        running_var_estimator: ``"unbiased"`` (default, torch) or ``"biased"`` (Keras,
+            flax): which batch variance ``running_var`` averages.
+        single_sample: a training batch with one value per channel (e.g. input (1, C)),
+            whose variance is undefined: ``"raise"`` (default) raises
+            :class:`~bnkit.errors.SingleValueError`; ``"running"`` normalizes it with the
+            running statistics without updating them; ``"identity"`` returns the input
+            unchanged (no normalization, no affine map, statistics untouched; the gradient
+            passes straight through and weight and bias get none from that batch).
+        skip_nonfinite: if a training batch's statistics hold NaN or Inf, leave the running
+            statistics and ``num_batches_tracked`` unchanged and warn once per layer with
+            :class:`~bnkit.errors.NonFiniteStatsWarning`. Default True: one bad batch
+            (an fp16 overflow, a corrupt sample) would otherwise turn every later eval
+            output into NaN. The batch's own output is computed as usual. On CUDA the
+            warning is raised a few calls late rather than stalling the GPU; under
+            ``torch.compile`` the skip happens but no warning is raised.
+        frozen: normalize with the running statistics and never update them, even in
+            train mode (fine-tuning with small batches). ``weight`` and ``bias`` still
+            train; see :meth:`freeze`.
+
+    Shape:
+        - Input: (N, C, \*) with the rank the subclass accepts.
+        - Output: same shape, dtype and memory format as the input.
+
+    Raises:
+        ConfigError: a negative num_features or eps, momentum outside [0, 1], an unknown
+            option value, ``frozen`` or ``single_sample="running"`` without running stats.
+        ShapeError: (in forward) an input of the wrong rank or number of channels.
+        SingleValueError: (in forward) one value per channel in training, by default.
+
+    Example:
+        >>> bn = BatchNorm2d(3, single_sample="running")
+        >>> y = bn(torch.randn(4, 3, 5, 5))
+        >>> y.shape, int(bn.num_batches_tracked)
+        (torch.Size([4, 3, 5, 5]), 1)
+
+    Note:
+        ``momentum`` follows PyTorch's convention, the weight of the new batch; Keras'
+        and flax's momentum is 1 minus it. Training normalizes with the *biased* batch
+        variance, while ``running_var`` stores the *unbiased* one unless
+        ``running_var_estimator="biased"``.
+    """
+
+    #: Input ranks accepted, with the layout named in error messages.
+    input_layouts: ClassVar[dict[int, str]] = {}
+
+    running_var_estimator: str
+    single_sample: str
+    skip_nonfinite: bool
+    frozen: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        running_var_estimator: str = "unbiased",
+        single_sample: str = "raise",
+        skip_nonfinite: bool = True,
+        frozen: bool = False,
+    ) -> None:
+        where = f"{type(self).__name__}({num_features})"
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
+            raise ConfigError(
+                f"{type(self).__name__}: expected num_features to be an int >= 0 "
+                f"(the number of channels C), got {num_features!r}"
+            )
+        # eps = 0 is accepted here, as torch does: it is valid in eval mode. A negative
+        # eps is rejected now because no forward could ever use it.
+        check_eps(where, eps, use_batch_stats=False)
+        check_options(
+            where,
+            momentum=momentum,
+            running_var_estimator=running_var_estimator,
+            single_sample=single_sample,
+            skip_nonfinite=skip_nonfinite,
+        )
+        if not track_running_stats and single_sample == "running":
+            raise ConfigError(
+                f"{where}: single_sample='running' normalizes with the running statistics, "
+                f"which track_running_stats=False does not keep; pick one of 'raise', 'identity'"
+            )
+        if _TORCH_HAS_BIAS_ARG:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            )
+        else:  # pragma: no cover - torch without the bias argument
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype
+            )
+            if affine and not bias:
+                self.register_parameter("bias", None)
+        self.running_var_estimator = running_var_estimator
+        self.single_sample = single_sample
+        self.skip_nonfinite = skip_nonfinite
+        self.frozen = False
+        self._nonfinite_monitor = NonFiniteMonitor(where, once=True)
+        if frozen:
+            self.freeze()
+
+    def freeze(self) -> BatchNormNd:
+        """Normalize with the running statistics from now on, in train mode too, and stop
+        updating them. Affine parameters keep training (``requires_grad_(False)`` them to
+        freeze those as well). Returns the layer.
+
+        Raises:
+            ConfigError: the layer keeps no running statistics.
+        """
+        if self.running_mean is None or self.running_var is None:
+            raise ConfigError(
+                f"{self._where()}: cannot freeze a layer without running statistics "
+                f"(track_running_stats=False)"
+            )
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> BatchNormNd:
+        """Undo :meth:`freeze`: train mode uses and updates batch statistics again."""
+        self.frozen = False
+        return self
+
+    def train(self, mode: bool = True) -> BatchNormNd:
+        # Leaving train mode is a natural point to report pending non-finite batches.
+        if not mode:
+            self._nonfinite_monitor.flush()
+        super().train(mode)
+        return self
+
+    def _where(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self.input_layouts:
+            expected = " or ".join(
+                f"{rank}D input {layout}" for rank, layout in self.input_layouts.items()
+            )
+            raise ShapeError(
+                f"{self._where()}: expected {expected}, got {input.dim()}D input of shape "
+                f"{format_shape(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ShapeError(
+                f"{self._where()}: expected {self.num_features} channels in dimension 1, got "
+                f"{input.shape[1]} in input of shape {format_shape(input.shape)}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input``; in train mode (and not frozen) update the running statistics."""
+        self._check_input_dim(input)
+        if self.frozen:
+            training, running_mean, running_var, num_batches_tracked = (
+                False,
+                self.running_mean,
+                self.running_var,
+                None,
+            )
+            momentum: float | None = self.momentum
+        else:
+            # The same decisions as torch.nn.BatchNorm*d: batch statistics in train mode and
+            # whenever there are no running statistics; the running ones are updated only in
+            # train mode with track_running_stats.
+            update = self.training and self.track_running_stats
+            training = self.training or (self.running_mean is None and self.running_var is None)
+            running_mean = self.running_mean if not self.training or update else None
+            running_var = self.running_var if not self.training or update else None
+            num_batches_tracked = self.num_batches_tracked if update else None
+            momentum = self.momentum
+            if momentum is None and num_batches_tracked is None:
+                momentum = 0.0  # torch's factor when there is no counter to average with
+        output, recorded = _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training,
+            momentum,
+            self.eps,
+            num_batches_tracked=num_batches_tracked,
+            running_var_estimator=self.running_var_estimator,
+            single_sample=self.single_sample,
+            skip_nonfinite=self.skip_nonfinite,
+            where=self._where(),
+        )
+        if recorded is not None and not torch.compiler.is_compiling():
+            self._nonfinite_monitor.observe(recorded, tuple(input.shape))
+        return output
+
+    def extra_repr(self) -> str:
+        """torch's ``extra_repr``, followed by the extras that differ from their defaults."""
+        text: str = super().extra_repr()  # type: ignore[no-untyped-call]  # untyped in torch
+        defaults: dict[str, Any] = {
+            "running_var_estimator": "unbiased",
+            "single_sample": "raise",
+            "skip_nonfinite": True,
+            "frozen": False,
+        }
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value != default:
+                text += f", {name}={value!r}"
+        return text
+
+
+class BatchNorm1d(BatchNormNd):
+    r"""Batch normalization of (N, C) features or (N, C, L) sequences; see :class:`BatchNormNd`.
+
+    Example:
+        >>> bn = BatchNorm1d(16)
+        >>> bn(torch.randn(32, 16)).shape
+        torch.Size([32, 16])
+    """
+
+    input_layouts: ClassVar[dict[int, str]] = {2: "(N, C)", 3: "(N, C, L)"}
+
+
+class BatchNorm2d(BatchNormNd):
+    r"""Batch normalization of (N, C, H, W) images; see :class:`BatchNormNd`.
+
+    Example:
+        >>> bn = BatchNorm2d(64)
+        >>> bn(torch.randn(8, 64, 4, 4)).shape
+        torch.Size([8, 64, 4, 4])
+    """
+
+    input_layouts: ClassVar[dict[int, str]] = {4: "(N, C, H, W)"}
+
+
+class BatchNorm3d(BatchNormNd):
+    r"""Batch normalization of (N, C, D, H, W) volumes; see :class:`BatchNormNd`.
+
+    Example:
+        >>> bn = BatchNorm3d(4)
+        >>> bn(torch.randn(2, 4, 3, 8, 8)).shape
+        torch.Size([2, 4, 3, 8, 8])
+    """
+
+    input_layouts: ClassVar[dict[int, str]] = {5: "(N, C, D, H, W)"}

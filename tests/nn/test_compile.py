@@ -1,0 +1,72 @@
+"""torch.compile: the same results as eager, with no graph breaks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import bnkit.nn as bnn
+
+# torch._dynamo instantiates torch.autograd.Function while tracing any custom autograd
+# Function, which emits a DeprecationWarning from inside torch (pytorch/pytorch#128439,
+# fixed upstream by #186421). Warnings are errors in this test run, so allow that one.
+pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning")
+
+
+def _model(**options: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        bnn.BatchNorm2d(6, **options),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 5 * 5, 8),
+        bnn.BatchNorm1d(8, **options),
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": None, "running_var_estimator": "biased"}, {"skip_nonfinite": False}],
+    ids=["default", "cumulative-biased", "no-skip"],
+)
+def test_compiled_model_matches_eager(options: dict[str, Any]) -> None:
+    torch._dynamo.reset()
+    eager = _model(**options)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        training = step < 2
+        eager.train(training)
+        compiled_module.train(training)
+        x = torch.randn(4, 3, 5, 5, generator=g)
+        y_eager, y_compiled = eager(x), compiled(x)
+        assert torch.allclose(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+        for (name, p_eager), p_compiled in zip(
+            eager.named_parameters(), compiled_module.parameters(), strict=True
+        ):
+            assert torch.allclose(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5), name
+        for (name, b_eager), b_compiled in zip(
+            eager.named_buffers(), compiled_module.buffers(), strict=True
+        ):
+            assert torch.allclose(b_compiled.double(), b_eager.double(), rtol=1e-5, atol=1e-6), name
+    assert int(compiled_module[1].num_batches_tracked) == 2
+
+
+def test_compiled_skip_nonfinite_leaves_stats_without_graph_break() -> None:
+    torch._dynamo.reset()
+    layer = bnn.BatchNorm1d(3)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(5, 3))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = torch.randn(5, 3)
+    bad[0, 0] = float("nan")
+    compiled(bad)  # no warning under compile, but the statistics are still protected
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key
