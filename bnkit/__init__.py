@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily: these modules import torch)
 _LAZY = {
+    "Renorm": "bnkit.functional",
+    "accumulate_stats": "bnkit.nn",
     "BatchNorm1d": "bnkit.nn",
     "BatchNorm2d": "bnkit.nn",
     "BatchNorm3d": "bnkit.nn",
@@ -29,13 +31,16 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from bnkit import functional, nn
-    from bnkit.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from bnkit.functional import Renorm
+    from bnkit.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, accumulate_stats
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Renorm",
     "__version__",
+    "accumulate_stats",
     "errors",
     "functional",
     "nn",

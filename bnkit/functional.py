@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,12 +28,91 @@ from bnkit.errors import (
     format_shape,
 )
 
-__all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "batch_norm"]
+__all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
 
 #: Values of ``running_var_estimator``: which batch variance ``running_var`` averages.
 RUNNING_VAR_ESTIMATORS = ("unbiased", "biased")
 #: Values of ``single_sample``: what a training batch with one value per channel does.
 SINGLE_SAMPLE_MODES = ("raise", "running", "identity")
+
+
+@dataclass(frozen=True)
+class Renorm:
+    """Batch renormalization (Ioffe, 2017) and its schedule.
+
+    In training, with the batch's sigma_B = sqrt(var_B + eps) and the population's
+    sigma = sqrt(running_var + eps)::
+
+        r     = clip(sigma_B / sigma, 1 / r_max, r_max)
+        d     = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+        x_hat = (x - mu_B) / sigma_B * r + d
+
+    with r and d constants in the backward pass (the gradient still flows through mu_B
+    and sigma_B). Within the limits, training normalizes with the population statistics,
+    as inference will, so small or non-i.i.d. batches stop skewing the model; the limits
+    keep the first steps, when the population statistics are still poor, close to batch
+    norm. Evaluation is unchanged.
+
+    The limits follow the paper's schedule, counted in ``num_batches_tracked`` (training
+    batches before this one): plain batch norm (r_max = 1, d_max = 0) for ``warmup_steps``,
+    then r_max grows linearly to its final value at step ``r_max_steps`` and d_max at step
+    ``d_max_steps``. ``Renorm(warmup_steps=0, r_max_steps=0, d_max_steps=0)`` applies the
+    final limits from the first step.
+
+    Args:
+        r_max: the final limit of r, >= 1. d_max: the final limit of d, >= 0.
+        warmup_steps, r_max_steps, d_max_steps: the schedule, integers >= 0.
+
+    Raises:
+        ConfigError: a value out of range.
+
+    Example:
+        >>> renorm = Renorm(r_max=3.0, d_max=5.0)
+        >>> [round(float(v), 3) for v in renorm.limits(22500)]
+        [2.0, 4.375]
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 5000
+    r_max_steps: int = 40000
+    d_max_steps: int = 25000
+
+    def __post_init__(self) -> None:
+        if not self.r_max >= 1.0:
+            raise ConfigError(
+                f"Renorm: expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got {self.r_max}"
+            )
+        if not self.d_max >= 0.0:
+            raise ConfigError(
+                f"Renorm: expected d_max >= 0 (d is clipped to [-d_max, d_max]), got {self.d_max}"
+            )
+        for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"Renorm: expected {name} to be an integer >= 0, got {value!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the limits depend on the step (else they are final from the start)."""
+        return max(self.warmup_steps, self.r_max_steps, self.d_max_steps) > 0
+
+    def limits(self, step: Tensor | int) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) at ``step`` (batches already trained on), as float64 0-d tensors.
+
+        Computed with tensor operations, so a step held in a device buffer needs no host
+        synchronization and no graph break under ``torch.compile``.
+        """
+        t = torch.as_tensor(step, dtype=torch.float64)
+
+        def progress(final_step: int) -> Tensor:
+            if final_step <= self.warmup_steps:  # final as soon as the warm-up ends
+                return (t >= self.warmup_steps).to(torch.float64)
+            span = final_step - self.warmup_steps
+            return torch.clamp((t - self.warmup_steps) / span, 0.0, 1.0)
+
+        r_max = 1.0 + (self.r_max - 1.0) * progress(self.r_max_steps)
+        return r_max, self.d_max * progress(self.d_max_steps)
 
 
 def batch_norm(
@@ -49,6 +129,9 @@ def batch_norm(
     running_var_estimator: str = "unbiased",
     single_sample: str = "raise",
     skip_nonfinite: bool = True,
+    mask: Tensor | None = None,
+    ghost_batch_size: int | None = None,
+    renorm: Renorm | None = None,
 ) -> Tensor:
     r"""Normalize each channel of a batch: ``torch.nn.functional.batch_norm`` plus options.
 
@@ -92,6 +175,21 @@ def batch_norm(
             running statistics and ``num_batches_tracked`` untouched (the output is
             still computed from the batch) and warn with
             :class:`~bnkit.errors.NonFiniteStatsWarning`. Default True.
+        mask: bool tensor of shape (N, *spatial) (for (N, C, L): (N, L)), True at valid
+            positions (padded sequences). The statistics, their gradients and the running
+            statistics come from the valid positions only (the unbiased correction uses
+            the valid count); every position, padding included, goes through the same
+            per-channel affine map, so padding should hold finite values. An all-True
+            mask is no mask. Fewer than two valid values per channel in training follow
+            ``single_sample``. Ignored (but checked) when normalizing with population
+            statistics.
+        ghost_batch_size: normalize each consecutive chunk of this many samples with its
+            own statistics (ghost batch norm, Hoffer et al. 2017); the last chunk may be
+            smaller (a chunk with one value per channel follows ``single_sample``). The
+            running statistics are updated once, from all chunks merged (which equals
+            the whole batch's statistics). None, or >= N, is plain batch norm.
+        renorm: a :class:`Renorm` to apply batch renormalization in training; needs the
+            running statistics, and ``num_batches_tracked`` for a scheduled one.
 
     Shape:
         - input: (N, C) or (N, C, *spatial)
@@ -136,6 +234,9 @@ def batch_norm(
         running_var_estimator=running_var_estimator,
         single_sample=single_sample,
         skip_nonfinite=skip_nonfinite,
+        mask=mask,
+        ghost_batch_size=ghost_batch_size,
+        renorm=renorm,
         where="batch_norm",
     )
     if recorded is not None and not torch.compiler.is_compiling():
@@ -240,10 +341,15 @@ def _batch_norm(
     running_var_estimator: str,
     single_sample: str,
     skip_nonfinite: bool,
+    mask: Tensor | None = None,
+    ghost_batch_size: int | None = None,
+    renorm: Renorm | None = None,
+    deferred: list[kernels.BatchStats] | None = None,
     where: str,
 ) -> kernels.BatchNormResult:
     """:func:`batch_norm` with errors attributed to ``where`` (a layer's name), returning
-    whether the running statistics recorded the batch instead of warning about it."""
+    whether the running statistics recorded the batch instead of warning about it, and
+    appending the batch's statistics to ``deferred`` instead of updating, when given."""
     _check_input(
         where,
         input,
@@ -261,6 +367,11 @@ def _batch_norm(
             f"{where}: expected running_mean and running_var both given or both None, got "
             f"running_mean={_given(running_mean)}, running_var={_given(running_var)}"
         )
+    check_ghost_batch_size(where, ghost_batch_size)
+    if mask is not None:
+        _check_mask(where, input, mask)
+    if renorm is not None and not isinstance(renorm, Renorm):
+        raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
     shape = tuple(input.shape)
     use_batch_stats = bool(training)
     update = use_batch_stats and (running_mean is not None or running_var is not None)
@@ -308,6 +419,18 @@ def _batch_norm(
             output = output + bias.to(input.dtype).view(view)
         return kernels.BatchNormResult(output, None)
 
+    chunks = None
+    renorm_limits = None
+    if use_batch_stats:
+        chunks = _plan_chunks(where, input, mask, ghost_batch_size, single_sample)
+        if any(chunk.mode == "running" for chunk in chunks) and running_mean is None:
+            raise SingleValueError(
+                f"{where}: single_sample='running' normalizes a ghost batch with fewer than "
+                f"two values per channel with the running statistics, but there are none"
+            )
+        if renorm is not None:
+            renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
+
     return kernels.batch_norm(
         input,
         running_mean if update or not use_batch_stats else None,
@@ -320,7 +443,126 @@ def _batch_norm(
         num_batches_tracked=num_batches_tracked if update else None,
         unbiased=running_var_estimator == "unbiased",
         skip_nonfinite=skip_nonfinite,
+        mask=mask,
+        chunks=chunks,
+        renorm_limits=renorm_limits,
+        deferred=deferred if update else None,
     )
+
+
+def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> None:
+    """Raise :class:`ConfigError` unless ghost_batch_size is None or an integer >= 1."""
+    if ghost_batch_size is None:
+        return
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+        raise ConfigError(
+            f"{where}: expected ghost_batch_size to be an integer >= 1 or None, "
+            f"got {ghost_batch_size!r}"
+        )
+    if ghost_batch_size < 1:
+        raise ConfigError(f"{where}: expected ghost_batch_size >= 1, got {ghost_batch_size}")
+
+
+def _check_mask(where: str, input: Tensor, mask: Tensor) -> None:
+    expected = (input.shape[0], *input.shape[2:])
+    if not isinstance(mask, Tensor):
+        raise ShapeError(
+            f"{where}: expected mask to be a bool tensor of shape (N, *spatial) = "
+            f"{format_shape(expected)}, got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise DTypeError(
+            f"{where}: expected a bool mask (True = valid position), got dtype {mask.dtype}"
+        )
+    if tuple(mask.shape) != expected:
+        raise ShapeError(
+            f"{where}: expected a mask of shape (N, *spatial) = {format_shape(expected)} for "
+            f"input of shape {format_shape(input.shape)}, got {format_shape(mask.shape)}"
+        )
+    if mask.device != input.device:
+        raise ShapeError(
+            f"{where}: expected the mask on the input's device {input.device}, got {mask.device}"
+        )
+
+
+def _plan_chunks(
+    where: str,
+    input: Tensor,
+    mask: Tensor | None,
+    ghost_batch_size: int | None,
+    single_sample: str,
+) -> list[kernels.Chunk]:
+    """The ghost batches and, for each, whether it has the two values per channel that a
+    variance needs; those that do not follow ``single_sample``.
+
+    With a mask the valid counts are data: reading them costs one host synchronization
+    (none under ``torch.compile``, where the check is skipped: a chunk without two valid
+    values then gives NaN statistics, which ``skip_nonfinite`` keeps out of the running
+    statistics).
+    """
+    ranges = kernels.ghost_chunks(input.shape[0], ghost_batch_size)
+    per_sample = math.prod(input.shape[2:])
+    if mask is None:
+        counts: list[int] | None = [(stop - start) * per_sample for start, stop in ranges]
+    elif torch.compiler.is_compiling():
+        counts = None
+    else:
+        per_sample_valid = mask.reshape(input.shape[0], -1).sum(1)  # (N,)
+        totals = torch.stack([per_sample_valid[a:b].sum() for a, b in ranges])
+        counts = [int(c) for c in totals.tolist()]
+    chunks = []
+    for number, (start, stop) in enumerate(ranges, 1):
+        mode = "batch"
+        if counts is not None and counts[number - 1] < 2:
+            if single_sample == "raise":
+                raise SingleValueError(
+                    _few_values_message(where, input, mask, ranges, number, counts[number - 1])
+                )
+            mode = single_sample
+        chunks.append(kernels.Chunk(start, stop, mode))
+    return chunks
+
+
+def _few_values_message(
+    where: str,
+    input: Tensor,
+    mask: Tensor | None,
+    ranges: list[tuple[int, int]],
+    number: int,
+    count: int,
+) -> str:
+    values = "valid values" if mask is not None else "values"
+    part = "the batch"
+    if len(ranges) > 1:
+        start, stop = ranges[number - 1]
+        part = f"ghost batch {number} of {len(ranges)} (samples {start} to {stop - 1})"
+    return (
+        f"{where}: expected at least two {values} per channel when training, got {count} in "
+        f"{part} of input of shape {format_shape(input.shape)}, whose batch variance is "
+        f"undefined. Use more (valid) values per batch, call .eval(), or pick single_sample= "
+        f"from {format_choices(SINGLE_SAMPLE_MODES)}"
+    )
+
+
+def _renorm_limits(
+    where: str,
+    renorm: Renorm,
+    running_mean: Tensor | None,
+    num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    if running_mean is None:
+        raise ConfigError(
+            f"{where}: batch renorm corrects the batch statistics towards the running ones, "
+            f"but there are none (track_running_stats=False or running_mean=None)"
+        )
+    if num_batches_tracked is None:
+        if renorm.scheduled:
+            raise ConfigError(
+                f"{where}: a scheduled Renorm needs num_batches_tracked to know the step; "
+                f"pass it, or use Renorm(warmup_steps=0, r_max_steps=0, d_max_steps=0)"
+            )
+        return renorm.limits(0)
+    return renorm.limits(num_batches_tracked.detach())
 
 
 class NonFiniteMonitor:

@@ -26,17 +26,29 @@ would replace these layers by torch's SyncBatchNorm, dropping the extras.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnkit import kernels
 from bnkit.errors import ConfigError, ShapeError, format_shape
-from bnkit.functional import NonFiniteMonitor, _batch_norm, check_eps, check_options
+from bnkit.functional import (
+    NonFiniteMonitor,
+    Renorm,
+    _batch_norm,
+    check_eps,
+    check_ghost_batch_size,
+    check_options,
+)
+from bnkit.kernels import BatchStats
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]
 
 # Recent torch releases give the batch norm layers a keyword-only ``bias`` argument; with
 # an older torch it is emulated by removing the bias parameter after construction.
@@ -88,9 +100,17 @@ class BatchNormNd(_BatchNorm):
         frozen: normalize with the running statistics and never update them, even in
             train mode (fine-tuning with small batches). ``weight`` and ``bias`` still
             train; see :meth:`freeze`.
+        renorm: a :class:`~bnkit.functional.Renorm` (also ``bnkit.Renorm``): batch
+            renormalization (Ioffe, 2017) in training, with its warm-up schedule counted
+            in ``num_batches_tracked``. Needs ``track_running_stats``.
+        ghost_batch_size: normalize each consecutive chunk of this many samples with its
+            own statistics (ghost batch norm, Hoffer et al. 2017; the last chunk may be
+            smaller). The running statistics are updated once per call from all chunks
+            merged. None (default) or >= the batch size is plain batch norm.
 
     Shape:
         - Input: (N, C, \*) with the rank the subclass accepts.
+        - mask (optional, in forward): (N, \*) bool, True at valid positions.
         - Output: same shape, dtype and memory format as the input.
 
     Raises:
@@ -119,6 +139,8 @@ class BatchNormNd(_BatchNorm):
     single_sample: str
     skip_nonfinite: bool
     frozen: bool
+    renorm: Renorm | None
+    ghost_batch_size: int | None
 
     def __init__(
         self,
@@ -135,6 +157,8 @@ class BatchNormNd(_BatchNorm):
         single_sample: str = "raise",
         skip_nonfinite: bool = True,
         frozen: bool = False,
+        renorm: Renorm | None = None,
+        ghost_batch_size: int | None = None,
     ) -> None:
         where = f"{type(self).__name__}({num_features})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
@@ -152,6 +176,14 @@ class BatchNormNd(_BatchNorm):
             single_sample=single_sample,
             skip_nonfinite=skip_nonfinite,
         )
+        check_ghost_batch_size(where, ghost_batch_size)
+        if renorm is not None and not isinstance(renorm, Renorm):
+            raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
+        if renorm is not None and not track_running_stats:
+            raise ConfigError(
+                f"{where}: renorm corrects the batch statistics towards the running ones, "
+                f"which track_running_stats=False does not keep"
+            )
         if not track_running_stats and single_sample == "running":
             raise ConfigError(
                 f"{where}: single_sample='running' normalizes with the running statistics, "
@@ -170,7 +202,11 @@ class BatchNormNd(_BatchNorm):
         self.running_var_estimator = running_var_estimator
         self.single_sample = single_sample
         self.skip_nonfinite = skip_nonfinite
+        self.renorm = renorm
+        self.ghost_batch_size = ghost_batch_size
         self.frozen = False
+        # Statistics of the micro-batches seen inside accumulate_stats(), else None.
+        self._deferred: list[BatchStats] | None = None
         self._nonfinite_monitor = NonFiniteMonitor(where, once=True)
         if frozen:
             self.freeze()
@@ -221,8 +257,19 @@ class BatchNormNd(_BatchNorm):
                 f"{input.shape[1]} in input of shape {format_shape(input.shape)}"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input``; in train mode (and not frozen) update the running statistics."""
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        r"""Normalize ``input``; in train mode (and not frozen) update the running statistics.
+
+        Args:
+            input: (N, C, \*) with the rank this layer accepts.
+            mask: optional bool tensor (N, \*) (for (N, C, L): (N, L)), True at valid
+                positions, e.g. the non-padded steps of sequences of different lengths.
+                Statistics, their gradients and the running statistics come from the valid
+                positions only; every position goes through the same affine map (so the
+                output at padding is defined, and finite for finite padding). An all-True
+                mask is no mask; fewer than two valid values per channel in training
+                follow ``single_sample``.
+        """
         self._check_input_dim(input)
         if self.frozen:
             training, running_mean, running_var, num_batches_tracked = (
@@ -257,11 +304,33 @@ class BatchNormNd(_BatchNorm):
             running_var_estimator=self.running_var_estimator,
             single_sample=self.single_sample,
             skip_nonfinite=self.skip_nonfinite,
+            mask=mask,
+            ghost_batch_size=self.ghost_batch_size,
+            renorm=self.renorm,
+            deferred=self._deferred,
             where=self._where(),
         )
         if recorded is not None and not torch.compiler.is_compiling():
             self._nonfinite_monitor.observe(recorded, tuple(input.shape))
         return output
+
+    def _record(self, stats: BatchStats) -> None:
+        """Fold statistics gathered elsewhere (accumulated micro-batches) into the running
+        statistics: one update, counted once in ``num_batches_tracked``."""
+        if self.running_mean is None or self.running_var is None:
+            return
+        momentum = self.momentum
+        recorded = kernels.select_kernel(self.running_mean).update_running_stats(
+            self.running_mean,
+            self.running_var,
+            stats,
+            momentum,
+            num_batches_tracked=self.num_batches_tracked,
+            unbiased=self.running_var_estimator == "unbiased",
+            skip_nonfinite=self.skip_nonfinite,
+        )
+        if recorded is not None:
+            self._nonfinite_monitor.observe(recorded, (int(stats.count[0].item()),))
 
     def extra_repr(self) -> str:
         """torch's ``extra_repr``, followed by the extras that differ from their defaults."""
@@ -271,6 +340,8 @@ class BatchNormNd(_BatchNorm):
             "single_sample": "raise",
             "skip_nonfinite": True,
             "frozen": False,
+            "renorm": None,
+            "ghost_batch_size": None,
         }
         for name, default in defaults.items():
             value = getattr(self, name)
@@ -313,3 +384,64 @@ class BatchNorm3d(BatchNormNd):
     """
 
     input_layouts: ClassVar[dict[int, str]] = {5: "(N, C, D, H, W)"}
+
+
+@contextlib.contextmanager
+def accumulate_stats(model: torch.nn.Module) -> Iterator[None]:
+    """Update the running statistics once from all the micro-batches run inside the block.
+
+    Under gradient accumulation a step's batch is split into micro-batches, and each
+    would update the running statistics as if it were the whole batch (with the momentum
+    applied once per micro-batch). Inside this context manager every bnkit batch norm
+    layer of ``model`` normalizes each micro-batch with its own statistics as usual, but
+    defers its running-statistics update; on a normal exit each layer updates once from
+    the merged (count, mean, M2) statistics of all its micro-batches (Chan et al.'s exact
+    merge), so ``running_mean``, ``running_var`` and ``num_batches_tracked`` equal what
+    one forward over the concatenated batch would have given. If the block raises, the
+    deferred statistics are dropped and the running statistics stay as they were.
+
+    Args:
+        model: any module; its bnkit batch norm layers (``bnkit.BatchNorm*d``) take part.
+            torch's own batch norm layers cannot defer their updates: a warning names them
+            (convert them with ``bnkit.tools.convert``).
+
+    Raises:
+        RuntimeError: a layer of ``model`` is already inside ``accumulate_stats``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchNorm1d(8))
+        >>> batch = torch.randn(32, 4)
+        >>> with accumulate_stats(model):
+        ...     for micro_batch in batch.split(8):
+        ...         model(micro_batch).square().mean().backward()
+        >>> int(model[1].num_batches_tracked)
+        1
+    """
+    layers = [m for m in model.modules() if isinstance(m, BatchNormNd)]
+    others = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and not isinstance(m, BatchNormNd)
+    ]
+    if others:
+        warnings.warn(
+            f"accumulate_stats: torch batch norm layers update their running statistics on "
+            f"every micro-batch: {', '.join(others)}. Convert them with bnkit.tools.convert.",
+            UserWarning,
+            stacklevel=3,
+        )
+    for layer in layers:
+        if layer._deferred is not None:
+            raise RuntimeError(f"accumulate_stats: {layer._where()} is already accumulating")
+    for layer in layers:
+        layer._deferred = []
+    try:
+        yield
+        for layer in layers:
+            parts = layer._deferred
+            layer._deferred = None
+            if parts:
+                layer._record(kernels.merge_stats(parts))
+    finally:
+        for layer in layers:
+            layer._deferred = None

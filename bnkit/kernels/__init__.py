@@ -2,11 +2,16 @@
 
 Every variant of batch normalization runs the same four steps::
 
-    stats = kernel.batch_stats(x)                     # per channel (count, shift, mean, var)
-    # (statistics of several shards merge here: merge_stats)
-    y = kernel.normalize_batch(x, stats, weight, bias, eps)       # training
+    stats = kernel.batch_stats(x, mask)                # per channel (count, shift, mean, var)
+    y = kernel.normalize_batch(x, stats, weight, bias, eps, mask)     # training
     y = kernel.normalize_population(x, mean, var, weight, bias, eps)  # inference
+    stats = merge_stats([...])                         # ghost batches, micro-batches, shards
     kernel.update_running_stats(running_mean, running_var, stats, momentum, ...)
+
+The variants are parameters of :func:`batch_norm`, not copies of it: a mask restricts
+the statistics to valid positions, ghost batches are chunks normalized with their own
+statistics and merged for the update, batch renormalization is a change of the affine
+parameters (:func:`renorm_affine`), and micro-batch accumulation defers the update.
 
 A kernel is any object with those four methods (:class:`Kernel`). :mod:`.portable` is
 written with plain torch operations, so it runs on every device and under
@@ -34,10 +39,13 @@ from bnkit.errors import ShapeError
 __all__ = [
     "BatchNormResult",
     "BatchStats",
+    "Chunk",
     "Kernel",
     "batch_norm",
     "compute_dtype",
+    "ghost_chunks",
     "merge_stats",
+    "renorm_affine",
     "select_kernel",
 ]
 
@@ -139,8 +147,9 @@ def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
 class Kernel(Protocol):
     """The four steps of batch normalization; implementations must agree to rounding."""
 
-    def batch_stats(self, x: Tensor) -> BatchStats:
-        """Per-channel statistics of ``x`` (N, C, *) over every dimension but 1."""
+    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
+        """Per-channel statistics of ``x`` (N, C, *) over every dimension but 1, over the
+        positions where ``mask`` ((N, *), bool) is True when one is given."""
         ...
 
     def normalize_batch(
@@ -150,9 +159,11 @@ class Kernel(Protocol):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Training: y = weight * (x - mean) / sqrt(var + eps) + bias, differentiable
-        through the batch statistics (dx includes the paths through mean and var)."""
+        through the batch statistics (dx includes the paths through mean and var; with a
+        mask, through the valid inputs only). Every position gets the same affine map."""
         ...
 
     def normalize_population(
@@ -202,6 +213,67 @@ class BatchNormResult(NamedTuple):
     recorded: Tensor | None
 
 
+class Chunk(NamedTuple):
+    """A slice of the batch normalized with its own statistics (a ghost batch, or the
+    whole batch), and what to do with it."""
+
+    start: int
+    stop: int
+    #: normalize with its own statistics ("batch"), the population's ("running"), or
+    #: pass it through unchanged ("identity"): the last two for a chunk with fewer than
+    #: two (valid) values per channel, following ``single_sample``.
+    mode: str = "batch"
+
+
+def ghost_chunks(batch_size: int, ghost_batch_size: int | None) -> list[tuple[int, int]]:
+    """The [start, stop) sample ranges of consecutive ghost batches (the last may be
+    smaller); the whole batch when ``ghost_batch_size`` is None or >= the batch size."""
+    if ghost_batch_size is None or ghost_batch_size >= batch_size:
+        return [(0, batch_size)]
+    return [
+        (start, min(start + ghost_batch_size, batch_size))
+        for start in range(0, batch_size, ghost_batch_size)
+    ]
+
+
+def renorm_affine(
+    stats: BatchStats,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    limits: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Batch renormalization as a change of the affine parameters.
+
+    Renorm computes y = weight * (x_hat_B * r + d) + bias with r and d constants, which is
+    plain batch norm with weight' = weight * r and bias' = bias + weight * d. Autograd
+    through these two products gives exactly the renorm gradients: dx as batch norm's
+    with scale weight * r, d weight = r * sum(dy * x_hat_B) + d * sum(dy), d bias = sum(dy).
+
+    Args:
+        stats: the batch's statistics. running_mean, running_var: the population's (C,).
+        weight, bias: (C,) or None. eps: as in the normalization.
+        limits: (r_max, d_max) for this step, 0-d tensors.
+
+    Returns:
+        (weight', bias') in the statistics' compute dtype.
+    """
+    with torch.no_grad():
+        dtype = stats.var.dtype
+        r_max, d_max = (limit.to(dtype) for limit in limits)
+        sigma = torch.sqrt(running_var.to(dtype) + eps)
+        r = torch.clamp(torch.sqrt(stats.var + eps) / sigma, 1.0 / r_max, r_max)
+        mean_gap = stats.shift - running_mean.to(dtype) + stats.shifted_mean
+        d = torch.clamp(mean_gap / sigma, -d_max, d_max)
+    if weight is None:
+        return r, d if bias is None else bias.to(dtype) + d
+    scaled = weight.to(dtype) * r
+    shifted = weight.to(dtype) * d
+    return scaled, shifted if bias is None else bias.to(dtype) + shifted
+
+
 def batch_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -216,11 +288,15 @@ def batch_norm(
     unbiased: bool = True,
     skip_nonfinite: bool = False,
     kernel: Kernel | None = None,
+    mask: Tensor | None = None,
+    chunks: Sequence[Chunk] | None = None,
+    renorm_limits: tuple[Tensor, Tensor] | None = None,
+    deferred: list[BatchStats] | None = None,
 ) -> BatchNormResult:
-    """The pipeline: statistics -> normalize -> update running statistics.
+    """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
 
-    Inputs are assumed valid (:mod:`bnkit.functional` checks them); ``x`` has at least one
-    value and, with ``use_batch_stats``, at least two values per channel.
+    Inputs are assumed valid (:mod:`bnkit.functional` checks them and plans the chunks);
+    ``x`` has at least one value.
 
     Args:
         x: input (N, C, *).
@@ -237,6 +313,13 @@ def batch_norm(
         skip_nonfinite: leave the running statistics and the counter untouched when the
             batch statistics hold NaN or Inf.
         kernel: the kernel to use; :func:`select_kernel` by default.
+        mask: (N, *) bool, True at valid positions: statistics over those only.
+        chunks: the ghost batches (each normalized with its own statistics) and their
+            modes; one chunk, the whole batch, by default.
+        renorm_limits: (r_max, d_max) to apply batch renormalization with (needs the
+            running statistics), or None.
+        deferred: if given, the batch's merged statistics are appended to it instead of
+            being folded into the running statistics (micro-batch accumulation).
 
     Returns:
         A :class:`BatchNormResult`.
@@ -248,18 +331,47 @@ def batch_norm(
         return BatchNormResult(
             k.normalize_population(x, running_mean, running_var, weight, bias, eps), None
         )
-    stats = k.batch_stats(x)
-    # Cross-process synchronization will merge the shards' statistics here (merge_stats).
-    output = k.normalize_batch(x, stats, weight, bias, eps)
-    recorded = None
-    if running_mean is not None or running_var is not None:
-        recorded = k.update_running_stats(
-            running_mean,
-            running_var,
-            stats,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            unbiased=unbiased,
-            skip_nonfinite=skip_nonfinite,
-        )
+    plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
+    outputs, parts = [], []
+    whole = len(plan) == 1
+    for chunk in plan:
+        part = x if whole else x[chunk.start : chunk.stop]
+        part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
+        if chunk.mode == "identity":
+            outputs.append(part.clone())
+            continue
+        if chunk.mode == "running":
+            if running_mean is None or running_var is None:
+                raise ValueError("batch_norm pipeline: population statistics are required")
+            outputs.append(
+                k.normalize_population(part, running_mean, running_var, weight, bias, eps)
+            )
+            continue
+        stats = k.batch_stats(part, part_mask)
+        scale, shift = weight, bias
+        if renorm_limits is not None:
+            if running_mean is None or running_var is None:
+                raise ValueError("batch_norm pipeline: renorm needs the running statistics")
+            scale, shift = renorm_affine(
+                stats, running_mean, running_var, weight, bias, eps, renorm_limits
+            )
+        outputs.append(k.normalize_batch(part, stats, scale, shift, eps, part_mask))
+        parts.append(stats)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    if not parts or (running_mean is None and running_var is None):
+        return BatchNormResult(output, None)
+    # Cross-process synchronization will merge the shards' statistics here too.
+    merged = parts[0] if len(parts) == 1 else merge_stats(parts)
+    if deferred is not None:
+        deferred.append(merged)
+        return BatchNormResult(output, None)
+    recorded = k.update_running_stats(
+        running_mean,
+        running_var,
+        merged,
+        momentum,
+        num_batches_tracked=num_batches_tracked,
+        unbiased=unbiased,
+        skip_nonfinite=skip_nonfinite,
+    )
     return BatchNormResult(output, recorded)

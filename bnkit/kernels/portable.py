@@ -92,8 +92,12 @@ def _two_pass_moments(
     return mean, squared.mean(dims)
 
 
-def batch_stats(x: Tensor) -> BatchStats:
+def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     """Per-channel (count, shift, shifted_mean, biased var) of x (N, C, *), no autograd graph.
+
+    With ``mask`` (bool, (N, *spatial), True = valid) the statistics run over the valid
+    positions only. Padding may hold anything (NaN included): it is selected away with
+    ``torch.where``, never multiplied by zero.
 
     Example:
         >>> x = 1e4 + 1e-2 * torch.randn(64, 3)
@@ -102,6 +106,8 @@ def batch_stats(x: Tensor) -> BatchStats:
         True
     """
     x = x.detach()
+    if mask is not None:
+        return _masked_batch_stats(x, mask)
     dtype = compute_dtype(x.dtype)
     channels = x.shape[1]
     view = _channel_view(x)
@@ -114,9 +120,43 @@ def batch_stats(x: Tensor) -> BatchStats:
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
+def _valid(mask: Tensor) -> Tensor:
+    """A (N, *spatial) mask as (N, 1, *spatial), broadcasting against (N, C, *spatial)."""
+    return mask.unsqueeze(1)
+
+
+def _masked_moments(
+    shifted: Tensor, valid: Tensor, count: Tensor, dims: list[int], view: list[int]
+) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the valid entries of ``shifted``, two passes."""
+    zero = shifted.new_zeros(())
+    mean = torch.where(valid, shifted, zero).sum(dims) / count  # (C,)
+    deviation = torch.where(valid, shifted - mean.view(view), zero)  # (N, C, *)
+    return mean, (deviation * deviation).sum(dims) / count
+
+
+def _masked_batch_stats(x: Tensor, mask: Tensor) -> BatchStats:
+    """Masked statistics: the shift is the valid values' mean from a first pass (no sample
+    of the data is known to be valid without a host synchronization), then two passes."""
+    dtype = compute_dtype(x.dtype)
+    view = _channel_view(x)
+    dims = _reduce_dims(x)
+    valid = _valid(mask)  # (N, 1, *)
+    count = valid.to(dtype).sum(dims).expand(x.shape[1]).clone()  # (C,)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    shift = torch.where(valid, x.to(dtype), zero).sum(dims) / count  # (C,)
+    shifted_mean, var = _masked_moments(x - shift.view(view), valid, count, dims, view)
+    return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
+
+
 class _NormalizeWithBatchStats(torch.autograd.Function):
     """y = (x - shift - shifted_mean) * invstd * weight + bias, with the batch statistics
-    treated as functions of x in the backward pass."""
+    treated as functions of x in the backward pass.
+
+    With a mask, the statistics are functions of the valid entries only: every output
+    (padding included) goes through the same affine map, and the paths through the mean
+    and variance reach the valid inputs only.
+    """
 
     generate_vmap_rule = True
 
@@ -130,6 +170,7 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         invstd: Tensor,
         count: Tensor,
         eps: float,
+        mask: Tensor | None,
     ) -> Tensor:
         view = _channel_view(x)
         alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
@@ -138,21 +179,24 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, shifted_mean, invstd, count, eps = inputs
-        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count)
+        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask = inputs
+        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, shift, shifted_mean, invstd, count = ctx.saved_tensors
+        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         view = _channel_view(x)
         dims = _reduce_dims(x)
         shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
         if torch.is_grad_enabled():
             # Double backward: the saved statistics carry no graph, so recompute them from
             # x to let autograd see how they depend on it.
-            shifted_mean, var = _two_pass_moments(shifted, dims, view, in_place=False)
+            if mask is None:
+                shifted_mean, var = _two_pass_moments(shifted, dims, view, in_place=False)
+            else:
+                shifted_mean, var = _masked_moments(shifted, _valid(mask), count, dims, view)
             invstd = torch.rsqrt(var + ctx.eps)
         # dL/dy per value; the sums below run over each channel's count values.
         g = grad_output.to(invstd.dtype)
@@ -170,6 +214,8 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
             k1 = -alpha * grad_weight / count
             k0 = -alpha * grad_bias / count
             through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
+            if mask is not None:  # the statistics do not depend on padding
+                through_stats = torch.where(_valid(mask), through_stats, 0.0)
             grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
         grad_w = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -177,7 +223,7 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         grad_b = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_bias.to(ctx.bias_dtype)
-        return grad_input, grad_w, grad_b, None, None, None, None, None
+        return grad_input, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _update_dtype(device: torch.device) -> torch.dtype:
@@ -189,8 +235,8 @@ def _update_dtype(device: torch.device) -> torch.dtype:
 class PortableKernel:
     """:class:`bnkit.kernels.Kernel` in plain torch operations (any device, torch.compile)."""
 
-    def batch_stats(self, x: Tensor) -> BatchStats:
-        return batch_stats(x)
+    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
+        return batch_stats(x, mask)
 
     def normalize_batch(
         self,
@@ -199,11 +245,12 @@ class PortableKernel:
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        mask: Tensor | None = None,
     ) -> Tensor:
         invstd = torch.rsqrt(stats.var + eps)
         # torch types Function.apply without annotations.
         output: Tensor = _NormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask
         )
         return output
 

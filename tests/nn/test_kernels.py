@@ -64,9 +64,9 @@ def test_pipeline_with_explicit_kernel() -> None:
     calls: list[str] = []
 
     class Recording(portable.PortableKernel):
-        def batch_stats(self, x: torch.Tensor) -> BatchStats:
+        def batch_stats(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> BatchStats:
             calls.append("stats")
-            return super().batch_stats(x)
+            return super().batch_stats(x, mask)
 
     x = torch.randn(5, 3, dtype=torch.float64)
     running_mean, running_var = (
