@@ -9,6 +9,7 @@ value per channel) and hands the arithmetic to :mod:`bnkit.kernels`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit import kernels
+from bnkit import distributed, kernels
 from bnkit.errors import (
     ConfigError,
     DTypeError,
@@ -132,6 +133,8 @@ def batch_norm(
     mask: Tensor | None = None,
     ghost_batch_size: int | None = None,
     renorm: Renorm | None = None,
+    sync: bool = False,
+    process_group: Any = None,
 ) -> Tensor:
     r"""Normalize each channel of a batch: ``torch.nn.functional.batch_norm`` plus options.
 
@@ -190,6 +193,15 @@ def batch_norm(
             the whole batch's statistics). None, or >= N, is plain batch norm.
         renorm: a :class:`Renorm` to apply batch renormalization in training; needs the
             running statistics, and ``num_batches_tracked`` for a scheduled one.
+        sync: in training, compute the statistics over every process of ``process_group``
+            (synchronized batch norm, any torch.distributed backend): per-channel (count,
+            mean, M2) are exchanged and merged exactly in float64 (one collective in the
+            forward pass, one in the backward pass), so uneven and empty local batches are
+            exact. Every process must call it the same number of times and back-propagate
+            through every call. Without an initialized process group, or with a group of
+            one, the statistics are the local ones. With ghost batches, each is normalized
+            with its local statistics and only the running statistics are global.
+        process_group: the group to synchronize over; the world by default.
 
     Shape:
         - input: (N, C) or (N, C, *spatial)
@@ -237,6 +249,8 @@ def batch_norm(
         mask=mask,
         ghost_batch_size=ghost_batch_size,
         renorm=renorm,
+        sync=sync,
+        process_group=process_group,
         where="batch_norm",
     )
     if recorded is not None and not torch.compiler.is_compiling():
@@ -345,6 +359,8 @@ def _batch_norm(
     ghost_batch_size: int | None = None,
     renorm: Renorm | None = None,
     deferred: list[kernels.BatchStats] | None = None,
+    sync: bool = False,
+    process_group: Any = None,
     where: str,
 ) -> kernels.BatchNormResult:
     """:func:`batch_norm` with errors attributed to ``where`` (a layer's name), returning
@@ -375,9 +391,11 @@ def _batch_norm(
     shape = tuple(input.shape)
     use_batch_stats = bool(training)
     update = use_batch_stats and (running_mean is not None or running_var is not None)
+    # Synchronized statistics: only in training, only with someone to talk to.
+    group = distributed.active_group(process_group) if sync and use_batch_stats else None
 
     values_per_channel = math.prod((shape[0], *shape[2:]))
-    if use_batch_stats and values_per_channel == 1:
+    if use_batch_stats and values_per_channel == 1 and group is None:
         if single_sample == "raise":
             raise SingleValueError(_single_value_message(where, shape))
         if single_sample == "identity":
@@ -404,7 +422,7 @@ def _batch_norm(
             f"how many batches the running statistics already hold"
         )
 
-    if input.numel() == 0:
+    if input.numel() == 0 and group is None:
         # As torch: an empty batch gives an empty output (connected to weight and bias, so
         # they get zero gradients), leaves the running statistics alone and is still
         # counted in num_batches_tracked.
@@ -420,16 +438,26 @@ def _batch_norm(
         return kernels.BatchNormResult(output, None)
 
     chunks = None
-    renorm_limits = None
-    if use_batch_stats:
-        chunks = _plan_chunks(where, input, mask, ghost_batch_size, single_sample)
+    few_values = None
+    if group is not None and ghost_batch_size is None:
+        # The number of values per channel is only known once every process has reported.
+        few_values = functools.partial(
+            _global_mode, where, shape, single_sample, running_mean is not None
+        )
+    elif use_batch_stats:
+        chunks = (
+            _plan_chunks(where, input, mask, ghost_batch_size, single_sample)
+            if input.numel() > 0
+            else []  # an empty batch of a synchronized layer: no ghost batch of its own
+        )
         if any(chunk.mode == "running" for chunk in chunks) and running_mean is None:
             raise SingleValueError(
                 f"{where}: single_sample='running' normalizes a ghost batch with fewer than "
                 f"two values per channel with the running statistics, but there are none"
             )
-        if renorm is not None:
-            renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
+    renorm_limits = None
+    if renorm is not None and use_batch_stats:
+        renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
 
     return kernels.batch_norm(
         input,
@@ -447,7 +475,25 @@ def _batch_norm(
         chunks=chunks,
         renorm_limits=renorm_limits,
         deferred=deferred if update else None,
+        group=group,
+        few_values=few_values,
     )
+
+
+def _global_mode(
+    where: str, shape: tuple[int, ...], single_sample: str, has_running: bool, count: int
+) -> str:
+    """What a synchronized batch with ``count`` values per channel over all processes does."""
+    if count >= 2:
+        return "batch"
+    if single_sample == "raise" or (single_sample == "running" and not has_running):
+        raise SingleValueError(
+            f"{where}: expected at least two values per channel over all processes when "
+            f"training, got {count} (this process's input has shape {format_shape(shape)}), "
+            f"whose batch variance is undefined. Use larger batches, call .eval(), or pick "
+            f"single_sample= from {format_choices(SINGLE_SAMPLE_MODES)}"
+        )
+    return single_sample
 
 
 def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> None:

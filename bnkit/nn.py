@@ -107,6 +107,17 @@ class BatchNormNd(_BatchNorm):
             own statistics (ghost batch norm, Hoffer et al. 2017; the last chunk may be
             smaller). The running statistics are updated once per call from all chunks
             merged. None (default) or >= the batch size is plain batch norm.
+        sync: in training, compute the statistics over all processes of
+            ``process_group`` (synchronized batch norm on any torch.distributed backend:
+            gloo on CPU, nccl on GPU). Per-channel (count, mean, M2) are exchanged and
+            merged exactly in float64, one collective in the forward and one in the
+            backward pass, so uneven and empty local batches are exact and the running
+            statistics are identical on every process. Falls back to local statistics
+            when torch.distributed is not initialized or the group has one process; eval
+            mode communicates nothing. Ghost batches stay per-process (each normalized
+            with its local statistics; the running statistics are global). Every process
+            must run the layer, and back-propagate through it, the same number of times.
+        process_group: the group ``sync`` uses; the world by default.
 
     Shape:
         - Input: (N, C, \*) with the rank the subclass accepts.
@@ -141,6 +152,8 @@ class BatchNormNd(_BatchNorm):
     frozen: bool
     renorm: Renorm | None
     ghost_batch_size: int | None
+    sync: bool
+    process_group: Any
 
     def __init__(
         self,
@@ -159,6 +172,8 @@ class BatchNormNd(_BatchNorm):
         frozen: bool = False,
         renorm: Renorm | None = None,
         ghost_batch_size: int | None = None,
+        sync: bool = False,
+        process_group: Any = None,
     ) -> None:
         where = f"{type(self).__name__}({num_features})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
@@ -204,6 +219,10 @@ class BatchNormNd(_BatchNorm):
         self.skip_nonfinite = skip_nonfinite
         self.renorm = renorm
         self.ghost_batch_size = ghost_batch_size
+        if not isinstance(sync, bool):
+            raise ConfigError(f"{where}: expected sync to be True or False, got {sync!r}")
+        self.sync = sync
+        self.process_group = process_group
         self.frozen = False
         # Statistics of the micro-batches seen inside accumulate_stats(), else None.
         self._deferred: list[BatchStats] | None = None
@@ -308,6 +327,8 @@ class BatchNormNd(_BatchNorm):
             ghost_batch_size=self.ghost_batch_size,
             renorm=self.renorm,
             deferred=self._deferred,
+            sync=self.sync,
+            process_group=self.process_group,
             where=self._where(),
         )
         if recorded is not None and not torch.compiler.is_compiling():
@@ -342,6 +363,7 @@ class BatchNormNd(_BatchNorm):
             "frozen": False,
             "renorm": None,
             "ghost_batch_size": None,
+            "sync": False,
         }
         for name, default in defaults.items():
             value = getattr(self, name)

@@ -27,9 +27,9 @@ the normalization ever subtract two large, nearly equal numbers. The mean itself
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -160,10 +160,12 @@ class Kernel(Protocol):
         bias: Tensor | None,
         eps: float,
         mask: Tensor | None = None,
+        group: Any = None,
     ) -> Tensor:
         """Training: y = weight * (x - mean) / sqrt(var + eps) + bias, differentiable
         through the batch statistics (dx includes the paths through mean and var; with a
-        mask, through the valid inputs only). Every position gets the same affine map."""
+        mask, through the valid inputs only). Every position gets the same affine map.
+        With a process ``group`` the backward pass sums its reductions over the group."""
         ...
 
     def normalize_population(
@@ -292,6 +294,8 @@ def batch_norm(
     chunks: Sequence[Chunk] | None = None,
     renorm_limits: tuple[Tensor, Tensor] | None = None,
     deferred: list[BatchStats] | None = None,
+    group: Any = None,
+    few_values: Callable[[int], str] | None = None,
 ) -> BatchNormResult:
     """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
 
@@ -320,6 +324,13 @@ def batch_norm(
             running statistics), or None.
         deferred: if given, the batch's merged statistics are appended to it instead of
             being folded into the running statistics (micro-batch accumulation).
+        group: a process group (see :func:`bnkit.distributed.active_group`) to compute the
+            statistics over. Without ghost batches (``chunks`` None) the batch is
+            normalized with the global statistics (one collective forward, one backward;
+            ``x`` may be empty); with ghost batches each is normalized locally and only
+            the statistics recorded in the running ones are global.
+        few_values: with ``group``, called with the global number of values per channel
+            once it is known; returns the mode ("batch", "running", "identity") or raises.
 
     Returns:
         A :class:`BatchNormResult`.
@@ -331,37 +342,32 @@ def batch_norm(
         return BatchNormResult(
             k.normalize_population(x, running_mean, running_var, weight, bias, eps), None
         )
-    plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
-    outputs, parts = [], []
-    whole = len(plan) == 1
-    for chunk in plan:
-        part = x if whole else x[chunk.start : chunk.stop]
-        part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
-        if chunk.mode == "identity":
-            outputs.append(part.clone())
-            continue
-        if chunk.mode == "running":
-            if running_mean is None or running_var is None:
-                raise ValueError("batch_norm pipeline: population statistics are required")
-            outputs.append(
-                k.normalize_population(part, running_mean, running_var, weight, bias, eps)
+    if group is not None and chunks is None:
+        output, merged = _synchronized(
+            k,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            eps,
+            mask,
+            renorm_limits,
+            group,
+            few_values,
+        )
+    else:
+        output, merged = _chunked(
+            k, x, running_mean, running_var, weight, bias, eps, mask, chunks, renorm_limits
+        )
+        if group is not None:  # ghost batches: local normalization, global running stats
+            from bnkit import distributed  # imports this module: import when needed
+
+            merged = distributed.gather_stats(
+                merged, x.shape[1], compute_dtype(x.dtype), x.device, group
             )
-            continue
-        stats = k.batch_stats(part, part_mask)
-        scale, shift = weight, bias
-        if renorm_limits is not None:
-            if running_mean is None or running_var is None:
-                raise ValueError("batch_norm pipeline: renorm needs the running statistics")
-            scale, shift = renorm_affine(
-                stats, running_mean, running_var, weight, bias, eps, renorm_limits
-            )
-        outputs.append(k.normalize_batch(part, stats, scale, shift, eps, part_mask))
-        parts.append(stats)
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-    if not parts or (running_mean is None and running_var is None):
+    if merged is None or (running_mean is None and running_var is None):
         return BatchNormResult(output, None)
-    # Cross-process synchronization will merge the shards' statistics here too.
-    merged = parts[0] if len(parts) == 1 else merge_stats(parts)
     if deferred is not None:
         deferred.append(merged)
         return BatchNormResult(output, None)
@@ -375,3 +381,122 @@ def batch_norm(
         skip_nonfinite=skip_nonfinite,
     )
     return BatchNormResult(output, recorded)
+
+
+def _normalize_with(
+    k: Kernel,
+    x: Tensor,
+    stats: BatchStats,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mask: Tensor | None,
+    renorm_limits: tuple[Tensor, Tensor] | None,
+    group: Any = None,
+) -> Tensor:
+    """Normalize with batch statistics, renormalized towards the running ones if asked."""
+    scale, shift = weight, bias
+    if renorm_limits is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm pipeline: renorm needs the running statistics")
+        scale, shift = renorm_affine(
+            stats, running_mean, running_var, weight, bias, eps, renorm_limits
+        )
+    return k.normalize_batch(x, stats, scale, shift, eps, mask, group)
+
+
+def _fallback(
+    k: Kernel,
+    x: Tensor,
+    mode: str,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """A batch too small for statistics: passed through ("identity") or normalized with the
+    population statistics ("running")."""
+    if mode == "identity":
+        return x.clone()
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm pipeline: population statistics are required")
+    return k.normalize_population(x, running_mean, running_var, weight, bias, eps)
+
+
+def _chunked(
+    k: Kernel,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mask: Tensor | None,
+    chunks: Sequence[Chunk] | None,
+    renorm_limits: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, BatchStats | None]:
+    """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
+    returns the output and the chunks' statistics merged (None if no chunk had any)."""
+    plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
+    whole = len(plan) == 1
+    outputs, parts = [], []
+    for chunk in plan:
+        part = x if whole else x[chunk.start : chunk.stop]
+        part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
+        if chunk.mode != "batch":
+            outputs.append(
+                _fallback(k, part, chunk.mode, running_mean, running_var, weight, bias, eps)
+            )
+            continue
+        stats = k.batch_stats(part, part_mask)
+        outputs.append(
+            _normalize_with(
+                k,
+                part,
+                stats,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                eps,
+                part_mask,
+                renorm_limits,
+            )
+        )
+        parts.append(stats)
+    if not outputs:  # an empty batch (of a synchronized layer: it still takes part)
+        return x.clone(), None
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    if not parts:
+        return output, None
+    return output, parts[0] if len(parts) == 1 else merge_stats(parts)
+
+
+def _synchronized(
+    k: Kernel,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mask: Tensor | None,
+    renorm_limits: tuple[Tensor, Tensor] | None,
+    group: Any,
+    few_values: Callable[[int], str] | None,
+) -> tuple[Tensor, BatchStats | None]:
+    """The whole batch normalized with statistics over every process of ``group``."""
+    from bnkit import distributed  # imports this module: import when needed
+
+    local = k.batch_stats(x, mask) if x.numel() > 0 else None
+    stats = distributed.gather_stats(local, x.shape[1], compute_dtype(x.dtype), x.device, group)
+    mode = "batch" if few_values is None else few_values(int(stats.count[0].item()))
+    if mode != "batch":
+        return _fallback(k, x, mode, running_mean, running_var, weight, bias, eps), None
+    output = _normalize_with(
+        k, x, stats, running_mean, running_var, weight, bias, eps, mask, renorm_limits, group
+    )
+    return output, stats

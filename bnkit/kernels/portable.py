@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import BatchStats, compute_dtype
 
 __all__ = ["KERNEL", "PortableKernel", "batch_stats"]
@@ -171,6 +172,7 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         count: Tensor,
         eps: float,
         mask: Tensor | None,
+        group: Any,
     ) -> Tensor:
         view = _channel_view(x)
         alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
@@ -179,9 +181,10 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask = inputs
+        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group = inputs
         ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.eps = eps
+        ctx.group = group
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -193,6 +196,11 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Double backward: the saved statistics carry no graph, so recompute them from
             # x to let autograd see how they depend on it.
+            if ctx.group is not None:
+                raise RuntimeError(
+                    "batch_norm: double backward through statistics synchronized across "
+                    "processes is not supported (sync=True)"
+                )
             if mask is None:
                 shifted_mean, var = _two_pass_moments(shifted, dims, view, in_place=False)
             else:
@@ -205,14 +213,19 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         )  # (N, C, *)
         grad_bias = g.sum(dims)  # (C,)
         grad_weight = (g * x_hat).sum(dims)  # (C,)
+        # With synchronized statistics the means below run over the global batch: sum the
+        # sums over the processes (every process, whatever it needs, to keep in step).
+        sum_g, sum_g_x_hat = grad_bias, grad_weight
+        if ctx.group is not None:
+            sum_g, sum_g_x_hat = all_reduce_sum(torch.stack([sum_g, sum_g_x_hat]), ctx.group)
         grad_input = None
         if ctx.needs_input_grad[0]:
             # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
             # are the paths through the batch mean and the batch variance. Evaluated as
             # alpha * g + (x_hat * k1 + k0), two fused passes.
             alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            k1 = -alpha * grad_weight / count
-            k0 = -alpha * grad_bias / count
+            k1 = -alpha * sum_g_x_hat / count
+            k0 = -alpha * sum_g / count
             through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
             if mask is not None:  # the statistics do not depend on padding
                 through_stats = torch.where(_valid(mask), through_stats, 0.0)
@@ -223,7 +236,7 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         grad_b = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_bias.to(ctx.bias_dtype)
-        return grad_input, grad_w, grad_b, None, None, None, None, None, None
+        return grad_input, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _update_dtype(device: torch.device) -> torch.dtype:
@@ -246,11 +259,12 @@ class PortableKernel:
         bias: Tensor | None,
         eps: float,
         mask: Tensor | None = None,
+        group: Any = None,
     ) -> Tensor:
         invstd = torch.rsqrt(stats.var + eps)
         # torch types Function.apply without annotations.
         output: Tensor = _NormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask, group
         )
         return output
 
