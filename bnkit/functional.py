@@ -28,6 +28,7 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
+from bnkit.kernels.activation import check_activation
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
 
@@ -135,6 +136,9 @@ def batch_norm(
     renorm: Renorm | None = None,
     sync: bool = False,
     process_group: Any = None,
+    activation: str | None = None,
+    activation_param: float | None = None,
+    memory_efficient: bool = True,
 ) -> Tensor:
     r"""Normalize each channel of a batch: ``torch.nn.functional.batch_norm`` plus options.
 
@@ -202,6 +206,20 @@ def batch_norm(
             one, the statistics are the local ones. With ghost batches, each is normalized
             with its local statistics and only the running statistics are global.
         process_group: the group to synchronize over; the world by default.
+        activation: None, or an activation applied to the output, fused with the
+            normalization: ``"relu"``, ``"leaky_relu"``, ``"elu"`` or ``"identity"``.
+        activation_param: leaky_relu's negative slope (default 0.01) or elu's alpha
+            (default 1.0); > 0.
+        memory_efficient: with an activation, save the output for the backward pass
+            instead of the input (In-Place ABN): x_hat is recovered from y by inverting
+            the activation, so a conv-BN-activation stack keeps one tensor per block
+            instead of two. relu is not invertible: its fused form saves the
+            pre-activation (half of torch's BatchNorm + ReLU pair for one layer, but no
+            saving in a stack, whose next layer keeps the output; use leaky_relu). A
+            channel with gamma = 0, or |beta| >= 1000 |gamma|, makes the inversion
+            inexact: the call then keeps its input instead (exact, no saving).
+            ``False`` always keeps the input. Double backward is not supported with an
+            activation.
 
     Shape:
         - input: (N, C) or (N, C, *spatial)
@@ -251,6 +269,9 @@ def batch_norm(
         renorm=renorm,
         sync=sync,
         process_group=process_group,
+        activation=activation,
+        activation_param=activation_param,
+        memory_efficient=memory_efficient,
         where="batch_norm",
     )
     if recorded is not None and not torch.compiler.is_compiling():
@@ -361,6 +382,9 @@ def _batch_norm(
     deferred: list[kernels.BatchStats] | None = None,
     sync: bool = False,
     process_group: Any = None,
+    activation: str | None = None,
+    activation_param: float | None = None,
+    memory_efficient: bool = True,
     where: str,
 ) -> kernels.BatchNormResult:
     """:func:`batch_norm` with errors attributed to ``where`` (a layer's name), returning
@@ -386,6 +410,7 @@ def _batch_norm(
     check_ghost_batch_size(where, ghost_batch_size)
     if mask is not None:
         _check_mask(where, input, mask)
+    fused = fused_activation(where, activation, activation_param, memory_efficient)
     if renorm is not None and not isinstance(renorm, Renorm):
         raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
     shape = tuple(input.shape)
@@ -401,7 +426,7 @@ def _batch_norm(
         if single_sample == "identity":
             # A copy, not the input itself: an in-place op after this layer (ReLU(inplace))
             # must not overwrite a tensor the previous layer may have saved for backward.
-            return kernels.BatchNormResult(input.clone(), None)
+            return kernels.BatchNormResult(kernels._activate(input.clone(), fused), None)
         if running_mean is None or running_var is None:
             raise SingleValueError(
                 f"{where}: single_sample='running' normalizes a one-value-per-channel batch "
@@ -435,7 +460,7 @@ def _batch_norm(
             output = output * weight.to(input.dtype).view(view)
         if bias is not None:
             output = output + bias.to(input.dtype).view(view)
-        return kernels.BatchNormResult(output, None)
+        return kernels.BatchNormResult(kernels._activate(output, fused), None)
 
     chunks = None
     few_values = None
@@ -477,7 +502,22 @@ def _batch_norm(
         deferred=deferred if update else None,
         group=group,
         few_values=few_values,
+        activation=fused,
     )
+
+
+def fused_activation(
+    where: str, activation: str | None, activation_param: float | None, memory_efficient: bool
+) -> kernels.Activation | None:
+    """Validate the activation options; None when there is no activation."""
+    param = check_activation(where, activation, activation_param)
+    if not isinstance(memory_efficient, bool):
+        raise ConfigError(
+            f"{where}: expected memory_efficient to be True or False, got {memory_efficient!r}"
+        )
+    if activation is None:
+        return None
+    return kernels.Activation(activation, param, memory_efficient)
 
 
 def _global_mode(

@@ -45,8 +45,10 @@ from bnkit.functional import (
     check_eps,
     check_ghost_batch_size,
     check_options,
+    fused_activation,
 )
 from bnkit.kernels import BatchStats
+from bnkit.kernels.activation import default_param
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]
 
@@ -118,6 +120,18 @@ class BatchNormNd(_BatchNorm):
             with its local statistics; the running statistics are global). Every process
             must run the layer, and back-propagate through it, the same number of times.
         process_group: the group ``sync`` uses; the world by default.
+        activation: None (default), or an activation fused with the layer, which then
+            computes act(BN(x)): ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"identity"``.
+        activation_param: leaky_relu's negative slope (default 0.01) or elu's alpha
+            (default 1.0).
+        memory_efficient: with an activation, save the output rather than the input for
+            the backward pass (In-Place ABN): the backward recovers x_hat by inverting the
+            activation, so a conv-BN-leaky_relu stack keeps one activation tensor per
+            block instead of two. ReLU cannot be inverted where it outputs 0: the fused
+            relu keeps its pre-activation, half of torch's BatchNorm2d + ReLU for one
+            layer, no saving within a stack (use leaky_relu there). A channel with
+            gamma = 0 (or |beta| >= 1000 |gamma|) makes that call keep its input instead,
+            exactly. ``False``: always keep the input (for comparison). No double backward.
 
     Shape:
         - Input: (N, C, \*) with the rank the subclass accepts.
@@ -154,6 +168,9 @@ class BatchNormNd(_BatchNorm):
     ghost_batch_size: int | None
     sync: bool
     process_group: Any
+    activation: str | None
+    activation_param: float | None
+    memory_efficient: bool
 
     def __init__(
         self,
@@ -174,6 +191,9 @@ class BatchNormNd(_BatchNorm):
         ghost_batch_size: int | None = None,
         sync: bool = False,
         process_group: Any = None,
+        activation: str | None = None,
+        activation_param: float | None = None,
+        memory_efficient: bool = True,
     ) -> None:
         where = f"{type(self).__name__}({num_features})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
@@ -223,6 +243,10 @@ class BatchNormNd(_BatchNorm):
             raise ConfigError(f"{where}: expected sync to be True or False, got {sync!r}")
         self.sync = sync
         self.process_group = process_group
+        fused = fused_activation(where, activation, activation_param, memory_efficient)
+        self.activation = activation
+        self.activation_param = None if fused is None else fused.param
+        self.memory_efficient = memory_efficient
         self.frozen = False
         # Statistics of the micro-batches seen inside accumulate_stats(), else None.
         self._deferred: list[BatchStats] | None = None
@@ -329,6 +353,9 @@ class BatchNormNd(_BatchNorm):
             deferred=self._deferred,
             sync=self.sync,
             process_group=self.process_group,
+            activation=self.activation,
+            activation_param=self.activation_param,
+            memory_efficient=self.memory_efficient,
             where=self._where(),
         )
         if recorded is not None and not torch.compiler.is_compiling():
@@ -364,6 +391,9 @@ class BatchNormNd(_BatchNorm):
             "renorm": None,
             "ghost_batch_size": None,
             "sync": False,
+            "activation": None,
+            "activation_param": default_param(self.activation),
+            "memory_efficient": True,
         }
         for name, default in defaults.items():
             value = getattr(self, name)

@@ -37,6 +37,7 @@ from torch import Tensor
 from bnkit.errors import ShapeError
 
 __all__ = [
+    "Activation",
     "BatchNormResult",
     "BatchStats",
     "Chunk",
@@ -168,6 +169,23 @@ class Kernel(Protocol):
         With a process ``group`` the backward pass sums its reductions over the group."""
         ...
 
+    def normalize_batch_activation(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None,
+        group: Any,
+        activation: str,
+        param: float | None,
+        memory_efficient: bool,
+    ) -> Tensor:
+        """Training, fused with an activation: y = act(normalize_batch(...)) in one
+        autograd node that, if ``memory_efficient``, saves its output rather than x."""
+        ...
+
     def normalize_population(
         self,
         x: Tensor,
@@ -296,6 +314,7 @@ def batch_norm(
     deferred: list[BatchStats] | None = None,
     group: Any = None,
     few_values: Callable[[int], str] | None = None,
+    activation: Activation | None = None,
 ) -> BatchNormResult:
     """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
 
@@ -331,17 +350,16 @@ def batch_norm(
             the statistics recorded in the running ones are global.
         few_values: with ``group``, called with the global number of values per channel
             once it is known; returns the mode ("batch", "running", "identity") or raises.
+        activation: an activation applied to the output, fused with the normalization in
+            training (see :class:`Activation`).
 
     Returns:
         A :class:`BatchNormResult`.
     """
     k = kernel if kernel is not None else select_kernel(x)
     if not use_batch_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm pipeline: population statistics are required")
-        return BatchNormResult(
-            k.normalize_population(x, running_mean, running_var, weight, bias, eps), None
-        )
+        output = _fallback(k, x, "running", running_mean, running_var, weight, bias, eps)
+        return BatchNormResult(_activate(output, activation), None)
     if group is not None and chunks is None:
         output, merged = _synchronized(
             k,
@@ -355,10 +373,21 @@ def batch_norm(
             renorm_limits,
             group,
             few_values,
+            activation,
         )
     else:
         output, merged = _chunked(
-            k, x, running_mean, running_var, weight, bias, eps, mask, chunks, renorm_limits
+            k,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            eps,
+            mask,
+            chunks,
+            renorm_limits,
+            activation,
         )
         if group is not None:  # ghost batches: local normalization, global running stats
             from bnkit import distributed  # imports this module: import when needed
@@ -395,8 +424,10 @@ def _normalize_with(
     mask: Tensor | None,
     renorm_limits: tuple[Tensor, Tensor] | None,
     group: Any = None,
+    activation: Activation | None = None,
 ) -> Tensor:
-    """Normalize with batch statistics, renormalized towards the running ones if asked."""
+    """Normalize with batch statistics, renormalized towards the running ones if asked,
+    and fused with the activation if there is one."""
     scale, shift = weight, bias
     if renorm_limits is not None:
         if running_mean is None or running_var is None:
@@ -404,7 +435,27 @@ def _normalize_with(
         scale, shift = renorm_affine(
             stats, running_mean, running_var, weight, bias, eps, renorm_limits
         )
-    return k.normalize_batch(x, stats, scale, shift, eps, mask, group)
+    if activation is None:
+        return k.normalize_batch(x, stats, scale, shift, eps, mask, group)
+    return k.normalize_batch_activation(x, stats, scale, shift, eps, mask, group, *activation)
+
+
+class Activation(NamedTuple):
+    """An activation fused with batch norm: its name, parameter, and whether training
+    saves the output (memory-efficient) rather than the input for the backward pass."""
+
+    name: str
+    param: float | None = None
+    memory_efficient: bool = True
+
+
+def _activate(output: Tensor, activation: Activation | None) -> Tensor:
+    """The activation as plain (unfused) operations: inference and fallbacks."""
+    if activation is None:
+        return output
+    from bnkit.kernels.activation import activate
+
+    return activate(output, activation.name, activation.param)
 
 
 def _fallback(
@@ -437,6 +488,7 @@ def _chunked(
     mask: Tensor | None,
     chunks: Sequence[Chunk] | None,
     renorm_limits: tuple[Tensor, Tensor] | None,
+    activation: Activation | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
     returns the output and the chunks' statistics merged (None if no chunk had any)."""
@@ -447,9 +499,8 @@ def _chunked(
         part = x if whole else x[chunk.start : chunk.stop]
         part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
         if chunk.mode != "batch":
-            outputs.append(
-                _fallback(k, part, chunk.mode, running_mean, running_var, weight, bias, eps)
-            )
+            fallback = _fallback(k, part, chunk.mode, running_mean, running_var, weight, bias, eps)
+            outputs.append(_activate(fallback, activation))
             continue
         stats = k.batch_stats(part, part_mask)
         outputs.append(
@@ -464,6 +515,7 @@ def _chunked(
                 eps,
                 part_mask,
                 renorm_limits,
+                activation=activation,
             )
         )
         parts.append(stats)
@@ -487,6 +539,7 @@ def _synchronized(
     renorm_limits: tuple[Tensor, Tensor] | None,
     group: Any,
     few_values: Callable[[int], str] | None,
+    activation: Activation | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """The whole batch normalized with statistics over every process of ``group``."""
     from bnkit import distributed  # imports this module: import when needed
@@ -495,8 +548,20 @@ def _synchronized(
     stats = distributed.gather_stats(local, x.shape[1], compute_dtype(x.dtype), x.device, group)
     mode = "batch" if few_values is None else few_values(int(stats.count[0].item()))
     if mode != "batch":
-        return _fallback(k, x, mode, running_mean, running_var, weight, bias, eps), None
+        fallback = _fallback(k, x, mode, running_mean, running_var, weight, bias, eps)
+        return _activate(fallback, activation), None
     output = _normalize_with(
-        k, x, stats, running_mean, running_var, weight, bias, eps, mask, renorm_limits, group
+        k,
+        x,
+        stats,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+        mask,
+        renorm_limits,
+        group,
+        activation,
     )
     return output, stats

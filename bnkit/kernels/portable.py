@@ -38,6 +38,7 @@ from torch import Tensor
 
 from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import BatchStats, compute_dtype
+from bnkit.kernels import activation as act
 
 __all__ = ["KERNEL", "PortableKernel", "batch_stats"]
 
@@ -211,32 +212,154 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
         x_hat = torch.addcmul(
             (-shifted_mean * invstd).view(view), shifted, invstd.view(view)
         )  # (N, C, *)
-        grad_bias = g.sum(dims)  # (C,)
-        grad_weight = (g * x_hat).sum(dims)  # (C,)
-        # With synchronized statistics the means below run over the global batch: sum the
-        # sums over the processes (every process, whatever it needs, to keep in step).
-        sum_g, sum_g_x_hat = grad_bias, grad_weight
-        if ctx.group is not None:
-            sum_g, sum_g_x_hat = all_reduce_sum(torch.stack([sum_g, sum_g_x_hat]), ctx.group)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
-            # are the paths through the batch mean and the batch variance. Evaluated as
-            # alpha * g + (x_hat * k1 + k0), two fused passes.
-            alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            k1 = -alpha * sum_g_x_hat / count
-            k0 = -alpha * sum_g / count
-            through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
-            if mask is not None:  # the statistics do not depend on padding
-                through_stats = torch.where(_valid(mask), through_stats, 0.0)
-            grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
-        grad_w = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = grad_weight.to(weight.dtype)
-        grad_b = None
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = grad_bias.to(ctx.bias_dtype)
+        grad_input, grad_w, grad_b = _gradients(
+            ctx, g, x_hat, weight, invstd, count, mask, x.dtype, view, dims
+        )
         return grad_input, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _gradients(
+    ctx: Any,
+    g: Tensor,
+    x_hat: Tensor,
+    weight: Tensor | None,
+    invstd: Tensor,
+    count: Tensor,
+    mask: Tensor | None,
+    input_dtype: torch.dtype,
+    view: list[int],
+    dims: list[int],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) of batch normalization with batch statistics, from the
+    gradient g reaching its affine output and the normalized input x_hat."""
+    grad_bias = g.sum(dims)  # (C,)
+    grad_weight = (g * x_hat).sum(dims)  # (C,)
+    # With synchronized statistics the means below run over the global batch: sum the
+    # sums over the processes (every process, whatever it needs, to keep in step).
+    sum_g, sum_g_x_hat = grad_bias, grad_weight
+    if ctx.group is not None:
+        sum_g, sum_g_x_hat = all_reduce_sum(torch.stack([sum_g, sum_g_x_hat]), ctx.group)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
+        # are the paths through the batch mean and the batch variance. Evaluated as
+        # alpha * g + (x_hat * k1 + k0), two fused passes.
+        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        k1 = -alpha * sum_g_x_hat / count
+        k0 = -alpha * sum_g / count
+        through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
+        if mask is not None:  # the statistics do not depend on padding
+            through_stats = torch.where(_valid(mask), through_stats, 0.0)
+        grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(input_dtype)
+    grad_w = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_w = grad_weight.to(weight.dtype)
+    grad_b = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = grad_bias.to(ctx.bias_dtype)
+    return grad_input, grad_w, grad_b
+
+
+#: A channel whose |beta| is this many times its |gamma| (gamma = 0 included) makes
+#: x_hat = (z - beta) / gamma lose more than 3 digits: the fused layer keeps its input.
+INVERSION_LIMIT = 1e3
+
+
+class _NormalizeActivate(torch.autograd.Function):
+    """y = act(z), z = (x - shift - shifted_mean) * invstd * weight + bias, in one node.
+
+    Memory-efficient (``save_input`` False): saves y (z for relu) and O(C) values; the
+    backward recovers z and x_hat = (z - bias) / weight from it (see
+    :mod:`bnkit.kernels.activation`). Otherwise saves x and recomputes z from it. Either
+    way the gradient is exact; double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shift: Tensor,
+        shifted_mean: Tensor,
+        invstd: Tensor,
+        count: Tensor,
+        mask: Tensor | None,
+        group: Any,
+        activation: str,
+        param: float | None,
+        save_input: bool,
+    ) -> Tensor:
+        view = _channel_view(x)
+        alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
+        z = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
+        y = act.activate(z, activation, param)
+        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        (
+            x,
+            weight,
+            bias,
+            shift,
+            shifted_mean,
+            invstd,
+            count,
+            mask,
+            group,
+            activation,
+            param,
+            save_input,
+        ) = inputs
+        if save_input:
+            saved = x
+        elif act.saves_output(activation):
+            saved = output
+        else:  # relu: keep the pre-activation, which the output cannot give back
+            view = _channel_view(x)
+            alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
+            saved = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
+            saved = saved.to(x.dtype)
+        ctx.save_for_backward(saved, weight, bias, shift, shifted_mean, invstd, count, mask)
+        ctx.save_input = save_input
+        ctx.group = group
+        ctx.activation, ctx.param = activation, param
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.input_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        saved, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "batch_norm: double backward through a fused activation is not supported; "
+                "use activation=None and a separate activation module"
+            )
+        view = _channel_view(saved)
+        dims = _reduce_dims(saved)
+        dtype = invstd.dtype
+        scale = None if weight is None else weight.to(dtype)
+        if ctx.save_input:
+            x_hat = (saved - shift.view(view) - shifted_mean.view(view)) * invstd.view(view)
+            z = x_hat if scale is None else x_hat * scale.view(view)
+            if bias is not None:
+                z = z + bias.to(dtype).view(view)
+            # the slope from what the memory-efficient form would have saved: y, or z (relu)
+            form = (
+                act.activate(z, ctx.activation, ctx.param)
+                if act.saves_output(ctx.activation)
+                else z
+            )
+            _, slope = act.preactivation_and_slope(form, ctx.activation, ctx.param)
+        else:
+            z, slope = act.preactivation_and_slope(saved.to(dtype), ctx.activation, ctx.param)
+            centred = z if bias is None else z - bias.to(dtype).view(view)
+            x_hat = centred if scale is None else centred / scale.view(view)
+        g = grad_output.to(dtype) * slope  # dL/dz
+        grad_input, grad_w, grad_b = _gradients(
+            ctx, g, x_hat, weight, invstd, count, mask, ctx.input_dtype, view, dims
+        )
+        return grad_input, grad_w, grad_b, *([None] * 9)
 
 
 def _update_dtype(device: torch.device) -> torch.dtype:
@@ -265,6 +388,44 @@ class PortableKernel:
         # torch types Function.apply without annotations.
         output: Tensor = _NormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
             x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask, group
+        )
+        return output
+
+    def normalize_batch_activation(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None,
+        group: Any,
+        activation: str,
+        param: float | None,
+        memory_efficient: bool,
+    ) -> Tensor:
+        invstd = torch.rsqrt(stats.var + eps)
+        save_input = not memory_efficient
+        if not save_input and weight is not None:
+            # gamma = 0 (or tiny next to beta): x_hat cannot be recovered from the output
+            # to working precision; keep the input for this call instead (exact). One
+            # host synchronization on accelerators.
+            limit = INVERSION_LIMIT * weight.detach().abs()
+            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
+            save_input = bool((limit <= magnitude).any())
+        output: Tensor = _NormalizeActivate.apply(  # type: ignore[no-untyped-call]
+            x,
+            weight,
+            bias,
+            stats.shift,
+            stats.shifted_mean,
+            invstd,
+            stats.count,
+            mask,
+            group,
+            activation,
+            param,
+            save_input,
         )
         return output
 

@@ -1,0 +1,103 @@
+"""Activations fused with batch norm, and how the backward pass recovers what it needs.
+
+A fused batch norm + activation layer computes z = gamma * x_hat + beta, then y = act(z).
+Its backward pass needs x_hat everywhere (the path through the batch variance reaches
+every input) and act'(z). Saving the input x for them costs a full tensor on top of the
+output y, which the next layer saves anyway. The memory-efficient form (In-Place ABN,
+Rota Bulo et al. 2018) saves y alone and recovers z = act^-1(y), then
+x_hat = (z - beta) / gamma:
+
+- ``identity``, ``leaky_relu`` (slope a > 0) and ``elu`` are invertible, so y suffices:
+  a conv-BN-activation stack keeps one tensor per block instead of two.
+- ``relu`` is not: where y = 0 the value of z (hence x_hat, which the backward still
+  needs there) is lost. The fused relu saves the pre-activation z instead of the pair
+  (x, y), half of what torch's BatchNorm + ReLU keep for one layer; in a stack, whose
+  next layer keeps y, that is no saving. Use ``leaky_relu`` for the stack-wide saving.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnkit.errors import ConfigError, format_choices
+
+__all__ = [
+    "ACTIVATIONS",
+    "activate",
+    "check_activation",
+    "default_param",
+    "preactivation_and_slope",
+    "saves_output",
+]
+
+#: The activations batch norm can be fused with.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+
+
+def default_param(name: str | None) -> float | None:
+    """The activation's parameter when none is given: leaky_relu's slope 0.01, elu's 1."""
+    return {"leaky_relu": 0.01, "elu": 1.0}.get(name or "")
+
+
+def check_activation(where: str, name: str | None, param: float | None) -> float | None:
+    """Validate (activation, activation_param); returns the parameter to use."""
+    if name is None:
+        if param is not None:
+            raise ConfigError(f"{where}: activation_param={param!r} needs an activation")
+        return None
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ConfigError(
+            f"{where}: unknown activation={name!r}; expected None or one of "
+            f"{format_choices(ACTIVATIONS)}"
+        )
+    if name in ("identity", "relu"):
+        if param is not None:
+            raise ConfigError(f"{where}: activation {name!r} takes no activation_param")
+        return None
+    value = default_param(name) if param is None else param
+    assert value is not None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        what = "negative slope" if name == "leaky_relu" else "alpha"
+        raise ConfigError(
+            f"{where}: expected activation_param (the {what} of {name}) > 0, got {value!r}; "
+            f"a positive value keeps the activation invertible"
+        )
+    return float(value)
+
+
+def activate(z: Tensor, name: str, param: float | None) -> Tensor:
+    """y = act(z)."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return torch.relu(z)
+    assert param is not None
+    if name == "leaky_relu":
+        return torch.where(z > 0, z, z * param)
+    return torch.where(z > 0, z, torch.expm1(z) * param)  # elu
+
+
+def saves_output(name: str) -> bool:
+    """Whether the memory-efficient backward can work from the output y (invertible)."""
+    return name != "relu"
+
+
+def preactivation_and_slope(saved: Tensor, name: str, param: float | None) -> tuple[Tensor, Tensor]:
+    """(z, act'(z)) from what the forward pass saved: y, or z itself for relu.
+
+    leaky_relu: z = y / a where y < 0. elu: z = log1p(y / alpha) where y <= 0, and
+    act'(z) = alpha * exp(z) = y + alpha there (exact from y, even where the inverse loses
+    precision: y close to -alpha, i.e. z below about -15).
+    """
+    one = saved.new_ones(())
+    if name == "identity":
+        return saved, one.expand_as(saved)
+    if name == "relu":
+        return saved, (saved > 0).to(saved.dtype)
+    assert param is not None
+    positive = saved > 0
+    if name == "leaky_relu":
+        return torch.where(positive, saved, saved / param), torch.where(positive, one, one * param)
+    z = torch.where(positive, saved, torch.log1p(saved / param))  # elu
+    return z, torch.where(positive, one, saved + param)
