@@ -1,0 +1,25 @@
+"""The bnkit lab: the claims made about batch normalization, measured on real data.
+
+``bnkit lab`` trains small networks on a laptop CPU in minutes, with and without
+:class:`bnkit.nn.BatchNorm1d`, and reports each claim of the original paper (Ioffe &
+Szegedy, 2015) beside the figure it echoes: internal covariate shift, the Z-transform
+with gamma and beta, higher learning rates, the regularization effect and the test
+process with population statistics.
+
+- :mod:`bnkit.lab.datasets`: MNIST-1D, scikit-learn's digits, Fashion-MNIST and MNIST
+  (IDX files), standardized with training-set statistics.
+- :mod:`bnkit.lab.experiments`: the experiment registry (``ics``, ``learning-rate``,
+  ``regularization``, ``test-process``).
+- :mod:`bnkit.lab.runner`: :func:`~bnkit.lab.runner.run_lab` runs experiments and writes
+  ``OUT/<experiment>.json``, the plots and ``OUT/index.html``.
+- :mod:`bnkit.lab.report`: :func:`~bnkit.lab.report.render_report` re-renders the HTML
+  report from saved results.
+- :mod:`bnkit.lab.cli`: the ``bnkit lab`` and ``bnkit report`` commands.
+
+Importing this package is cheap: torch and matplotlib are imported by the submodules
+that need them, so the command line starts fast.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

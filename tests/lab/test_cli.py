@@ -1,0 +1,199 @@
+"""``bnkit lab`` and ``bnkit report`` end to end, on tiny runs: files, JSON schema, resume,
+--force, determinism, re-rendering, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from bnkit.lab import datasets
+from bnkit.lab.cli import add_commands
+from bnkit.lab.experiments import experiment_names, get_experiment
+from bnkit.lab.report import SECTIONS
+from tests.lab.conftest import lab_argv, run_cli
+
+TOP_LEVEL = {
+    "experiment",
+    "title",
+    "section",
+    "description",
+    "dataset",
+    "config",
+    "results",
+    "claims",
+    "figures",
+    "headline",
+    "environment",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnkit")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_defaults_and_hidden_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parser().parse_args(["lab"])
+    assert args.experiments == []
+    assert args.dataset == "mnist1d"
+    assert args.out == Path("bnkit-lab")
+    assert (args.seed, args.full, args.force, args.steps_scale) == (0, False, False, 1.0)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["lab", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--full" in help_text
+    assert "ics, learning-rate, regularization, test-process" in help_text
+    assert "--steps-scale" not in help_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lab", "nonsense"], "unknown experiment 'nonsense'"),
+        (["lab", "--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+        (["lab", "--steps-scale", "0"], "expected a number > 0"),
+        (["report"], "the following arguments are required: DIR"),
+    ],
+)
+def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> None:
+    out, stdout, _ = lab_run
+    names = experiment_names()
+    for name in names:
+        data = json.loads((out / f"{name}.json").read_text())
+        assert set(data) == TOP_LEVEL
+        assert data["experiment"] == name
+        assert data["dataset"] == "fashion-mnist"
+        config = data["config"]
+        assert (config["dataset"], config["seed"], config["mode"]) == ("fashion-mnist", 0, "quick")
+        assert config["steps_scale"] == 0.005
+        assert data["section"] in {section.key for section in SECTIONS}
+        assert data["claims"]
+        for claim in data["claims"]:
+            assert {"claim", "anchor", "measured", "holds"} <= set(claim)
+            assert isinstance(claim["holds"], bool)
+            assert all(isinstance(claim[key], str) and claim[key] for key in ("claim", "anchor"))
+        for figure in data["figures"]:
+            assert (out / figure["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert data["results"]["batch_norm"] == data["environment"]["batch norm layer"]
+    page = (out / "index.html").read_text()
+    for section in SECTIONS:
+        assert f'id="{section.key}"' in page
+    order = [page.index(f'id="{section.key}"') for section in SECTIONS]
+    assert order == sorted(order)  # the seed note's order
+    assert "data:image/png;base64," in page
+    assert "http://" not in page
+    assert "https://" not in page
+    assert "<script" not in page
+    assert not list(out.glob("*.tmp*"))
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["experiment", "status", "time", "claims", "key", "numbers"]
+    assert [line.split()[0] for line in lines[1 : 1 + len(names)]] == names
+    assert "claims held on fashion-mnist" in stdout
+
+
+def test_second_run_skips_and_force_reruns(
+    tmp_path: Path, lab_run: tuple[Path, str, str], tiny_data_dir: Path
+) -> None:
+    out, _, _ = lab_run
+    for name in ("ics", "test-process"):
+        (tmp_path / f"{name}.json").write_bytes((out / f"{name}.json").read_bytes())
+        for png in out.glob(f"{name}-*.png"):
+            (tmp_path / png.name).write_bytes(png.read_bytes())
+    before = (tmp_path / "ics.json").stat().st_mtime_ns
+
+    status, stdout, stderr = run_cli(lab_argv(tmp_path, tiny_data_dir, "ics", "test-process"))
+    assert status == 0
+    assert "ics: results for this configuration exist, skipped" in stderr
+    assert [line.split()[1] for line in stdout.splitlines()[1:3]] == ["skipped", "skipped"]
+    assert (tmp_path / "ics.json").stat().st_mtime_ns == before
+
+    status, stdout, _ = run_cli(lab_argv(tmp_path, tiny_data_dir, "ics", "--force"))
+    assert status == 0
+    assert stdout.splitlines()[1].split()[:2] == ["ics", "ran"]
+    # Deterministic: the forced rerun wrote the same bytes.
+    assert (tmp_path / "ics.json").read_bytes() == (out / "ics.json").read_bytes()
+
+    # Another configuration (seed) is not the same results: it runs.
+    status, stdout, _ = run_cli(lab_argv(tmp_path, tiny_data_dir, "ics", "--seed", "1"))
+    assert stdout.splitlines()[1].split()[:2] == ["ics", "ran"]
+    assert json.loads((tmp_path / "ics.json").read_text())["config"]["seed"] == 1
+
+    # A missing figure makes the saved results incomplete: it runs again.
+    (tmp_path / "test-process-batch-size.png").unlink()
+    status, stdout, _ = run_cli(lab_argv(tmp_path, tiny_data_dir, "test-process"))
+    assert stdout.splitlines()[1].split()[:2] == ["test-process", "ran"]
+
+
+def test_report_rerenders_from_saved_results(
+    tmp_path: Path, lab_run: tuple[Path, str, str]
+) -> None:
+    out, _, _ = lab_run
+    for path in out.iterdir():
+        if path.suffix in (".json", ".png"):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "learning-rate-final.png").unlink()
+    status, stdout, _ = run_cli(["report", str(tmp_path)])
+    assert status == 0
+    assert f"{len(experiment_names())} experiments" in stdout
+    page = (tmp_path / "index.html").read_text()
+    assert page == (out / "index.html").read_text()
+    assert (tmp_path / "learning-rate-final.png").is_file()  # redrawn from the JSON
+
+    # Results edited by hand show up in the report: it renders from the JSON alone.
+    data = json.loads((tmp_path / "ics.json").read_text())
+    data["claims"][0]["measured"] = "an edited measurement <&>"
+    (tmp_path / "ics.json").write_text(json.dumps(data))
+    assert run_cli(["report", str(tmp_path), "--replot"])[0] == 0
+    assert "an edited measurement &lt;&amp;&gt;" in (tmp_path / "index.html").read_text()
+
+
+def test_report_of_unknown_experiments_and_missing_dir(tmp_path: Path) -> None:
+    result = {
+        "experiment": "memory",
+        "title": "Memory",
+        "section": "not-a-section",
+        "dataset": "mnist1d",
+        "config": {"mode": "quick"},
+        "results": {},
+        "claims": [{"claim": "c", "anchor": "a", "measured": "m", "holds": True}],
+        "figures": [{"file": "memory-x.png", "caption": "gone"}],
+    }
+    (tmp_path / "memory.json").write_text(json.dumps(result))
+    assert run_cli(["report", str(tmp_path)])[0] == 0
+    page = (tmp_path / "index.html").read_text()
+    assert "Other experiments" in page
+    assert "1 of 1" in page
+    assert "Figure memory-x.png is missing" in page
+    status, _, stderr = run_cli(["report", str(tmp_path / "nowhere")])
+    assert status == 1
+    assert "no such directory" in stderr
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", ())
+    monkeypatch.setenv("BNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    status, stdout, stderr = run_cli(
+        ["lab", "ics", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path)]
+    )
+    assert status == 1
+    assert stdout == ""
+    assert stderr.startswith("bnkit lab: mnist: could not find the four IDX files")
+    assert str(tmp_path) in stderr
+
+
+def test_full_configuration_uses_the_published_steps() -> None:
+    assert get_experiment("ics").config(full=True).steps == 50_000
+    assert get_experiment("ics").config(full=False).batch_size == 60
+    scaled = get_experiment("test-process").config(steps_scale=0.001)
+    assert (scaled.steps, scaled.recalibration_batches) == (3, 2)  # 3000, 100 steps scaled
