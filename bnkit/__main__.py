@@ -12,6 +12,7 @@ import numpy as np
 
 from bnkit import __version__
 from bnkit import reference as ref
+from bnkit.lab.cli import add_commands as add_lab_commands
 
 
 def demo(seed: int = 0, out: TextIO | None = None) -> None:
@@ -73,10 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="walk through batch normalization with the NumPy reference"
     )
     demo_parser.add_argument("--seed", type=int, default=0)
+    add_lab_commands(commands)  # "lab" and "report"
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(seed=args.seed)
-    return 0
+        return 0
+    return int(args.run_command(args))  # lab / report: 0 done, 1 data missing
 
 
 if __name__ == "__main__":

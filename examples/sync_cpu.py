@@ -1,6 +1,6 @@
 """Synchronized batch norm on CPU with torchrun: each process holds a few samples.
 
-    torchrun --nproc-per-node 2 examples/sync_cpu.py
+    torchrun --standalone --nproc-per-node 2 examples/sync_cpu.py
 
 Every process trains on its own 4 samples; the batch norm statistics are those of all 8,
 and the running statistics end up identical on every process.

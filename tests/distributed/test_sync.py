@@ -41,7 +41,15 @@ def test_synchronized_equals_one_process(world_size: int, scenario: str, tmp_pat
 def test_torchrun_example_runs_on_cpu() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "sync_cpu.py"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(example)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(example),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
