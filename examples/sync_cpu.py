@@ -42,6 +42,10 @@ def main() -> None:
     same = all(torch.equal(g, gathered[0]) for g in gathered)
     if rank == 0:
         print(f"{dist.get_world_size()} processes, running statistics identical: {same}")
+    # Release DDP's communication state before the process group goes: tearing down in
+    # the other order can abort the process at exit.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 

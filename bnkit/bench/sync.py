@@ -71,6 +71,10 @@ def _worker(rank: int, world_size: int, store: str, steps: int, batch: int) -> N
         )
         print(f"  local batch norm        {local_ms:8.2f} ms")
         print(f"  synchronized batch norm {sync_ms:8.2f} ms   ({sync_ms / local_ms:.2f}x local)")
+    # Release DDP's communication state before the process group: the other order can
+    # abort the process at exit.
+    del models, optimizers
+    dist.barrier()
     dist.destroy_process_group()
 
 
