@@ -19,9 +19,11 @@ __all__ = [
     "ConfigError",
     "DTypeError",
     "EmptyBatchError",
+    "MissingStatsError",
     "NonFiniteStatsWarning",
     "ShapeError",
     "SingleValueError",
+    "SizeMismatchError",
     "format_choices",
     "format_shape",
 ]
@@ -37,6 +39,22 @@ class ShapeError(BatchNormError):
 
 class ConfigError(BatchNormError):
     """An option is out of range: eps <= 0, momentum outside [0, 1], an unknown choice..."""
+
+
+class SizeMismatchError(ShapeError, RuntimeError):
+    """The input's channels and a per-channel tensor (running statistics, weight, bias) or
+    the layer's num_features disagree.
+
+    Also a :class:`RuntimeError`, the type torch raises in these cases, so code written
+    against ``torch.nn.BatchNorm*d`` catches it either way.
+    """
+
+
+class MissingStatsError(ConfigError, RuntimeError):
+    """Population statistics are needed (evaluation) but none were given.
+
+    Also a :class:`RuntimeError`, as torch raises there.
+    """
 
 
 class DTypeError(BatchNormError, TypeError):

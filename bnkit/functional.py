@@ -22,9 +22,11 @@ from bnkit import distributed, kernels
 from bnkit.errors import (
     ConfigError,
     DTypeError,
+    MissingStatsError,
     NonFiniteStatsWarning,
     ShapeError,
     SingleValueError,
+    SizeMismatchError,
     format_choices,
     format_shape,
 )
@@ -341,7 +343,7 @@ def _check_input(where: str, input: Tensor, per_channel: dict[str, Tensor | None
     channels = input.shape[1]
     for name, tensor in per_channel.items():
         if tensor is not None and tuple(tensor.shape) != (channels,):
-            raise ShapeError(
+            raise SizeMismatchError(
                 f"{where}: expected {name} of shape ({channels},) to match the {channels} "
                 f"channels of the input of shape {format_shape(input.shape)}, "
                 f"got shape {format_shape(tensor.shape)}"
@@ -437,7 +439,7 @@ def _batch_norm(
 
     check_eps(where, eps, use_batch_stats=use_batch_stats)
     if not use_batch_stats and (running_mean is None or running_var is None):
-        raise ConfigError(
+        raise MissingStatsError(
             f"{where}: expected running_mean and running_var when normalizing with population "
             f"statistics (training=False), got None"
         )

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import kernels
-from bnkit.errors import ConfigError, ShapeError, format_shape
+from bnkit.errors import ConfigError, ShapeError, SizeMismatchError, format_shape
 from bnkit.functional import (
     NonFiniteMonitor,
     Renorm,
@@ -295,7 +295,7 @@ class BatchNormNd(_BatchNorm):
                 f"{format_shape(input.shape)}"
             )
         if input.shape[1] != self.num_features:
-            raise ShapeError(
+            raise SizeMismatchError(
                 f"{self._where()}: expected {self.num_features} channels in dimension 1, got "
                 f"{input.shape[1]} in input of shape {format_shape(input.shape)}"
             )
