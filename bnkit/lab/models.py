@@ -9,7 +9,7 @@ falls back to :class:`torch.nn.BatchNorm1d` (same signature and results), and
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,14 @@ from bnkit.errors import ConfigError, format_choices
 
 __all__ = [
     "ACTIVATIONS",
+    "NormFactory",
     "activation_layers",
     "batch_norm",
     "batch_norm_implementation",
     "batch_norm_layers",
+    "bnkit_norm",
+    "conv_net",
+    "group_norm",
     "mlp",
 ]
 
@@ -148,3 +152,86 @@ def activation_layers(model: nn.Module) -> list[nn.Module]:
 def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The batch norm layers of ``model`` (bnkit's or torch's), first to last."""
     return [module for module in model.modules() if isinstance(module, _BatchNorm)]
+
+
+#: Makes the normalization after a convolution: ``norm(channels, spatial_dims)``.
+NormFactory = Callable[[int, int], nn.Module]
+
+
+def bnkit_norm(**kwargs: Any) -> NormFactory:
+    """A :data:`NormFactory` of ``bnkit.BatchNorm1d``/``2d`` (by spatial rank) with ``kwargs``.
+
+    Example:
+        >>> layer = bnkit_norm(momentum=None)(8, 2)
+        >>> type(layer).__name__, layer.momentum
+        ('BatchNorm2d', None)
+    """
+    from bnkit.nn import BatchNorm1d, BatchNorm2d
+
+    def make(channels: int, dims: int) -> nn.Module:
+        layer = BatchNorm1d if dims == 1 else BatchNorm2d
+        return layer(channels, **kwargs)
+
+    return make
+
+
+def group_norm(groups: int = 8) -> NormFactory:
+    """A :data:`NormFactory` of ``torch.nn.GroupNorm`` (Wu & He 2018) with ``groups`` groups.
+
+    Example:
+        >>> layer = group_norm(4)(16, 1)
+        >>> layer.num_groups, layer.num_channels
+        (4, 16)
+    """
+    return lambda channels, dims: nn.GroupNorm(min(groups, channels), channels)
+
+
+def conv_net(
+    sample_shape: Sequence[int],
+    num_classes: int,
+    norm: NormFactory | None,
+    *,
+    widths: Sequence[int] = (16, 32, 32),
+) -> nn.Sequential:
+    """A small CNN: 1D convolutions for (L,) samples, 2D for (H, W) images.
+
+    Unflatten to one input channel, then per width a convolution (kernel 5 for the first,
+    3 and stride 2 after; no bias when a normalization follows) -> ``norm`` -> ReLU, then
+    global average pooling and a Linear to the logits. Weights use torch's default
+    initialization (seed it before the call).
+
+    Args:
+        sample_shape: the shape of one input, ``(L,)`` or ``(H, W)``.
+        num_classes: the number of logits.
+        norm: makes each normalization layer; None: no normalization (convolutions keep
+            their bias).
+        widths: the channels of the convolutions.
+
+    Raises:
+        ConfigError: a sample shape of another rank.
+
+    Example:
+        >>> net = conv_net((40,), 10, bnkit_norm())
+        >>> net(torch.randn(4, 40)).shape, len(batch_norm_layers(net))
+        (torch.Size([4, 10]), 3)
+    """
+    dims = len(sample_shape)
+    if dims not in (1, 2):
+        raise ConfigError(
+            f"conv_net: expected samples of shape (L,) or (H, W), got {tuple(sample_shape)}"
+        )
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, sample_shape[0]))]  # (N, *S) -> (N, 1, *S)
+    channels = 1
+    for index, width in enumerate(widths):
+        kernel, stride = (5, 1) if index == 0 else (3, 2)
+        layers.append(
+            conv(channels, width, kernel, stride=stride, padding=kernel // 2, bias=norm is None)
+        )
+        if norm is not None:
+            layers.append(norm(width, dims))
+        layers.append(nn.ReLU())
+        channels = width
+    layers += [pool, nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)

@@ -90,7 +90,33 @@ SECTIONS: list[Section] = [
         "5. Advantages and disadvantages",
         "<p>Advantages: a regularization effect, and a large initial learning rate still "
         "trains, so training is faster. Disadvantages: more memory, and batch norm is hard to "
-        "apply when the mini-batch is small.</p>",
+        "apply when the mini-batch is small. The sections below measure each disadvantage "
+        "and the remedies proposed since.</p>",
+    ),
+    Section(
+        "memory",
+        "5.1 Disadvantage: more memory",
+        "<p>In training, a batch norm layer keeps its input for the backward pass, and the "
+        "activation after it keeps another tensor of the same size. Fusing the two and "
+        "keeping only the output (In-Place ABN) removes that cost when the activation can be "
+        "inverted.</p>",
+    ),
+    Section(
+        "small-batches",
+        "5.2 Disadvantage: small and non-i.i.d. mini-batches",
+        "<p>The batch statistics are an estimate of the population's from the mini-batch; "
+        "with a few examples, or examples that are not independent draws (two classes per "
+        "batch), the estimate is poor, and a network trained on it meets different "
+        "statistics at test time. Remedies: normalize without the batch (GroupNorm), "
+        "correct toward the population statistics (batch renorm), or gather the statistics "
+        "over more examples (synchronized batch norm across processes).</p>",
+    ),
+    Section(
+        "population-stats",
+        "5.3 Disadvantage: the population statistics at test time",
+        "<p>The statistics used at test time are gathered during training, from weights that "
+        "kept changing, and from the training distribution. PreciseBN recomputes them for "
+        "the final weights; AdaBN recomputes them on the new distribution's data.</p>",
     ),
 ]
 
@@ -268,7 +294,9 @@ def render_html(results: Sequence[Mapping[str, Any]], directory: str | os.PathLi
             if block:
                 blocks.append(block)
         content = (
-            "\n".join(blocks) or '<p class="meta">No experiment in this run measured this part.</p>'
+            "\n".join(blocks)
+            or '<p class="meta">No experiment in this run measured this part '
+            "(<code>bnkit lab all</code> runs every experiment).</p>"
         )
         body.append(
             f'<section id="{html.escape(section.key)}"><h2>{html.escape(section.title)}</h2>'

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bnkit.lab.experiment import ProgressBar, ProgressFactory, RunContext, no_progress
-from bnkit.lab.experiments import experiment_names, get_experiment
+from bnkit.lab.experiments import expand_names, get_experiment
 from bnkit.lab.storage import read_json, same_config, write_json_atomic
 
 __all__ = ["ExperimentOutcome", "run_lab", "summary_table"]
@@ -149,10 +149,12 @@ def run_lab(
     progress: bool = True,
     log: TextIO | None = None,
 ) -> list[ExperimentOutcome]:
-    """Run experiments (default all), save their results and plots, render the report.
+    """Run experiments (default: the paper's four), save their results and plots, render the report.
 
     Args:
-        experiments: names from :data:`bnkit.lab.experiments.CATALOG`; None or empty: all.
+        experiments: names from :data:`bnkit.lab.experiments.CATALOG` or
+            :data:`~bnkit.lab.experiments.GROUPS` (run in catalog order); None or empty:
+            :data:`~bnkit.lab.experiments.DEFAULT`.
         dataset: one of :data:`bnkit.lab.datasets.DATASETS`.
         data_dir: where to look first for IDX files.
         out: the output directory.
@@ -176,7 +178,7 @@ def run_lab(
     from bnkit.lab.report import render_report
 
     log = log if log is not None else sys.stderr
-    names = list(dict.fromkeys(experiments)) if experiments else experiment_names()
+    names = expand_names(list(experiments or ()))
     chosen = [get_experiment(name) for name in names]  # unknown names fail before any work
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

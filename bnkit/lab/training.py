@@ -10,6 +10,7 @@ at that step instead of crashing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import warnings
@@ -33,6 +34,7 @@ __all__ = [
     "final_accuracy",
     "predict",
     "steps_to_target",
+    "subsample",
     "train",
 ]
 
@@ -261,3 +263,33 @@ def train(
     finally:
         bar.close()
     return history
+
+
+def subsample(data: Dataset, train_samples: int, test_samples: int, seed: int) -> Dataset:
+    """``data`` with at most ``train_samples`` / ``test_samples`` examples, a seeded choice.
+
+    Keeps the experiments' cost the same on every dataset (60,000 Fashion-MNIST images
+    would otherwise take 15 times as long as MNIST-1D's 4000). Order is kept.
+
+    Example:
+        >>> import torch
+        >>> from bnkit.lab.datasets import Dataset
+        >>> x, y = torch.zeros(10, 3), torch.arange(10)
+        >>> small = subsample(Dataset("d", x, y, x, y, 10, "", 0.0, 1.0), 4, 20, seed=0)
+        >>> tuple(small.x_train.shape), tuple(small.x_test.shape)
+        ((4, 3), (10, 3))
+    """
+    rng = np.random.default_rng(derive_seed(seed, "subsample"))
+
+    def pick(count: int, limit: int) -> torch.Tensor:
+        return torch.from_numpy(np.sort(rng.permutation(count)[: min(count, limit)]))
+
+    train_index = pick(len(data.y_train), train_samples)
+    test_index = pick(len(data.y_test), test_samples)
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[train_index],
+        y_train=data.y_train[train_index],
+        x_test=data.x_test[test_index],
+        y_test=data.y_test[test_index],
+    )

@@ -11,7 +11,7 @@ import pytest
 
 from bnkit.lab import datasets
 from bnkit.lab.cli import add_commands
-from bnkit.lab.experiments import experiment_names, get_experiment
+from bnkit.lab.experiments import DEFAULT, get_experiment
 from bnkit.lab.report import SECTIONS
 from tests.lab.conftest import lab_argv, run_cli
 
@@ -68,7 +68,8 @@ def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixt
 
 def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> None:
     out, stdout, _ = lab_run
-    names = experiment_names()
+    names = list(DEFAULT)  # no names: the paper's four
+    assert not (out / "memory.json").exists()
     for name in names:
         data = json.loads((out / f"{name}.json").read_text())
         assert set(data) == TOP_LEVEL
@@ -145,7 +146,7 @@ def test_report_rerenders_from_saved_results(
     (tmp_path / "learning-rate-final.png").unlink()
     status, stdout, _ = run_cli(["report", str(tmp_path)])
     assert status == 0
-    assert f"{len(experiment_names())} experiments" in stdout
+    assert f"{len(DEFAULT)} experiments" in stdout
     page = (tmp_path / "index.html").read_text()
     assert page == (out / "index.html").read_text()
     assert (tmp_path / "learning-rate-final.png").is_file()  # redrawn from the JSON
@@ -160,21 +161,21 @@ def test_report_rerenders_from_saved_results(
 
 def test_report_of_unknown_experiments_and_missing_dir(tmp_path: Path) -> None:
     result = {
-        "experiment": "memory",
-        "title": "Memory",
+        "experiment": "unknown-experiment",
+        "title": "Unknown",
         "section": "not-a-section",
         "dataset": "mnist1d",
         "config": {"mode": "quick"},
         "results": {},
         "claims": [{"claim": "c", "anchor": "a", "measured": "m", "holds": True}],
-        "figures": [{"file": "memory-x.png", "caption": "gone"}],
+        "figures": [{"file": "unknown-x.png", "caption": "gone"}],
     }
-    (tmp_path / "memory.json").write_text(json.dumps(result))
+    (tmp_path / "unknown-experiment.json").write_text(json.dumps(result))
     assert run_cli(["report", str(tmp_path)])[0] == 0
     page = (tmp_path / "index.html").read_text()
     assert "Other experiments" in page
     assert "1 of 1" in page
-    assert "Figure memory-x.png is missing" in page
+    assert "Figure unknown-x.png is missing" in page
     status, _, stderr = run_cli(["report", str(tmp_path / "nowhere")])
     assert status == 1
     assert "no such directory" in stderr
