@@ -218,9 +218,19 @@ class Kernel(Protocol):
 
 
 def select_kernel(x: Tensor) -> Kernel:
-    """The kernel for this input. Only the portable kernel exists so far."""
-    from bnkit.kernels import portable
+    """The kernel for this input: the fast CPU kernel (:mod:`.cpu`) for CPU float32 and
+    float64 tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`),
+    else the portable kernel. The CPU kernel hands masks, process groups and activations
+    other than ReLU to the portable one itself.
 
+    Example:
+        >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
+        'PortableKernel'
+    """
+    from bnkit.kernels import cpu, portable
+
+    if cpu.supports(x):
+        return cpu.KERNEL
     return portable.KERNEL
 
 

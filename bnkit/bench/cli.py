@@ -1,0 +1,231 @@
+"""``bnkit bench``: batch norm speed against torch and the memory-bandwidth floor.
+
+    bnkit bench [--quick] [--compile] [--memory] [--sync] [--json FILE]
+    python -m bnkit.bench ...
+
+Measures forward (training), forward + backward, eval and fused BN + ReLU forward +
+backward for ResNet-50's batch-norm shapes at batch 32, (4096, 1024) and (8, 16, 8, 8), in
+NCHW and channels-last layouts (see :mod:`bnkit.bench.speed` for the method), and prints a
+table: per implementation its median time, its speed relative to torch eager (``2.00x``:
+twice as fast; interleaved repetitions, median of per-repetition ratios) and the fraction
+of the bandwidth floor it reaches. The measurements run in a fresh process with
+``THP_MEM_ALLOC_ENABLE=1`` (torch then backs large CPU allocations with transparent huge
+pages, which saves page faults on fresh buffers); ``--thp both`` measures with torch's
+default (off) too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+__all__ = ["add_commands", "format_machine", "format_row", "main", "run_command"]
+
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+_NAMES = ("bnkit", "compiled")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape like 32x64x56x56 (at least N x C, positive), got {text!r}"
+        )
+    return shape
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    from bnkit.bench.speed import DTYPES, OPERATIONS
+
+    parser.add_argument("--quick", action="store_true", help="3 shapes, 3 repetitions (CI)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--memory", action="store_true", help="also run bnkit.bench.memory")
+    parser.add_argument("--sync", action="store_true", help="also run bnkit.bench.sync")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    parser.add_argument(
+        "--shape", action="append", type=_shape, metavar="NxCx...", help="shape(s) to use"
+    )
+    parser.add_argument(
+        "--layout", action="append", choices=("nchw", "channels_last"), help="layout(s)"
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=tuple(DTYPES),
+        help="dtype(s); float32 by default (bfloat16: informational, portable kernel)",
+    )
+    parser.add_argument("--op", action="append", choices=OPERATIONS, help="operation(s)")
+    parser.add_argument("--repetitions", type=int, help="interleaved repetitions (default 7)")
+    parser.add_argument(
+        "--thp",
+        choices=("on", "off", "both"),
+        default="on",
+        help=f"{THP_VARIABLE}=1 (on, default), torch's default (off), or both",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure, write JSON
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``bench`` on an argparse subparsers object.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+    """
+    bench = subparsers.add_parser(
+        "bench",
+        help="batch norm speed: bnkit vs torch vs the memory-bandwidth floor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _configure(bench)
+    bench.set_defaults(run_command=run_command)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from bnkit.bench.speed import QUICK_SHAPES, SHAPES, Config
+
+    config = Config(
+        shapes=args.shape or (QUICK_SHAPES if args.quick else SHAPES),
+        layouts=args.layout or ("nchw", "channels_last"),
+        dtypes=args.dtype or ("float32",),
+        compile=args.compile,
+        repetitions=args.repetitions or (3 if args.quick else 7),
+    )
+    if args.op:
+        config.operations = tuple(args.op)
+    return config
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """One line describing where the figures come from."""
+    native = "C kernel" if info["native_kernel"] else f"portable only ({info['native_error']})"
+    compiled = info.get("native_compile_s")
+    first = f", first call {info['native_first_call_s']:.2f} s"
+    if compiled is not None:
+        first += f" (compiled in {compiled:.2f} s)"
+    return (
+        f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
+        f"{info['torch_threads']} threads, bnkit {info['bnkit']}: {native}{first}; "
+        f"{THP_VARIABLE}={info[THP_VARIABLE]}"
+    )
+
+
+def _header(names: Sequence[str]) -> str:
+    columns = "".join(f"{name + ' ms':>13s}{'x torch':>9s}{'floor':>7s}" for name in names)
+    head = f"{'shape':<18s}{'layout':<8s}{'operation':<17s}{'MB':>7s}{'floor ms':>10s}"
+    return f"{head}{'torch ms':>10s}{'floor':>7s}{columns}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """A table line: time, speed vs torch (torch time / time) and % of the floor."""
+    results = row["results"]
+    shape = "x".join(str(d) for d in row["shape"])
+    layout = "nchw" if row["layout"] == "nchw" else "cl"
+    torch_result = results["torch"]
+    line = (
+        f"{shape:<18s}{layout:<8s}{row['operation']:<17s}{row['megabytes']:7.1f}"
+        f"{row['floor_ms']:10.3f}{torch_result['ms']:10.3f}{torch_result['of_floor']:7.0%}"
+    )
+    for name in _NAMES:
+        if name in results:
+            result = results[name]
+            line += f"{result['ms']:13.3f}{1.0 / result['vs_torch']:8.2f}x{result['of_floor']:7.0%}"
+    return line
+
+
+def _measure_here(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
+    """Measure in this process, printing rows as they come."""
+    from bnkit.bench import speed
+
+    config = _config(args)
+    print(format_machine(speed.machine()), file=out, flush=True)
+    names = ["bnkit", "compiled"] if config.compile else ["bnkit"]
+    print(_header(names), file=out, flush=True)
+    return speed.run(config, report=lambda row: print(format_row(row), file=out, flush=True))
+
+
+def _measure_in_child(argv: Sequence[str], thp: str, out: TextIO) -> dict[str, Any]:
+    """Measure in a fresh interpreter with THP_MEM_ALLOC_ENABLE set as asked."""
+    env = dict(os.environ)
+    if thp == "on":
+        env[THP_VARIABLE] = "1"
+    else:
+        env.pop(THP_VARIABLE, None)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "figures.json")
+        command = [sys.executable, "-m", "bnkit.bench", *argv, "--worker", path]
+        process = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+        out.write(process.stdout)
+        if process.returncode != 0:
+            raise RuntimeError(f"bnkit bench: the measuring process failed ({process.returncode})")
+        with open(path) as file:
+            figures: dict[str, Any] = json.load(file)
+    return figures
+
+
+def _strip(argv: Sequence[str]) -> list[str]:
+    """The measuring options of argv: without the ones handled here."""
+    kept: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--json", "--thp"):
+            skip = True
+            continue
+        if item in ("--memory", "--sync", "bench") or item.startswith(("--json=", "--thp=")):
+            continue
+        kept.append(item)
+    return kept
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run ``bnkit bench`` with parsed arguments; returns the exit status."""
+    out = sys.stdout
+    if args.worker:
+        figures = _measure_here(args, out)
+        with open(args.worker, "w") as file:
+            json.dump(figures, file)
+        return 0
+    raw = list(sys.argv[1:] if argv is None else argv)
+    settings = ("on", "off") if args.thp == "both" else (args.thp,)
+    report: dict[str, Any] = {"runs": {}}
+    for thp in settings:
+        print(f"== {THP_VARIABLE}={'1' if thp == 'on' else 'unset (torch default: off)'}", file=out)
+        report["runs"][thp] = _measure_in_child(_strip(raw), thp, out)
+    if args.memory:
+        from bnkit.bench import memory
+
+        print("== bnkit.bench.memory", file=out, flush=True)
+        memory.main(["--no-peak"] if args.quick else [])
+    if args.sync:
+        from bnkit.bench import sync
+
+        print("== bnkit.bench.sync", file=out, flush=True)
+        sync.main(["--steps", "5"] if args.quick else [])
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bnkit.bench``: the same options as ``bnkit bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bnkit.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _configure(parser)
+    args = parser.parse_args(argv)
+    return run_command(args, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,326 @@
+"""Batch norm speed on the CPU: bnkit against torch and against the memory-bandwidth floor.
+
+Batch norm does a few flops per value, so its time is the time to move the tensor
+through memory. The floor of an operation is its number of tensor-sized passes (a pass
+reads or writes the tensor once) at the bandwidth this process reaches with a copy and a
+triad into preallocated buffers, measured in the same repetitions:
+
+================================  ======  =============================================
+operation                          passes  what
+================================  ======  =============================================
+``forward`` (training)              3       statistics (read x), normalize (read x, write y)
+``eval``                            2       read x, write y
+``fwd+bwd`` (training)              8       forward 3, backward: reductions 2, dx 3
+``bn+relu fwd+bwd`` (training)      8       as fwd+bwd, the ReLU folded in
+================================  ======  =============================================
+
+Implementations, timed interleaved (each repetition runs every one once, so load from
+other processes hits them alike; the figures are medians over repetitions of per-repetition
+ratios): ``torch`` = ``torch.nn.functional.batch_norm`` (+ ``torch.relu``), ``compiled`` =
+``torch.compile`` of ``torch.nn.BatchNorm*d`` (+ ReLU) when asked (compile time reported
+separately), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default options
+(``activation="relu"`` for the fused row). Running statistics are updated by all of them.
+
+This module measures in the current process: :mod:`bnkit.bench.cli` runs it in a fresh
+process per ``THP_MEM_ALLOC_ENABLE`` setting (torch reads that variable when it starts).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import bnkit
+from bnkit.functional import batch_norm
+
+__all__ = [
+    "OPERATIONS",
+    "PASSES",
+    "QUICK_SHAPES",
+    "SHAPES",
+    "Config",
+    "machine",
+    "measure",
+    "run",
+]
+
+#: ResNet-50's batch-norm inputs at batch 32, a wide fully connected layer, a small case.
+SHAPES: tuple[tuple[int, ...], ...] = (
+    (32, 64, 112, 112),
+    (32, 256, 56, 56),
+    (32, 512, 28, 28),
+    (32, 1024, 14, 14),
+    (32, 2048, 7, 7),
+    (4096, 1024),
+    (8, 16, 8, 8),
+)
+QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((32, 256, 56, 56), (4096, 1024), (8, 16, 8, 8))
+OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
+#: tensor-sized memory passes of each operation (the floor)
+PASSES = {"forward": 3, "fwd+bwd": 8, "eval": 2, "bn+relu fwd+bwd": 8}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Config:
+    """What to measure."""
+
+    shapes: Sequence[tuple[int, ...]] = SHAPES
+    layouts: Sequence[str] = ("nchw", "channels_last")
+    dtypes: Sequence[str] = ("float32",)
+    operations: Sequence[str] = OPERATIONS
+    compile: bool = False
+    repetitions: int = 7
+    #: each timed sample runs the operation until at least this many seconds have passed
+    min_sample_s: float = 0.005
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, thread count and versions the figures were taken with."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from bnkit.kernels import native
+
+    start = time.perf_counter()
+    library = native.library()
+    load_s = time.perf_counter() - start
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bnkit": bnkit.__version__,
+        "python": platform.python_version(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "native_kernel": library is not None,
+        "native_error": native.load_error(),
+        "native_first_call_s": round(load_s, 4),
+        "native_compile_s": native.build_seconds(),
+    }
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor | None:
+    """x in the layout, or None where the layout does not apply (channels_last on 2D)."""
+    if layout == "nchw":
+        return x
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return None
+
+
+def _module(channels: int, rank: int, dtype: torch.dtype) -> torch.nn.Module:
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}.get(
+        rank, torch.nn.BatchNorm3d
+    )
+    return cls(channels, dtype=dtype)
+
+
+def _candidates(
+    operation: str, x: torch.Tensor, compiled: torch.nn.Module | None
+) -> dict[str, Callable[[], Any]]:
+    """name -> a callable running the operation once."""
+    channels = x.shape[1]
+    dtype = x.dtype
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight = torch.ones(channels, dtype=param_dtype)
+    bias = torch.zeros(channels, dtype=param_dtype)
+    running = {
+        name: (torch.zeros(channels, dtype=param_dtype), torch.ones(channels, dtype=param_dtype))
+        for name in ("torch", "bnkit")
+    }
+    relu = operation == "bn+relu fwd+bwd"
+
+    def torch_call(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool) -> Any:
+        mean, var = running["torch"]
+        y = F.batch_norm(inp, mean, var, w, b, training=training)
+        return torch.relu(y) if relu else y
+
+    def bnkit_call(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool) -> Any:
+        mean, var = running["bnkit"]
+        return batch_norm(
+            inp, mean, var, w, b, training=training, activation="relu" if relu else None
+        )
+
+    calls: dict[str, Callable[..., Any]] = {"torch": torch_call, "bnkit": bnkit_call}
+    if compiled is not None:
+
+        def compiled_call(
+            inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool
+        ) -> Any:
+            return compiled(inp)
+
+        calls["compiled"] = compiled_call
+
+    result: dict[str, Callable[[], Any]] = {}
+    for name, call in calls.items():
+        if operation in ("forward", "eval"):
+            training = operation == "forward"
+
+            def run_forward(call: Callable[..., Any] = call, training: bool = training) -> Any:
+                with torch.no_grad():
+                    return call(x, weight, bias, training)
+
+            result[name] = run_forward
+        else:
+            xg = x.detach().clone().requires_grad_(True)
+            wg = weight.detach().clone().requires_grad_(True)
+            bg = bias.detach().clone().requires_grad_(True)
+            grad = torch.randn_like(x)
+            if name == "compiled":
+                assert compiled is not None
+                inputs: tuple[torch.Tensor, ...] = (xg, *compiled.parameters())
+            else:
+                inputs = (xg, wg, bg)
+
+            def run_backward(
+                call: Callable[..., Any] = call,
+                xg: torch.Tensor = xg,
+                wg: torch.Tensor = wg,
+                bg: torch.Tensor = bg,
+                grad: torch.Tensor = grad,
+                inputs: tuple[torch.Tensor, ...] = inputs,
+            ) -> Any:
+                y = call(xg, wg, bg, True)
+                return torch.autograd.grad(y, inputs, grad)
+
+            result[name] = run_backward
+    return result
+
+
+def _time(fn: Callable[[], Any], inner: int) -> float:
+    """Seconds per call of fn, over ``inner`` calls."""
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def _inner(fn: Callable[[], Any], min_sample_s: float) -> int:
+    """How many calls make one sample last at least ``min_sample_s``."""
+    once = _time(fn, 1)
+    return max(1, min(10000, math.ceil(min_sample_s / max(once, 1e-7))))
+
+
+def _bandwidth_probes(x: torch.Tensor) -> dict[str, tuple[Callable[[], Any], int]]:
+    """Copy (2 passes) and triad a = b + s * c (3 passes) on buffers of x's size."""
+    flat = x.detach().reshape(-1)
+    a, b, c = (torch.empty_like(flat) for _ in range(3))
+    b.copy_(flat)
+    c.copy_(flat)
+    return {
+        "copy": (lambda: a.copy_(b), 2),
+        "triad": (lambda: torch.add(b, c, alpha=0.5, out=a), 3),
+    }
+
+
+def _compile_module(x: torch.Tensor, relu: bool, training: bool) -> tuple[torch.nn.Module, float]:
+    """torch.compile'd BatchNorm (+ ReLU) for x, and the seconds its first call took."""
+    dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype)]
+    if relu:
+        layers.append(torch.nn.ReLU())
+    module = torch.nn.Sequential(*layers)
+    if x.dtype == torch.bfloat16:
+        module = module.to(torch.bfloat16)
+    module.train(training)
+    compiled: torch.nn.Module = torch.compile(module)  # type: ignore[assignment]
+    start = time.perf_counter()
+    if training:
+        xg = x.detach().clone().requires_grad_(True)
+        y = compiled(xg)
+        torch.autograd.grad(y, (xg, *compiled.parameters()), torch.ones_like(y))
+    else:
+        with torch.no_grad():
+            compiled(x)
+    return compiled, time.perf_counter() - start
+
+
+def measure(
+    shape: tuple[int, ...], layout: str, dtype_name: str, operation: str, config: Config
+) -> dict[str, Any] | None:
+    """One row: per implementation the median time, the median ratio to torch's time and
+    the median fraction of the floor, over interleaved repetitions. None if ``layout``
+    does not apply to ``shape``."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=generator).to(dtype)
+    x = _layout(base, layout)
+    if x is None:
+        return None
+    compiled = None
+    compile_s = None
+    if config.compile:
+        relu = operation == "bn+relu fwd+bwd"
+        compiled, compile_s = _compile_module(x, relu, operation != "eval")
+    candidates = _candidates(operation, x, compiled)
+    probes = _bandwidth_probes(x)
+    nbytes = x.numel() * x.element_size()
+    for fn in candidates.values():  # warm up: first calls allocate, compile, load
+        fn()
+    inner = {name: _inner(fn, config.min_sample_s) for name, fn in candidates.items()}
+    probe_inner = {name: _inner(fn, config.min_sample_s) for name, (fn, _) in probes.items()}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    bandwidth: list[float] = []
+    for _ in range(config.repetitions):
+        best = 0.0
+        for name, (fn, passes) in probes.items():
+            best = max(best, passes * nbytes / _time(fn, probe_inner[name]))
+        bandwidth.append(best)
+        for name, fn in candidates.items():
+            times[name].append(_time(fn, inner[name]))
+    floor = [PASSES[operation] * nbytes / bw for bw in bandwidth]
+    row: dict[str, Any] = {
+        "shape": list(shape),
+        "layout": layout,
+        "dtype": dtype_name,
+        "operation": operation,
+        "megabytes": nbytes / 1e6,
+        "bandwidth_gbs": statistics.median(bandwidth) / 1e9,
+        "floor_ms": statistics.median(floor) * 1e3,
+        "compile_s": compile_s,
+        "results": {},
+    }
+    for name, samples in times.items():
+        ratios = [t / ref for t, ref in zip(samples, times["torch"], strict=True)]
+        of_floor = [f / t for f, t in zip(floor, samples, strict=True)]
+        row["results"][name] = {
+            "ms": statistics.median(samples) * 1e3,
+            "vs_torch": statistics.median(ratios),
+            "of_floor": statistics.median(of_floor),
+        }
+    return row
+
+
+def run(config: Config, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every (shape, layout, dtype, operation) row; ``report`` sees each row."""
+    rows = []
+    for shape in config.shapes:
+        for layout in config.layouts:
+            for dtype_name in config.dtypes:
+                for operation in config.operations:
+                    row = measure(tuple(shape), layout, dtype_name, operation, config)
+                    if row is None:
+                        continue
+                    rows.append(row)
+                    if report is not None:
+                        report(row)
+    return {"machine": machine(), "rows": rows}

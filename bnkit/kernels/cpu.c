@@ -1,0 +1,602 @@
+/* Batch normalization on the CPU: the loops behind bnkit.kernels.cpu.
+ *
+ * Two memory layouts, each a plain contiguous array:
+ *   ncl: (N, C, L), L contiguous (NCHW and any contiguous (N, C, *) with L = prod(*)).
+ *   nc:  (M, C), C contiguous (2D inputs, and channels-last inputs with M = N * prod(*)).
+ * Every function exists for float (suffix _f32) and double (_f64). Per-channel
+ * accumulation is in double, relative to a per-channel shift (a sample of the data):
+ * float data as shifted sums of d = x - s and d^2 (d is exact in double), double data as
+ * exact two-pass statistics of blocks that stay in cache, merged with Chan, Golub and
+ * LeVeque's update. One pass over memory, never E[x^2] - E[x]^2 on the raw values.
+ * Work is split over threads by ranges of rows in memory order, or by channels (split
+ * further into parts of the batch when channels are few), on `nt`
+ * OpenMP threads (the process's libgomp: torch's own when torch is loaded first).
+ */
+#ifndef BN_TEMPLATE
+#define BN_TEMPLATE
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* Elements per statistics block: small enough to be read twice from L1/L2. */
+#define BLOCK 4096
+/* Elements per thread-local block in the nc layout (rows * C). */
+#define NC_BLOCK 32768
+/* Independent partial sums per reduction in the ncl loops (4 AVX-512 registers). */
+#define LANES 32
+
+static i64 min64(i64 a, i64 b) { return a < b ? a : b; }
+
+/* How many parts to split each channel's rows into, so that C * parts covers the threads. */
+static i64 parts_for(i64 C, i64 N, int nt) {
+    if (nt <= 1 || C >= 4 * (i64)nt) return 1;
+    i64 p = (4 * (i64)nt + C - 1) / C;
+    return p > N ? (N > 0 ? N : 1) : p;
+}
+
+/* Chan merge of (nb, mb, qb) into (cnt, mean, m2). */
+#define CHAN_MERGE(cnt, mean, m2, nb, mb, qb)                     \
+    do {                                                          \
+        double tot_ = (cnt) + (nb);                               \
+        double delta_ = (mb) - (mean);                            \
+        (mean) += delta_ * (nb) / tot_;                           \
+        (m2) += (qb) + delta_ * delta_ * (cnt) * (nb) / tot_;     \
+        (cnt) = tot_;                                             \
+    } while (0)
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(name) CAT(name, S)
+
+#define T float
+#define S f32
+#include __FILE__
+#undef T
+#undef S
+
+#define T double
+#define S f64
+#include __FILE__
+#undef T
+#undef S
+
+/* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
+ * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);
+ * factor = momentum, or 1 / num_batches_tracked (after its increment) when momentum < 0.
+ * With skip_nonfinite a batch with a NaN or Inf statistic changes nothing. The running
+ * arrays are float (running_double 0) or double (1). Returns whether it was recorded. */
+#define BN_UPDATE(T, S)                                                                     \
+    int bn_update_running_##S(const T *shift, const T *smean, const T *var, i64 C,          \
+                              double count, void *running_mean, void *running_var,          \
+                              int running_double, double momentum, int64_t *tracked,        \
+                              int unbiased, int skip_nonfinite) {                           \
+        int recorded = 1;                                                                   \
+        if (skip_nonfinite) {                                                               \
+            for (i64 c = 0; c < C; ++c) {                                                   \
+                double m = (double)shift[c] + (double)smean[c], v = (double)var[c];         \
+                if (unbiased) v = v * count / (count - 1.0);                                \
+                if (!isfinite(m) || !isfinite(v)) recorded = 0;                             \
+            }                                                                               \
+        }                                                                                   \
+        if (tracked) *tracked += recorded;                                                  \
+        double factor = momentum >= 0.0 ? momentum : 1.0 / (double)(tracked ? *tracked : 1); \
+        if (!recorded) return 0;                                                            \
+        for (i64 c = 0; c < C; ++c) {                                                       \
+            double m = (double)shift[c] + (double)smean[c], v = (double)var[c];             \
+            if (unbiased) v = v * count / (count - 1.0);                                    \
+            for (int which = 0; which < 2; ++which) {                                       \
+                void *running = which ? running_var : running_mean;                         \
+                double batch = which ? v : m;                                               \
+                if (!running) continue;                                                     \
+                if (running_double) {                                                       \
+                    double *r = (double *)running;                                          \
+                    r[c] = batch * factor + r[c] * (1.0 - factor);                          \
+                } else {                                                                    \
+                    float *r = (float *)running;                                            \
+                    r[c] = (float)(batch * factor + (double)r[c] * (1.0 - factor));         \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        return 1;                                                                           \
+    }
+BN_UPDATE(float, f32)
+BN_UPDATE(double, f64)
+
+#else /* BN_TEMPLATE: the kernels for one element type T, suffix S */
+/* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
+void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
+                      int nt) {
+    if (sizeof(T) == sizeof(float) && L >= 4 * LANES) {
+        /* float input, long rows: walk memory in order, each thread over a range of
+         * (n, c) rows, with per-channel shifted sums in double (x - s is exact in double,
+         * and M2 = sum d^2 - (sum d)^2 / n loses about (1 + t^2) * 1e-16 relative for a
+         * shift t standard deviations from the mean, far below float32 rounding). */
+        i64 R = N * C, P = nt < 1 ? 1 : nt;
+        if (P > R) P = R;
+        double *acc = (double *)calloc((size_t)(2 * C * P), sizeof(double));
+        _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+        for (i64 part = 0; part < P; ++part) {
+            double *sum = acc + 2 * C * part, *sq = sum + C;
+            for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
+                i64 c = row % C;
+                const T *p = x + row * L;
+                const double sc = (double)x[c * L];
+                double as[LANES] = {0.0}, aq[LANES] = {0.0};
+                double ts = 0.0, tq = 0.0;
+                i64 i = 0;
+                for (; i + LANES <= L; i += LANES) {
+                    _Pragma("omp simd")
+                    for (int j = 0; j < LANES; ++j) {
+                        double d = (double)p[i + j] - sc;
+                        as[j] += d;
+                        aq[j] += d * d;
+                    }
+                }
+                for (; i < L; ++i) {
+                    double d = (double)p[i] - sc;
+                    ts += d;
+                    tq += d * d;
+                }
+                for (int j = 0; j < LANES; ++j) ts += as[j], tq += aq[j];
+                sum[c] += ts;
+                sq[c] += tq;
+            }
+        }
+        const double n = (double)(N * L);
+        for (i64 c = 0; c < C; ++c) {
+            double ts = 0.0, tq = 0.0;
+            for (i64 part = 0; part < P; ++part) ts += acc[2 * C * part + c],
+                                                 tq += acc[2 * C * part + C + c];
+            double mean = ts / n, m2 = tq - ts * mean;
+            shift[c] = x[c * L];
+            smean[c] = (T)mean;
+            var[c] = (T)((m2 > 0.0 ? m2 : 0.0) / n);
+        }
+        free(acc);
+        return;
+    }
+
+    i64 P = parts_for(C, N, nt);
+    double *pc = (double *)malloc(sizeof(double) * 3 * C * P);
+    double *pm = pc + C * P, *pq = pm + C * P;
+    i64 rows = L >= BLOCK ? 1 : BLOCK / (L > 0 ? L : 1);
+    _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 1) if(nt > 1)")
+    for (i64 item = 0; item < C * P; ++item) {
+        i64 c = item / P, part = item % P;
+        i64 n_begin = N * part / P, n_end = N * (part + 1) / P;
+        double s = (double)x[c * L];
+        double cnt = 0.0, mean = 0.0, m2 = 0.0;
+        for (i64 n0 = n_begin; n0 < n_end; n0 += rows) {
+            i64 n1 = min64(n_end, n0 + rows);
+            double nb = (double)((n1 - n0) * L);
+            double mb, q;
+            if (sizeof(T) == sizeof(float)) {
+                /* float input: one pass of shifted sums in double (x - s is exact in
+                 * double; M2 = sum d^2 - (sum d)^2 / n loses about (1 + t^2) * 1e-16
+                 * relative for a shift t standard deviations from the block's mean), in
+                 * LANES independent accumulators so the adds do not wait on each other. */
+                double as[LANES] = {0.0}, aq[LANES] = {0.0};
+                double sum = 0.0, sq = 0.0;
+                for (i64 n = n0; n < n1; ++n) {
+                    const T *p = x + (n * C + c) * L;
+                    i64 i = 0;
+                    if (L < 4 * LANES) { /* short rows: one vector accumulator each */
+                        _Pragma("omp simd reduction(+ : sum, sq)")
+                        for (i64 k = 0; k < L; ++k) {
+                            double d = (double)p[k] - s;
+                            sum += d;
+                            sq += d * d;
+                        }
+                        continue;
+                    }
+                    for (; i + LANES <= L; i += LANES) {
+                        _Pragma("omp simd")
+                        for (int j = 0; j < LANES; ++j) {
+                            double d = (double)p[i + j] - s;
+                            as[j] += d;
+                            aq[j] += d * d;
+                        }
+                    }
+                    for (; i < L; ++i) {
+                        double d = (double)p[i] - s;
+                        sum += d;
+                        sq += d * d;
+                    }
+                }
+                for (int j = 0; j < LANES; ++j) sum += as[j], sq += aq[j];
+                mb = sum / nb;
+                q = sq - sum * mb;
+                if (q < 0.0) q = 0.0;
+            } else {
+                /* double input: exact two-pass on the block (cache-resident). */
+                double sum = 0.0;
+                for (i64 n = n0; n < n1; ++n) {
+                    const T *p = x + (n * C + c) * L;
+                    _Pragma("omp simd reduction(+ : sum)")
+                    for (i64 i = 0; i < L; ++i) sum += (double)p[i] - s;
+                }
+                mb = sum / nb;
+                q = 0.0;
+                for (i64 n = n0; n < n1; ++n) {
+                    const T *p = x + (n * C + c) * L;
+                    _Pragma("omp simd reduction(+ : q)")
+                    for (i64 i = 0; i < L; ++i) {
+                        double d = ((double)p[i] - s) - mb;
+                        q += d * d;
+                    }
+                }
+            }
+            CHAN_MERGE(cnt, mean, m2, nb, mb, q);
+        }
+        pc[item] = cnt;
+        pm[item] = mean;
+        pq[item] = m2;
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double cnt = 0.0, mean = 0.0, m2 = 0.0;
+        for (i64 part = 0; part < P; ++part) {
+            i64 item = c * P + part;
+            if (pc[item] > 0) CHAN_MERGE(cnt, mean, m2, pc[item], pm[item], pq[item]);
+        }
+        shift[c] = x[c * L];
+        smean[c] = (T)mean;
+        var[c] = (T)(m2 / cnt);
+    }
+    free(pc);
+}
+
+/* Statistics, nc layout: shift = x[0, c]. */
+void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int nt)
+                     {
+    i64 rows = NC_BLOCK / C > 0 ? NC_BLOCK / C : 1;
+    i64 blocks = (M + rows - 1) / rows;
+    i64 P = blocks < nt ? blocks : nt;
+    if (P < 1) P = 1;
+    double *acc = (double *)calloc((size_t)(5 * C * P + P), sizeof(double));
+    _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+    for (i64 part = 0; part < P; ++part) {
+        double *mean = acc + 5 * C * part, *m2 = mean + C, *sum = m2 + C, *q = sum + C;
+        double *s = q + C;
+        double *cnt = acc + 5 * C * P + part;
+        for (i64 c = 0; c < C; ++c) s[c] = (double)x[c];
+        i64 b_begin = blocks * part / P, b_end = blocks * (part + 1) / P;
+        for (i64 b = b_begin; b < b_end; ++b) {
+            i64 r0 = b * rows, r1 = min64(M, r0 + rows);
+            for (i64 c = 0; c < C; ++c) sum[c] = 0.0, q[c] = 0.0;
+            double nb = (double)(r1 - r0);
+            if (sizeof(T) == sizeof(float)) {
+                /* float input: one pass of shifted sums in double. x - s is exact in
+                 * double, and the block's M2 = sum d^2 - (sum d)^2 / n loses only about
+                 * (1 + t^2) * 1e-16 relative for a shift t standard deviations away. */
+                i64 r = r0;
+                for (; r + 4 <= r1; r += 4) { /* 4 rows per accumulator load and store */
+                    const T *p0 = x + r * C, *p1 = p0 + C, *p2 = p1 + C, *p3 = p2 + C;
+                    _Pragma("omp simd")
+                    for (i64 c = 0; c < C; ++c) {
+                        double d0 = (double)p0[c] - s[c], d1 = (double)p1[c] - s[c];
+                        double d2 = (double)p2[c] - s[c], d3 = (double)p3[c] - s[c];
+                        sum[c] += (d0 + d1) + (d2 + d3);
+                        q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                    }
+                }
+                for (; r < r1; ++r) {
+                    const T *p = x + r * C;
+                    _Pragma("omp simd")
+                    for (i64 c = 0; c < C; ++c) {
+                        double d = (double)p[c] - s[c];
+                        sum[c] += d;
+                        q[c] += d * d;
+                    }
+                }
+                const double inv = 1.0 / nb;
+                for (i64 c = 0; c < C; ++c) {
+                    double m2b = q[c] - sum[c] * sum[c] * inv;
+                    sum[c] *= inv;
+                    q[c] = m2b > 0.0 ? m2b : 0.0;
+                }
+            } else {
+                /* double input: exact two-pass on the block (cache-resident). */
+                for (i64 r = r0; r < r1; ++r) {
+                    const T *p = x + r * C;
+                    _Pragma("omp simd")
+                    for (i64 c = 0; c < C; ++c) sum[c] += (double)p[c] - s[c];
+                }
+                for (i64 c = 0; c < C; ++c) sum[c] /= nb;
+                for (i64 r = r0; r < r1; ++r) {
+                    const T *p = x + r * C;
+                    _Pragma("omp simd")
+                    for (i64 c = 0; c < C; ++c) {
+                        double d = ((double)p[c] - s[c]) - sum[c];
+                        q[c] += d * d;
+                    }
+                }
+            }
+            /* Chan's merge; the count is the same for every channel, so the weights are
+             * scalars (no division per channel). */
+            double n0 = *cnt, tot = n0 + nb;
+            const double w = nb / tot, w2 = n0 * nb / tot;
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) {
+                double delta = sum[c] - mean[c];
+                mean[c] += delta * w;
+                m2[c] += q[c] + delta * delta * w2;
+            }
+            *cnt = tot;
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double cnt = 0.0, mean = 0.0, m2 = 0.0;
+        for (i64 part = 0; part < P; ++part) {
+            double pc = acc[5 * C * P + part];
+            if (pc > 0)
+                CHAN_MERGE(cnt, mean, m2, pc, acc[5 * C * part + c],
+                           acc[5 * C * part + C + c]);
+        }
+        shift[c] = x[c];
+        smean[c] = (T)mean;
+        var[c] = (T)(m2 / cnt);
+    }
+    free(acc);
+}
+
+/* y = (x - s) * a + b per channel, then max(y, 0) if relu (NaN kept). ncl layout. */
+void NAME(bn_affine_ncl)(const T *x, T *y, i64 N, i64 C, i64 L, const T *s, const T *a,
+                       const T *b, int relu, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 row = 0; row < N * C; ++row) {
+        i64 c = row % C;
+        const T sc = s[c], ac = a[c], bc = b[c];
+        const T *p = x + row * L;
+        T *q = y + row * L;
+        if (relu) {
+            _Pragma("omp simd")
+            for (i64 i = 0; i < L; ++i) {
+                T z = (p[i] - sc) * ac + bc;
+                q[i] = z < (T)0 ? (T)0 : z;
+            }
+        } else {
+            _Pragma("omp simd")
+            for (i64 i = 0; i < L; ++i) q[i] = (p[i] - sc) * ac + bc;
+        }
+    }
+}
+
+/* The same map, nc layout. */
+void NAME(bn_affine_nc)(const T *x, T *y, i64 M, i64 C, const T *s, const T *a, const T *b,
+                      int relu, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 r0 = 0; r0 < M; r0 += 4) { /* 4 rows per load of the coefficients */
+        i64 r1 = min64(M, r0 + 4);
+        if (r1 - r0 == 4 && !relu) {
+            const T *p0 = x + r0 * C, *p1 = p0 + C, *p2 = p1 + C, *p3 = p2 + C;
+            T *q0 = y + r0 * C, *q1 = q0 + C, *q2 = q1 + C, *q3 = q2 + C;
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) {
+                const T sc = s[c], ac = a[c], bc = b[c];
+                q0[c] = (p0[c] - sc) * ac + bc;
+                q1[c] = (p1[c] - sc) * ac + bc;
+                q2[c] = (p2[c] - sc) * ac + bc;
+                q3[c] = (p3[c] - sc) * ac + bc;
+            }
+            continue;
+        }
+        for (i64 r = r0; r < r1; ++r) {
+        const T *p = x + r * C;
+        T *q = y + r * C;
+        if (relu) {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) {
+                T z = (p[c] - s[c]) * a[c] + b[c];
+                q[c] = z < (T)0 ? (T)0 : z;
+            }
+        } else {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) q[c] = (p[c] - s[c]) * a[c] + b[c];
+        }
+        }
+    }
+}
+
+/* Backward reductions, ncl layout: sum_g = sum(g'), sum_gc = sum(g' * (x - s - m)),
+ * with g' = g, or g where (x - s) * za + zb > 0 when za is given (fused relu). */
+void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, const T *s,
+                                const T *m, const T *za, const T *zb, double *sum_g,
+                                double *sum_gc, int nt) {
+    /* Memory order: each thread a range of (n, c) rows, per-channel sums of g' and
+     * g' (x - s) in double; the centring by m is per channel, at the end. */
+    i64 R = N * C, P = nt < 1 ? 1 : nt;
+    if (P > R) P = R;
+    if (P < 1) P = 1;
+    double *acc = (double *)calloc((size_t)(2 * C * P), sizeof(double));
+    _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+    for (i64 part = 0; part < P; ++part) {
+        double *ag = acc + 2 * C * part, *agc = ag + C;
+        for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
+            i64 c = row % C;
+            const T *gp = g + row * L, *xp = x + row * L;
+            const double sc = (double)s[c];
+            double tg = 0.0, tgc = 0.0;
+            if (za) {
+                const T ts = s[c], ta = za[c], tb = zb[c];
+                _Pragma("omp simd reduction(+ : tg, tgc)")
+                for (i64 i = 0; i < L; ++i) {
+                    T z = (xp[i] - ts) * ta + tb;
+                    const T gv = gp[i]; /* loaded unconditionally: a select, no branch */
+                    T gt = z > (T)0 ? gv : (T)0;
+                    double gi = (double)gt;
+                    tg += gi;
+                    tgc += gi * ((double)xp[i] - sc);
+                }
+            } else if (L < 4 * LANES) { /* short rows: one vector accumulator each */
+                _Pragma("omp simd reduction(+ : tg, tgc)")
+                for (i64 i = 0; i < L; ++i) {
+                    double gi = (double)gp[i];
+                    tg += gi;
+                    tgc += gi * ((double)xp[i] - sc);
+                }
+            } else { /* LANES independent sums, so the adds do not wait on each other */
+                double lg[LANES] = {0.0}, lgc[LANES] = {0.0};
+                i64 i = 0;
+                for (; i + LANES <= L; i += LANES) {
+                    _Pragma("omp simd")
+                    for (int k = 0; k < LANES; ++k) {
+                        double gi = (double)gp[i + k];
+                        lg[k] += gi;
+                        lgc[k] += gi * ((double)xp[i + k] - sc);
+                    }
+                }
+                for (; i < L; ++i) {
+                    double gi = (double)gp[i];
+                    tg += gi;
+                    tgc += gi * ((double)xp[i] - sc);
+                }
+                for (int k = 0; k < LANES; ++k) tg += lg[k], tgc += lgc[k];
+            }
+            ag[c] += tg;
+            agc[c] += tgc;
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (i64 part = 0; part < P; ++part) a += acc[2 * C * part + c],
+                                             b += acc[2 * C * part + C + c];
+        sum_g[c] = a;
+        sum_gc[c] = b - (double)m[c] * a;
+    }
+    free(acc);
+}
+
+/* The same reductions, nc layout. */
+void NAME(bn_backward_reduce_nc)(const T *g, const T *x, i64 M, i64 C, const T *s,
+                               const T *m, const T *za, const T *zb, double *sum_g,
+                               double *sum_gc, int nt) {
+    i64 P = M < nt ? (M > 0 ? M : 1) : nt;
+    double *acc = (double *)calloc((size_t)(2 * C * P + 2 * C), sizeof(double));
+    double *sd = acc + 2 * C * P, *md = sd + C;
+    for (i64 c = 0; c < C; ++c) sd[c] = (double)s[c], md[c] = (double)m[c];
+    _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+    for (i64 part = 0; part < P; ++part) {
+        double *ag = acc + 2 * C * part, *agc = ag + C;
+        i64 r_begin = M * part / P, r_end = M * (part + 1) / P;
+        i64 r = r_begin;
+        if (!za) {
+            for (; r + 4 <= r_end; r += 4) { /* 4 rows per accumulator load and store */
+                const T *g0 = g + r * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+                const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+                _Pragma("omp simd")
+                for (i64 c = 0; c < C; ++c) {
+                    double a0 = (double)g0[c], a1 = (double)g1[c];
+                    double a2 = (double)g2[c], a3 = (double)g3[c];
+                    ag[c] += (a0 + a1) + (a2 + a3);
+                    agc[c] += (a0 * ((double)x0[c] - sd[c]) + a1 * ((double)x1[c] - sd[c])) +
+                              (a2 * ((double)x2[c] - sd[c]) + a3 * ((double)x3[c] - sd[c]));
+                }
+            }
+        }
+        for (; r < r_end; ++r) {
+            const T *gp = g + r * C, *xp = x + r * C;
+            if (za) {
+                _Pragma("omp simd")
+                for (i64 c = 0; c < C; ++c) {
+                    T z = (xp[c] - s[c]) * za[c] + zb[c];
+                    const T gv = gp[c];
+                    T gt = z > (T)0 ? gv : (T)0;
+                    double gi = (double)gt;
+                    ag[c] += gi;
+                    agc[c] += gi * ((double)xp[c] - sd[c]);
+                }
+            } else {
+                _Pragma("omp simd")
+                for (i64 c = 0; c < C; ++c) {
+                    double gi = (double)gp[c];
+                    ag[c] += gi;
+                    agc[c] += gi * ((double)xp[c] - sd[c]);
+                }
+            }
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (i64 part = 0; part < P; ++part) a += acc[2 * C * part + c],
+                                             b += acc[2 * C * part + C + c];
+        /* sum g' (x - s - m) = sum g' (x - s) - m sum g': the centring is per channel,
+         * after the loop (one load and one subtraction less per value). */
+        sum_g[c] = a;
+        sum_gc[c] = b - md[c] * a;
+    }
+    free(acc);
+}
+
+/* dx = g' * alpha + (x - s) * k1 + k0 per channel (g' as in the reductions). ncl. */
+void NAME(bn_backward_input_ncl)(const T *g, const T *x, T *dx, i64 N, i64 C, i64 L,
+                               const T *s, const T *alpha, const T *k1, const T *k0,
+                               const T *za, const T *zb, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 row = 0; row < N * C; ++row) {
+        i64 c = row % C;
+        const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
+        const T *gp = g + row * L, *xp = x + row * L;
+        T *dp = dx + row * L;
+        if (za) {
+            const T ta = za[c], tb = zb[c];
+            _Pragma("omp simd")
+            for (i64 i = 0; i < L; ++i) {
+                T d = xp[i] - sc;
+                T z = d * ta + tb;
+                const T gv = gp[i];
+                T gi = z > (T)0 ? gv : (T)0;
+                dp[i] = gi * ac + (d * k1c + k0c);
+            }
+        } else {
+            _Pragma("omp simd")
+            for (i64 i = 0; i < L; ++i) dp[i] = gp[i] * ac + ((xp[i] - sc) * k1c + k0c);
+        }
+    }
+}
+
+/* The same, nc layout. */
+void NAME(bn_backward_input_nc)(const T *g, const T *x, T *dx, i64 M, i64 C, const T *s,
+                              const T *alpha, const T *k1, const T *k0, const T *za,
+                              const T *zb, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 r0 = 0; r0 < M; r0 += 4) { /* 4 rows per load of the coefficients */
+        i64 r1 = min64(M, r0 + 4);
+        if (r1 - r0 == 4 && !za) {
+            const T *g0 = g + r0 * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+            const T *x0 = x + r0 * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            T *d0 = dx + r0 * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) {
+                const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
+                d0[c] = g0[c] * ac + ((x0[c] - sc) * k1c + k0c);
+                d1[c] = g1[c] * ac + ((x1[c] - sc) * k1c + k0c);
+                d2[c] = g2[c] * ac + ((x2[c] - sc) * k1c + k0c);
+                d3[c] = g3[c] * ac + ((x3[c] - sc) * k1c + k0c);
+            }
+            continue;
+        }
+        for (i64 r = r0; r < r1; ++r) {
+        const T *gp = g + r * C, *xp = x + r * C;
+        T *dp = dx + r * C;
+        if (za) {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) {
+                T d = xp[c] - s[c];
+                T z = d * za[c] + zb[c];
+                const T gv = gp[c];
+                T gi = z > (T)0 ? gv : (T)0;
+                dp[c] = gi * alpha[c] + (d * k1[c] + k0[c]);
+            }
+        } else {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c)
+                dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
+        }
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,477 @@
+"""The fast CPU kernel: float32 and float64 batch norm at close to memory bandwidth.
+
+:func:`bnkit.kernels.select_kernel` picks it for CPU float32/float64 tensors in eager mode
+whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last;
+everything else (other devices and dtypes, masks, process groups, ``torch.compile``,
+``torch.func`` transforms, other strides, the leaky_relu and elu activations) goes to the
+portable kernel, whose results these agree with to rounding.
+
+Passes over memory (a pass reads or writes the tensor once):
+
+- statistics: 1 (read x). Everything is accumulated in double relative to the shift
+  ``x[0, c, 0, ...]`` (the portable kernel's): float32 data as shifted sums of d and d^2
+  (x - shift is exact in double, so the variance loses only about (1 + t^2) * 1e-16
+  relative for a shift t standard deviations from the mean: far below float32 rounding),
+  float64 data as exact two-pass statistics of cache-sized blocks merged with Chan's
+  update. Never E[x^2] - E[x]^2 on raw float32, never a second trip to memory;
+- training forward: statistics + normalization (read x, write y) = 3;
+- backward: the two reductions sum(dy) and sum(dy * x_hat) in one pass (read dy, x), then
+  dx (read dy, x, write dx) = 5; forward + backward = 8;
+- inference: 2. Fused BN + ReLU: the same 3 + 5, the ReLU mask recomputed from x.
+
+The loops are C (``cpu.c``, compiled once by :mod:`bnkit.kernels.native`), parallel over
+channels, or over blocks of rows when there are few channels, on
+``torch.get_num_threads()`` threads. The per-channel coefficients are computed with
+torch on (C,) vectors, in the compute dtype, the same expressions as the portable kernel.
+
+The fused ReLU saves the input x (not the pre-activation z as the portable kernel's
+memory-efficient form does): the same number of bytes, and exact for any gamma.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnkit.kernels import BatchStats, native, portable
+
+__all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
+
+#: Below this many elements the loops run on one thread (starting threads costs more).
+PARALLEL_THRESHOLD = 32768
+#: Below this many elements the portable kernel is used: at that size the fixed Python
+#: costs of the pipeline dominate whichever kernel runs, and the tiniest examples (docs,
+#: hand-checked cases) keep going through the plain torch reference path.
+SMALL_THRESHOLD = 256
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def layout(x: Tensor) -> tuple[str, int, int, int] | None:
+    """How the C loops see ``x``: ("ncl", N, C, L) for a contiguous (N, C, *) tensor,
+    ("nc", M, C, 1) for a contiguous 2D or a channels-last tensor (M = N * spatial), None
+    for any other strides."""
+    if x.dim() < 2:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    if x.is_contiguous():
+        if x.dim() == 2:
+            return ("nc", n, c, 1)
+        return ("ncl", n, c, math.prod(x.shape[2:]))
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return ("nc", x.numel() // c, c, 1)
+    return None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the fast kernel handles ``x``: a plain CPU float32/float64 tensor in eager
+    mode (not compiled, not inside a ``torch.func`` transform) with a layout it knows."""
+    if type(x) not in (Tensor, torch.nn.Parameter):
+        return False
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.layout != torch.strided:
+        return False
+    if x.numel() < SMALL_THRESHOLD or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return layout(x) is not None and native.library() is not None
+
+
+def _threads(x: Tensor) -> int:
+    return torch.get_num_threads() if x.numel() >= PARALLEL_THRESHOLD else 1
+
+
+_FUNCTIONS: dict[tuple[str, torch.dtype], Any] = {}
+
+
+def _call(name: str, x: Tensor, *args: Any) -> Any:
+    """Call the C function ``name`` for x's dtype."""
+    function = _FUNCTIONS.get((name, x.dtype))
+    if function is None:
+        lib = native.library()
+        assert lib is not None
+        function = _FUNCTIONS[name, x.dtype] = getattr(lib, f"{name}_{_SUFFIX[x.dtype]}")
+    return function(*args)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _vector(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (C,) vector as a contiguous array of ``dtype`` the C code can read."""
+    return t.detach().to(dtype).contiguous()
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    """An output with x's memory layout (the one torch's batch norm gives)."""
+    return torch.empty_like(x, memory_format=portable._output_memory_format(x))
+
+
+def _as_layout_of(g: Tensor, x: Tensor) -> Tensor:
+    """g (same shape as x) with x's dtype and memory layout."""
+    g = g.to(x.dtype)
+    if x.is_contiguous():
+        return g.contiguous()
+    return g.contiguous(memory_format=portable._output_memory_format(x))
+
+
+def _affine(x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, relu: bool = False) -> Tensor:
+    """y = (x - shift) * alpha + beta per channel (then ReLU), one read and one write."""
+    plan = layout(x)
+    assert plan is not None
+    kind, rows, channels, inner = plan
+    dtype = x.dtype
+    s, a, b = (_vector(v, dtype) for v in (shift, alpha, beta))
+    y = _empty_like(x)
+    nt = _threads(x)
+    if kind == "ncl":
+        _call("bn_affine_ncl", x, x.data_ptr(), y.data_ptr(), rows, channels, inner,
+              s.data_ptr(), a.data_ptr(), b.data_ptr(), int(relu), nt)  # fmt: skip
+    else:
+        _call("bn_affine_nc", x, x.data_ptr(), y.data_ptr(), rows, channels,
+              s.data_ptr(), a.data_ptr(), b.data_ptr(), int(relu), nt)  # fmt: skip
+    return y
+
+
+def _input_gradient_terms(
+    x: Tensor,
+    g: Tensor,
+    shift: Tensor,
+    shifted_mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    count: Tensor,
+    relu_affine: tuple[Tensor, Tensor] | None,
+    need_input: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(dx or None, sum(g' * x_hat), sum(g')) for batch statistics, g' = g (masked by the
+    ReLU recomputed from ``relu_affine`` = (alpha, beta') when given). Two passes, or one
+    without ``need_input``."""
+    plan = layout(x)
+    assert plan is not None
+    kind, rows, channels, inner = plan
+    dtype = x.dtype
+    g = _as_layout_of(g, x)
+    s, m = _vector(shift, dtype), _vector(shifted_mean, dtype)
+    za = zb = None
+    if relu_affine is not None:
+        za, zb = (_vector(v, dtype) for v in relu_affine)
+    sum_g = torch.empty(channels, dtype=torch.float64)
+    sum_gc = torch.empty(channels, dtype=torch.float64)  # sum(g' * (x - mean))
+    nt = _threads(x)
+    if kind == "ncl":
+        _call("bn_backward_reduce_ncl", x, g.data_ptr(), x.data_ptr(), rows, channels, inner,
+              s.data_ptr(), m.data_ptr(), _ptr(za), _ptr(zb), sum_g.data_ptr(),
+              sum_gc.data_ptr(), nt)  # fmt: skip
+    else:
+        _call("bn_backward_reduce_nc", x, g.data_ptr(), x.data_ptr(), rows, channels,
+              s.data_ptr(), m.data_ptr(), _ptr(za), _ptr(zb), sum_g.data_ptr(),
+              sum_gc.data_ptr(), nt)  # fmt: skip
+    sum_g_x_hat = (sum_gc * invstd.to(torch.float64)).to(invstd.dtype)
+    sum_g_d = sum_g.to(invstd.dtype)
+    if not need_input:
+        return None, sum_g_x_hat, sum_g_d
+    # dx = alpha * (g' - mean(g') - x_hat * mean(g' * x_hat)), with
+    # x_hat = (x - shift) * invstd - shifted_mean * invstd: evaluated as
+    # g' * alpha + (x - shift) * k1 + k0.
+    alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    slope = -alpha * sum_g_x_hat / count  # coefficient of x_hat
+    k1 = slope * invstd
+    k0 = -alpha * sum_g_d / count - shifted_mean * k1
+    a, k1v, k0v = (_vector(v, dtype) for v in (alpha, k1, k0))
+    dx = _empty_like(x)
+    if kind == "ncl":
+        _call("bn_backward_input_ncl", x, g.data_ptr(), x.data_ptr(), dx.data_ptr(), rows,
+              channels, inner, s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(),
+              _ptr(za), _ptr(zb), nt)  # fmt: skip
+    else:
+        _call("bn_backward_input_nc", x, g.data_ptr(), x.data_ptr(), dx.data_ptr(), rows,
+              channels, s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(),
+              _ptr(za), _ptr(zb), nt)  # fmt: skip
+    return dx, sum_g_x_hat, sum_g_d
+
+
+class _FastNormalizeWithBatchStats(torch.autograd.Function):
+    """The portable kernel's training normalization with the C loops forward and backward.
+
+    It saves what :class:`portable._NormalizeWithBatchStats` saves, so that a double
+    backward (``create_graph=True``), which needs the statistics recomputed
+    differentiably, runs the portable backward. Written with ``forward(ctx, ...)``:
+    ``apply`` then skips the per-call signature binding a ``setup_context`` costs.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shift: Tensor,
+        shifted_mean: Tensor,
+        invstd: Tensor,
+        count: Tensor,
+        eps: float,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, None)
+        ctx.eps = eps
+        ctx.group = None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+        return _affine(x, shift, alpha, beta)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            grads = portable._NormalizeWithBatchStats.backward(ctx, grad_output)
+            return grads[:8]
+        x, weight, shift, shifted_mean, invstd, count, _ = ctx.saved_tensors
+        dx, sum_g_x_hat, sum_g = _input_gradient_terms(
+            x,
+            grad_output,
+            shift,
+            shifted_mean,
+            invstd,
+            weight,
+            count,
+            None,
+            bool(ctx.needs_input_grad[0]),
+        )
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 5))
+
+
+def _parameter_gradients(
+    ctx: Any, weight: Tensor | None, sum_g_x_hat: Tensor, sum_g: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dweight, dbias) where requested: sum(g * x_hat) and sum(g)."""
+    grad_w = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_w = sum_g_x_hat.to(weight.dtype)
+    grad_b = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = sum_g.to(ctx.bias_dtype)
+    return grad_w, grad_b
+
+
+class _FastNormalizeRelu(torch.autograd.Function):
+    """y = relu((x - shift) * alpha + beta') with batch statistics, in one node that saves
+    x and O(C) values; the backward recomputes the ReLU mask from x bit for bit."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shift: Tensor,
+        shifted_mean: Tensor,
+        invstd: Tensor,
+        count: Tensor,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+        return _affine(x, shift, alpha, beta, relu=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "batch_norm: double backward through a fused activation is not supported; "
+                "use activation=None and a separate activation module"
+            )
+        x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
+        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+        dx, sum_g_x_hat, sum_g = _input_gradient_terms(
+            x,
+            grad_output,
+            shift,
+            shifted_mean,
+            invstd,
+            weight,
+            count,
+            (alpha, beta),
+            bool(ctx.needs_input_grad[0]),
+        )
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 4))
+
+
+class CpuKernel(portable.PortableKernel):
+    """:class:`bnkit.kernels.Kernel` with C loops for CPU float32/float64 tensors; what it
+    does not handle (see :func:`supports`) it hands to :class:`PortableKernel`."""
+
+    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
+        if mask is not None or not supports(x):
+            return portable.batch_stats(x, mask)
+        x = x.detach()
+        plan = layout(x)
+        assert plan is not None
+        kind, rows, channels, inner = plan
+        shift, shifted_mean, var = (x.new_empty(channels) for _ in range(3))
+        nt = _threads(x)
+        if kind == "ncl":
+            _call("bn_stats_ncl", x, x.data_ptr(), rows, channels, inner, shift.data_ptr(),
+                  shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
+        else:
+            _call("bn_stats_nc", x, x.data_ptr(), rows, channels, shift.data_ptr(),
+                  shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
+        count = torch.full((channels,), x.numel() // channels, dtype=x.dtype)
+        return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
+
+    def normalize_batch(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None = None,
+        group: Any = None,
+    ) -> Tensor:
+        if mask is not None or group is not None or not supports(x):
+            return super().normalize_batch(x, stats, weight, bias, eps, mask, group)
+        invstd = torch.rsqrt(stats.var + eps)
+        output: Tensor = _FastNormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps
+        )
+        return output
+
+    def normalize_batch_activation(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None,
+        group: Any,
+        activation: str,
+        param: float | None,
+        memory_efficient: bool,
+    ) -> Tensor:
+        if activation != "relu" or mask is not None or group is not None or not supports(x):
+            return super().normalize_batch_activation(
+                x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
+            )
+        invstd = torch.rsqrt(stats.var + eps)
+        output: Tensor = _FastNormalizeRelu.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count
+        )
+        return output
+
+    def normalize_population(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        differentiable = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, mean, var, weight, bias)
+        )
+        if differentiable or not supports(x):
+            return super().normalize_population(x, mean, var, weight, bias, eps)
+        dtype = x.dtype
+        alpha = torch.rsqrt(var.to(dtype) + eps)
+        if weight is not None:
+            alpha = alpha * weight.to(dtype)
+        beta = torch.zeros_like(alpha) if bias is None else bias
+        return _affine(x, mean, alpha, beta)
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        stats: BatchStats,
+        momentum: float | None,
+        *,
+        num_batches_tracked: Tensor | None,
+        unbiased: bool,
+        skip_nonfinite: bool,
+    ) -> Tensor | None:
+        """The portable update (blended in float64) as one C call: O(C) work whose cost
+        is per-call overhead, which matters for small layers."""
+        if not _plain_update(running_mean, running_var, stats, momentum, num_batches_tracked):
+            return super().update_running_stats(
+                running_mean,
+                running_var,
+                stats,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                unbiased=unbiased,
+                skip_nonfinite=skip_nonfinite,
+            )
+        running = [t for t in (running_mean, running_var) if t is not None]
+        is_double = bool(running) and running[0].dtype == torch.float64
+        count = float(stats.count[0].item()) if stats.count.numel() else 0.0
+        recorded = _call(
+            "bn_update_running",
+            stats.var,
+            stats.shift.data_ptr(),
+            stats.shifted_mean.data_ptr(),
+            stats.var.data_ptr(),
+            stats.var.numel(),
+            count,
+            _ptr(running_mean),
+            _ptr(running_var),
+            int(is_double),
+            -1.0 if momentum is None else float(momentum),
+            _ptr(num_batches_tracked),
+            int(unbiased),
+            int(skip_nonfinite),
+        )
+        return torch.tensor(bool(recorded)) if skip_nonfinite else None
+
+
+def _plain_update(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stats: BatchStats,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> bool:
+    """Whether the C update applies: CPU float32/float64 contiguous statistics, running
+    statistics of one such dtype, an int64 counter, no autograd on any of them."""
+    vectors = (stats.shift, stats.shifted_mean, stats.var)
+    dtype = stats.var.dtype
+    channels = stats.var.numel()
+    if dtype not in _SUFFIX or torch.compiler.is_compiling():
+        return False
+    for v in (*vectors, stats.count):
+        if type(v) is not Tensor or v.device.type != "cpu" or v.requires_grad:
+            return False
+    if any(v.dtype != dtype or not v.is_contiguous() for v in vectors):
+        return False
+    if stats.count.numel() != channels:
+        return False
+    running = [t for t in (running_mean, running_var) if t is not None]
+    for t in running:
+        if (
+            type(t) not in (Tensor, torch.nn.Parameter)
+            or t.device.type != "cpu"
+            or t.dtype != running[0].dtype
+            or t.dtype not in _SUFFIX
+            or not t.is_contiguous()
+            or t.numel() != channels
+            or (t.requires_grad and torch.is_grad_enabled())
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        ):
+            return False
+    if num_batches_tracked is None:
+        return momentum is not None
+    return (
+        type(num_batches_tracked) is Tensor
+        and num_batches_tracked.dtype == torch.int64
+        and num_batches_tracked.device.type == "cpu"
+        and num_batches_tracked.numel() == 1
+    )
+
+
+KERNEL = CpuKernel()

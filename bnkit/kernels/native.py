@@ -1,0 +1,168 @@
+"""Build and load the CPU loops of :mod:`bnkit.kernels.cpu` (``cpu.c``) with the C compiler.
+
+The source is plain C with OpenMP, no Python or torch headers, so it compiles in about a
+second (``cc -O3 -march=native -fopenmp``) and is loaded with :mod:`ctypes`. The shared
+library is cached under ``$BNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnkit``, else
+``~/.cache/bnkit``, keyed by a hash of the source, the compiler, the flags and the CPU, so a
+later process loads it without compiling. Set ``BNKIT_NATIVE=0`` to disable it (bnkit then
+uses the portable kernel everywhere). When no compiler is found or the build fails, the
+library is unavailable and the portable kernel is used; :func:`load_error` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["FLAGS", "build_seconds", "cache_dir", "library", "load_error"]
+
+#: Compiler flags. -ffp-contract=off: the fused relu recomputes its pre-activation in the
+#: backward pass and must round it exactly as the forward pass did.
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+)
+
+_SOURCE = Path(__file__).with_name("cpu.c")
+_LOCK = threading.Lock()
+_state: dict[str, object] = {}
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+_INT = ctypes.c_int
+#: name -> argument types (the same for the _f32 and _f64 variants)
+_SIGNATURES: dict[str, list[type]] = {
+    "bn_stats_ncl": [_PTR, _I64, _I64, _I64, *[_PTR] * 3, _INT],
+    "bn_stats_nc": [_PTR, _I64, _I64, *[_PTR] * 3, _INT],
+    "bn_affine_ncl": [_PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 3, _INT, _INT],
+    "bn_affine_nc": [_PTR, _PTR, _I64, _I64, *[_PTR] * 3, _INT, _INT],
+    "bn_backward_reduce_ncl": [_PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 6, _INT],
+    "bn_backward_reduce_nc": [_PTR, _PTR, _I64, _I64, *[_PTR] * 6, _INT],
+    "bn_backward_input_ncl": [_PTR, _PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 6, _INT],
+    "bn_backward_input_nc": [_PTR, _PTR, _PTR, _I64, _I64, *[_PTR] * 6, _INT],
+    "bn_update_running": [
+        *[_PTR] * 3,
+        _I64,
+        ctypes.c_double,
+        _PTR,
+        _PTR,
+        _INT,
+        ctypes.c_double,
+        _PTR,
+        _INT,
+        _INT,
+    ],
+}
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept."""
+    explicit = os.environ.get("BNKIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bnkit"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (part of the cache key: -march=native code is CPU specific)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") or line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    """The C compiler: $CC, else cc or gcc on PATH."""
+    for candidate in (os.environ.get("CC"), "cc", "gcc"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``cpu.c`` into the cache (atomically: concurrent processes may race)."""
+    source = _SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"bnkit_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", str(partial), str(_SOURCE)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {result.stderr.strip()}")
+        os.replace(partial, target)
+    _state["build_seconds"] = time.perf_counter() - start
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (built on first use), or None where it is unavailable."""
+    if "library" in _state:
+        return _state["library"]  # type: ignore[return-value]
+    with _LOCK:
+        if "library" in _state:
+            return _state["library"]  # type: ignore[return-value]
+        lib: ctypes.CDLL | None = None
+        try:
+            if os.environ.get("BNKIT_NATIVE", "1") == "0":
+                raise RuntimeError("disabled by BNKIT_NATIVE=0")
+            compiler = _compiler()
+            if compiler is None:
+                raise RuntimeError("no C compiler found ($CC, cc, gcc)")
+            # torch first: its OpenMP runtime (libgomp.so.1) is the one the library binds to.
+            import torch  # noqa: F401
+
+            lib = ctypes.CDLL(str(_build(compiler)))
+            for name, argtypes in _SIGNATURES.items():
+                for suffix in ("f32", "f64"):
+                    function = getattr(lib, f"{name}_{suffix}")
+                    function.argtypes = argtypes
+                    function.restype = _INT if name == "bn_update_running" else None
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            _state["error"] = str(error)
+            lib = None
+        _state["library"] = lib
+        return lib
+
+
+def load_error() -> str | None:
+    """Why :func:`library` returned None (None when it loaded or was not tried yet)."""
+    error = _state.get("error")
+    return None if error is None else str(error)
+
+
+def build_seconds() -> float | None:
+    """Seconds this process spent compiling (None: loaded from the cache, or not built)."""
+    value = _state.get("build_seconds")
+    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -1,0 +1,63 @@
+"""``bnkit bench`` runs and reports its figures (a smoke test: no timing is checked)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bnkit.bench import cli, speed
+
+TINY = ["--shape", "8x16x8x8", "--shape", "64x32", "--repetitions", "1"]
+
+
+def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "bnkit.bench", "--quick", *TINY, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr
+    assert "THP_MEM_ALLOC_ENABLE=1" in process.stdout
+    assert "torch ms" in process.stdout
+    assert "bnkit ms" in process.stdout
+    report = json.loads(out.read_text())
+    run = report["runs"]["on"]
+    assert {"cpu", "torch", "torch_threads", "native_kernel"} <= set(run["machine"])
+    assert run["machine"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    rows = run["rows"]
+    # (8, 16, 8, 8) in two layouts, (64, 32) in one: 3 x 4 operations
+    assert len(rows) == 12
+    assert {row["operation"] for row in rows} == set(speed.OPERATIONS)
+    for row in rows:
+        assert row["floor_ms"] > 0
+        assert row["bandwidth_gbs"] > 0
+        for name in ("torch", "bnkit"):
+            assert set(row["results"][name]) == {"ms", "vs_torch", "of_floor"}
+        assert row["results"]["torch"]["vs_torch"] == 1.0
+
+
+def test_registers_on_a_parent_parser() -> None:
+    parser = argparse.ArgumentParser(prog="bnkit")
+    cli.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--shape", "4x3", "--thp", "both"])
+    assert args.run_command is cli.run_command
+    assert args.shape == [(4, 3)]
+    assert args.thp == "both"
+
+
+def test_rows_format_without_running(tmp_path: Path) -> None:
+    row = speed.measure(
+        (4, 3, 2, 2), "channels_last", "float32", "fwd+bwd", speed.Config(repetitions=1)
+    )
+    assert row is not None
+    line = cli.format_row(row)
+    assert line.startswith("4x3x2x2")
+    assert "x" in line
+    assert speed.measure((4, 3), "channels_last", "float32", "eval", speed.Config()) is None
+    assert "torch" in cli.format_machine(speed.machine())

@@ -1,0 +1,363 @@
+"""The fast CPU kernel against the portable kernel and the NumPy reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bnkit import reference as ref
+from bnkit.functional import batch_norm as functional_batch_norm
+from bnkit.kernels import Activation, batch_norm, cpu, native, portable, select_kernel
+from tests.cases import CASE_IDS, CASES, Case
+
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason=f"no native CPU kernel: {native.load_error()}"
+)
+
+DTYPES = [torch.float32, torch.float64]
+#: outputs and gradients agree to this, relative to their magnitude
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+@pytest.fixture(autouse=True)
+def every_size() -> Iterator[None]:
+    """The kernel leaves tiny tensors to the portable one; the tests want it on all."""
+    saved = cpu.SMALL_THRESHOLD
+    cpu.SMALL_THRESHOLD = 0
+    yield
+    cpu.SMALL_THRESHOLD = saved
+
+
+def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
+    out = [x]
+    if x.dim() == 4:
+        out.append(x.contiguous(memory_format=torch.channels_last))
+    if x.dim() == 5:
+        out.append(x.contiguous(memory_format=torch.channels_last_3d))
+    return out
+
+
+def _close(ours: torch.Tensor | None, theirs: torch.Tensor | None, dtype: torch.dtype) -> None:
+    assert ours is not None
+    assert theirs is not None
+    assert ours.shape == theirs.shape
+    assert ours.dtype == theirs.dtype
+    scale = max(1.0, theirs.detach().double().abs().max().item())
+    error = (ours.detach().double() - theirs.detach().double()).abs().max().item()
+    assert error <= TOLERANCE[dtype] * scale, f"error {error:.3g} (scale {scale:.3g})"
+
+
+def _run(
+    kernel: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dy: torch.Tensor,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    activation: Activation | None = None,
+) -> dict[str, Any]:
+    """Training forward + backward and the running statistics through the pipeline."""
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in (weight, bias) if p is not None]
+    w = params[0] if weight is not None else None
+    b = params[-1] if bias is not None else None
+    channels = x.shape[1]
+    running_mean = torch.zeros(channels, dtype=x.dtype)
+    running_var = torch.ones(channels, dtype=x.dtype)
+    tracked = torch.zeros((), dtype=torch.long)
+    result = batch_norm(
+        x,
+        running_mean,
+        running_var,
+        w,
+        b,
+        use_batch_stats=True,
+        momentum=momentum,
+        eps=eps,
+        num_batches_tracked=tracked,
+        kernel=kernel,
+        activation=activation,
+    )
+    result.output.backward(dy)
+    return {
+        "y": result.output,
+        "dx": x.grad,
+        "dw": None if w is None else w.grad,
+        "db": None if b is None else b.grad,
+        "mean": running_mean,
+        "var": running_var,
+    }
+
+
+def _compare_with_portable(
+    x: torch.Tensor, case: Case | None = None, activation: Activation | None = None
+) -> None:
+    dtype = x.dtype
+    channels = x.shape[1]
+    g = torch.Generator().manual_seed(3)
+    affine = case is None or case.affine
+    weight = torch.randn(channels, generator=g, dtype=dtype) if affine else None
+    bias = torch.randn(channels, generator=g, dtype=dtype) if affine else None
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)
+    options: dict[str, Any] = {}
+    if case is not None:
+        options = {"momentum": case.momentum, "eps": case.eps}
+    assert cpu.supports(x)
+    ours = _run(cpu.KERNEL, x, weight, bias, dy, activation=activation, **options)
+    theirs = _run(portable.KERNEL, x, weight, bias, dy, activation=activation, **options)
+    assert ours["y"].stride() == theirs["y"].stride()
+    for key in ("y", "dx", "dw", "db", "mean", "var"):
+        if theirs[key] is None:
+            assert ours[key] is None
+        else:
+            _close(ours[key], theirs[key], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cases_match_portable(case: Case, dtype: torch.dtype) -> None:
+    """Outputs, gradients and running statistics on the shared case table, both layouts."""
+    for x in _layouts(torch.from_numpy(case.input(dtype=np.float64)).to(dtype)):
+        _compare_with_portable(x, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cases_match_reference(case: Case) -> None:
+    """float64 training forward and backward against the NumPy oracle."""
+    x_np = case.input()
+    gamma, beta = case.params()
+    dy_np = np.random.default_rng(7).standard_normal(x_np.shape)
+    y_ref, cache = ref.batch_norm_train(x_np, gamma, beta, case.eps)
+    dx_ref, dgamma_ref, dbeta_ref = ref.batch_norm_backward(dy_np, cache)
+    for x in _layouts(torch.from_numpy(x_np)):
+        x = x.detach().clone().requires_grad_(True)  # clone keeps the layout
+        w = torch.from_numpy(gamma).requires_grad_(True)
+        b = torch.from_numpy(beta).requires_grad_(True)
+        assert isinstance(select_kernel(x), cpu.CpuKernel)
+        y = functional_batch_norm(x, None, None, w, b, training=True, eps=case.eps)
+        y.backward(torch.from_numpy(dy_np))
+        for ours, theirs in (
+            (y, y_ref),
+            (x.grad, dx_ref),
+            (w.grad, dgamma_ref),
+            (b.grad, dbeta_ref),
+        ):
+            assert ours is not None
+            np.testing.assert_allclose(ours.detach().numpy(), theirs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_relu_matches_portable(dtype: torch.dtype, layout: str) -> None:
+    x = torch.randn(6, 5, 7, 4, dtype=dtype) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare_with_portable(x, activation=Activation("relu"))
+    _compare_with_portable(
+        x.contiguous().view(6, 5, 28), activation=Activation("relu", None, False)
+    )
+
+
+@st.composite
+def _shapes(draw: st.DrawFn) -> tuple[int, ...]:
+    rank = draw(st.integers(2, 5))
+    dims = [draw(st.integers(1, 9)), draw(st.integers(1, 40))]
+    dims += [draw(st.integers(1, 7)) for _ in range(rank - 2)]
+    if np.prod([dims[0], *dims[2:]]) == 1:
+        dims[0] = 2
+    return tuple(dims)
+
+
+@given(
+    shape=_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    channels_last=st.booleans(),
+    relu=st.booleans(),
+    loc=st.sampled_from([0.0, 5.0, -300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_portable(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    relu: bool,
+    loc: float,
+    seed: int,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (loc + torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        x = _layouts(x)[-1]
+    _compare_with_portable(x, activation=Activation("relu") if relu else None)
+
+
+def test_many_threads_and_few_channels_agree() -> None:
+    """Splitting a channel's rows over threads (few channels) gives the same statistics."""
+    x = torch.randn(64, 1, 40, 40, dtype=torch.float64) + 3
+    single = cpu.KERNEL.batch_stats(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        parallel = cpu.KERNEL.batch_stats(x)
+    finally:
+        torch.set_num_threads(threads)
+    reference = portable.batch_stats(x)
+    for stats in (single, parallel):
+        assert torch.equal(stats.shift, reference.shift)
+        torch.testing.assert_close(stats.shifted_mean, reference.shifted_mean, rtol=0, atol=1e-13)
+        torch.testing.assert_close(stats.var, reference.var, rtol=1e-12, atol=0)
+        assert torch.equal(stats.count, reference.count)
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 12, 12), (4096, 3)])
+def test_precision_far_from_zero(shape: tuple[int, ...]) -> None:
+    """float32 channels at 1e4 with spread 1e-2 normalize within 1e-3 of float64, in
+    training and with the resulting running statistics in eval."""
+    g = torch.Generator().manual_seed(0)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    channel_loc = 1e4 * (1 + 0.1 * torch.rand(shape[1], generator=g, dtype=torch.float64))
+    x64 = channel_loc.view(view) + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x64.float()
+    assert isinstance(select_kernel(x), cpu.CpuKernel)
+    exact = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    mean, var = torch.zeros(shape[1]), torch.ones(shape[1])
+    y = functional_batch_norm(x, mean, var, training=True, momentum=1.0)
+    assert (y.double() - exact).abs().max().item() <= 1e-3
+    y_eval = functional_batch_norm(x, mean, var, training=False)
+    exact_eval = torch.nn.functional.batch_norm(
+        x.double(), mean.double(), var.double(), training=False
+    )
+    assert (y_eval.double() - exact_eval).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_eval_matches_portable(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 6, 5, 5, dtype=dtype)
+    mean, var = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5
+    weight, bias = torch.randn(6, dtype=dtype), torch.randn(6, dtype=dtype)
+    for inp in _layouts(x):
+        for w, b in ((weight, bias), (None, None)):
+            ours = cpu.KERNEL.normalize_population(inp, mean, var, w, b, 1e-5)
+            theirs = portable.KERNEL.normalize_population(inp, mean, var, w, b, 1e-5)
+            assert ours.stride() == theirs.stride()
+            _close(ours, theirs, dtype)
+
+
+def test_eval_with_gradients_takes_the_portable_path() -> None:
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = cpu.KERNEL.normalize_population(
+        x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), w, None, 1e-5
+    )
+    y.sum().backward()
+    assert x.grad is not None
+    assert w.grad is not None
+
+
+def test_double_backward_matches_portable() -> None:
+    """create_graph=True: the backward is the portable one, differentiable twice."""
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert isinstance(select_kernel(x), cpu.CpuKernel)
+    torch.autograd.gradgradcheck(
+        lambda x, w: functional_batch_norm(x, None, None, w, None, training=True), (x, w)
+    )
+    torch.autograd.gradcheck(
+        lambda x, w: functional_batch_norm(x, None, None, w, None, training=True), (x, w)
+    )
+
+
+def test_gradcheck_fused_relu() -> None:
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b: functional_batch_norm(
+            x, None, None, w, b, training=True, activation="relu"
+        ),
+        (x, w, b),
+    )
+
+
+def test_unsupported_inputs_go_to_the_portable_kernel() -> None:
+    big = torch.randn(8, 4, 10, 10)
+    assert isinstance(select_kernel(big), cpu.CpuKernel)
+    for x in (
+        big.half(),
+        big.bfloat16(),
+        big.transpose(2, 3),  # neither NCHW- nor channels-last-contiguous
+        big[:, :, ::2],
+        torch.randn(3),
+    ):
+        assert select_kernel(x) is portable.KERNEL
+    cpu.SMALL_THRESHOLD = 10**9
+    assert select_kernel(big) is portable.KERNEL
+
+
+def test_mask_is_delegated() -> None:
+    x = torch.randn(6, 3, 8, dtype=torch.float64)
+    mask = torch.rand(6, 8) > 0.3
+    ours = cpu.KERNEL.batch_stats(x, mask)
+    theirs = portable.batch_stats(x, mask)
+    assert torch.equal(ours.var, theirs.var)
+    y = functional_batch_norm(x, None, None, training=True, mask=mask)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, None])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_running_stats_update_matches_portable_bit_for_bit(
+    momentum: float | None, unbiased: bool, nonfinite: bool, dtype: torch.dtype
+) -> None:
+    x = torch.randn(6, 4, 5, dtype=dtype) + 100
+    if nonfinite:
+        x[1, 2, 3] = float("nan")
+    stats = cpu.KERNEL.batch_stats(x)
+    for skip in (True, False):
+        states = []
+        for kernel in (cpu.KERNEL, portable.KERNEL):
+            g = torch.Generator().manual_seed(5)
+            mean = torch.randn(4, generator=g, dtype=dtype)
+            var = torch.rand(4, generator=g, dtype=dtype)
+            tracked = torch.tensor(3)
+            recorded = kernel.update_running_stats(
+                mean,
+                var,
+                stats,
+                momentum,
+                num_batches_tracked=tracked,
+                unbiased=unbiased,
+                skip_nonfinite=skip,
+            )
+            states.append((mean, var, tracked, recorded))
+        (m1, v1, t1, r1), (m2, v2, t2, r2) = states
+        torch.testing.assert_close(m1, m2, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(v1, v2, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(t1, t2)
+        assert (r1 is None) == (r2 is None)
+        if r1 is not None and r2 is not None:
+            assert bool(r1) == bool(r2)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (2, 3, 7, 7), (512, 3)])
+def test_statistics_with_an_outlying_shift(shape: tuple[int, ...]) -> None:
+    """The shift is the channel's first value; one far out (1000 standard deviations)
+    still gives float32 statistics to float32 accuracy (float64 accumulation)."""
+    g = torch.Generator().manual_seed(2)
+    x64 = 1e4 + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    x64[(0, slice(None)) + (0,) * (len(shape) - 2)] = 1e4 + 10.0
+    x = x64.float()
+    stats = cpu.KERNEL.batch_stats(x)
+    exact = x.double()
+    dims = [0, *range(2, x.dim())]
+    torch.testing.assert_close(stats.mean.double(), exact.mean(dims), rtol=1e-7, atol=0)
+    torch.testing.assert_close(stats.var.double(), exact.var(dims, correction=0), rtol=1e-5, atol=0)
