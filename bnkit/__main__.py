@@ -12,6 +12,7 @@ import numpy as np
 
 from bnkit import __version__
 from bnkit import reference as ref
+from bnkit.bench.cli import add_commands as add_bench_commands
 from bnkit.lab.cli import add_commands as add_lab_commands
 
 
@@ -75,11 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo_parser.add_argument("--seed", type=int, default=0)
     add_lab_commands(commands)  # "lab" and "report"
+    add_bench_commands(commands)  # "bench"
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(seed=args.seed)
         return 0
-    return int(args.run_command(args))  # lab / report: 0 done, 1 data missing
+    return int(args.run_command(args))  # lab, report, bench: 0 done, 1 data missing
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def batches(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     values = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
     x = draw(hnp.arrays(np.float64, shape, elements=values))
     dy = draw(hnp.arrays(np.float64, shape, elements=st.floats(-10, 10)))
-    gamma = draw(hnp.arrays(np.float64, (c,), elements=st.floats(-3, 3)))
-    beta = draw(hnp.arrays(np.float64, (c,), elements=st.floats(-3, 3)))
+    # no subnormal parameters: float32 flushes them to zero, which is not a bnkit question
+    parameters = st.floats(-3, 3, allow_subnormal=False)
+    gamma = draw(hnp.arrays(np.float64, (c,), elements=parameters))
+    beta = draw(hnp.arrays(np.float64, (c,), elements=parameters))
     eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
     return x, gamma, beta, dy, eps
 
