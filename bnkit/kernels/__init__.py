@@ -367,38 +367,15 @@ def batch_norm(
         A :class:`BatchNormResult`.
     """
     k = kernel if kernel is not None else select_kernel(x)
+    plan = _Normalization(
+        k, running_mean, running_var, weight, bias, eps, renorm_limits, activation
+    )
     if not use_batch_stats:
-        output = _fallback(k, x, "running", running_mean, running_var, weight, bias, eps)
-        return BatchNormResult(_activate(output, activation), None)
+        return BatchNormResult(plan.fallback(x, "running"), None)
     if group is not None and chunks is None:
-        output, merged = _synchronized(
-            k,
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            eps,
-            mask,
-            renorm_limits,
-            group,
-            few_values,
-            activation,
-        )
+        output, merged = plan.synchronized(x, mask, group, few_values)
     else:
-        output, merged = _chunked(
-            k,
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            eps,
-            mask,
-            chunks,
-            renorm_limits,
-            activation,
-        )
+        output, merged = plan.chunked(x, mask, chunks)
         if group is not None:  # ghost batches: local normalization, global running stats
             from bnkit import distributed  # imports this module: import when needed
 
@@ -422,34 +399,6 @@ def batch_norm(
     return BatchNormResult(output, recorded)
 
 
-def _normalize_with(
-    k: Kernel,
-    x: Tensor,
-    stats: BatchStats,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    mask: Tensor | None,
-    renorm_limits: tuple[Tensor, Tensor] | None,
-    group: Any = None,
-    activation: Activation | None = None,
-) -> Tensor:
-    """Normalize with batch statistics, renormalized towards the running ones if asked,
-    and fused with the activation if there is one."""
-    scale, shift = weight, bias
-    if renorm_limits is not None:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm pipeline: renorm needs the running statistics")
-        scale, shift = renorm_affine(
-            stats, running_mean, running_var, weight, bias, eps, renorm_limits
-        )
-    if activation is None:
-        return k.normalize_batch(x, stats, scale, shift, eps, mask, group)
-    return k.normalize_batch_activation(x, stats, scale, shift, eps, mask, group, *activation)
-
-
 class Activation(NamedTuple):
     """An activation fused with batch norm: its name, parameter, and whether training
     saves the output (memory-efficient) rather than the input for the backward pass."""
@@ -468,110 +417,94 @@ def _activate(output: Tensor, activation: Activation | None) -> Tensor:
     return activate(output, activation.name, activation.param)
 
 
-def _fallback(
-    k: Kernel,
-    x: Tensor,
-    mode: str,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-) -> Tensor:
-    """A batch too small for statistics: passed through ("identity") or normalized with the
-    population statistics ("running")."""
-    if mode == "identity":
-        return x.clone()
-    if running_mean is None or running_var is None:
-        raise ValueError("batch_norm pipeline: population statistics are required")
-    return k.normalize_population(x, running_mean, running_var, weight, bias, eps)
+@dataclass(frozen=True)
+class _Normalization:
+    """What every part of one pipeline call shares: the kernel, the population statistics,
+    the affine parameters, eps, the renorm limits and the activation."""
 
+    kernel: Kernel
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    renorm_limits: tuple[Tensor, Tensor] | None
+    activation: Activation | None
 
-def _chunked(
-    k: Kernel,
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    mask: Tensor | None,
-    chunks: Sequence[Chunk] | None,
-    renorm_limits: tuple[Tensor, Tensor] | None,
-    activation: Activation | None = None,
-) -> tuple[Tensor, BatchStats | None]:
-    """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
-    returns the output and the chunks' statistics merged (None if no chunk had any)."""
-    plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
-    whole = len(plan) == 1
-    outputs, parts = [], []
-    for chunk in plan:
-        part = x if whole else x[chunk.start : chunk.stop]
-        part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
-        if chunk.mode != "batch":
-            fallback = _fallback(k, part, chunk.mode, running_mean, running_var, weight, bias, eps)
-            outputs.append(_activate(fallback, activation))
-            continue
-        stats = k.batch_stats(part, part_mask)
-        outputs.append(
-            _normalize_with(
-                k,
-                part,
+    def with_batch_stats(
+        self, x: Tensor, stats: BatchStats, mask: Tensor | None, group: Any = None
+    ) -> Tensor:
+        """Normalize with batch statistics, renormalized towards the running ones if asked,
+        and fused with the activation if there is one."""
+        scale, shift = self.weight, self.bias
+        if self.renorm_limits is not None:
+            if self.running_mean is None or self.running_var is None:
+                raise ValueError("batch_norm pipeline: renorm needs the running statistics")
+            scale, shift = renorm_affine(
                 stats,
-                running_mean,
-                running_var,
-                weight,
-                bias,
-                eps,
-                part_mask,
-                renorm_limits,
-                activation=activation,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.eps,
+                self.renorm_limits,
             )
+        if self.activation is None:
+            return self.kernel.normalize_batch(x, stats, scale, shift, self.eps, mask, group)
+        return self.kernel.normalize_batch_activation(
+            x, stats, scale, shift, self.eps, mask, group, *self.activation
         )
-        parts.append(stats)
-    if not outputs:  # an empty batch (of a synchronized layer: it still takes part)
-        return x.clone(), None
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-    if not parts:
-        return output, None
-    return output, parts[0] if len(parts) == 1 else merge_stats(parts)
 
+    def fallback(self, x: Tensor, mode: str) -> Tensor:
+        """Without batch statistics: the population's ("running"), or none at all
+        ("identity": a batch too small for statistics passes through), then the activation."""
+        if mode == "identity":
+            output = x.clone()
+        elif self.running_mean is None or self.running_var is None:
+            raise ValueError("batch_norm pipeline: population statistics are required")
+        else:
+            output = self.kernel.normalize_population(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        return _activate(output, self.activation)
 
-def _synchronized(
-    k: Kernel,
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    mask: Tensor | None,
-    renorm_limits: tuple[Tensor, Tensor] | None,
-    group: Any,
-    few_values: Callable[[int], str] | None,
-    activation: Activation | None = None,
-) -> tuple[Tensor, BatchStats | None]:
-    """The whole batch normalized with statistics over every process of ``group``."""
-    from bnkit import distributed  # imports this module: import when needed
+    def chunked(
+        self, x: Tensor, mask: Tensor | None, chunks: Sequence[Chunk] | None
+    ) -> tuple[Tensor, BatchStats | None]:
+        """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
+        returns the output and the chunks' statistics merged (None if no chunk had any)."""
+        plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
+        whole = len(plan) == 1
+        outputs, parts = [], []
+        for chunk in plan:
+            part = x if whole else x[chunk.start : chunk.stop]
+            part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
+            if chunk.mode != "batch":
+                outputs.append(self.fallback(part, chunk.mode))
+                continue
+            stats = self.kernel.batch_stats(part, part_mask)
+            outputs.append(self.with_batch_stats(part, stats, part_mask))
+            parts.append(stats)
+        if not outputs:  # an empty batch (of a synchronized layer: it still takes part)
+            return x.clone(), None
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        if not parts:
+            return output, None
+        return output, parts[0] if len(parts) == 1 else merge_stats(parts)
 
-    local = k.batch_stats(x, mask) if x.numel() > 0 else None
-    stats = distributed.gather_stats(local, x.shape[1], compute_dtype(x.dtype), x.device, group)
-    mode = "batch" if few_values is None else few_values(int(stats.count[0].item()))
-    if mode != "batch":
-        fallback = _fallback(k, x, mode, running_mean, running_var, weight, bias, eps)
-        return _activate(fallback, activation), None
-    output = _normalize_with(
-        k,
-        x,
-        stats,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        eps,
-        mask,
-        renorm_limits,
-        group,
-        activation,
-    )
-    return output, stats
+    def synchronized(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        group: Any,
+        few_values: Callable[[int], str] | None,
+    ) -> tuple[Tensor, BatchStats | None]:
+        """The whole batch normalized with statistics over every process of ``group``."""
+        from bnkit import distributed  # imports this module: import when needed
+
+        local = self.kernel.batch_stats(x, mask) if x.numel() > 0 else None
+        stats = distributed.gather_stats(local, x.shape[1], compute_dtype(x.dtype), x.device, group)
+        mode = "batch" if few_values is None else few_values(int(stats.count[0].item()))
+        if mode != "batch":
+            return self.fallback(x, mode), None
+        return self.with_batch_stats(x, stats, mask, group), stats
