@@ -51,17 +51,43 @@ static i64 parts_for(i64 C, i64 N, int nt) {
 #define CAT(a, b) CAT_(a, b)
 #define NAME(name) CAT(name, S)
 
+/* The activations of the bn_act_* functions (relu has its own path in the plain ones). */
+#define ACT_IDENTITY 0
+#define ACT_LEAKY 1
+#define ACT_ELU 2
+#define INLINE static inline __attribute__((always_inline))
+
+/* Dispatch a call F(act, from_y) with both arguments compile-time constants, so that each
+ * combination gets its own loop (vectorized where the activation allows). */
+#define ACT_SWITCH(act, from_y, F)                         \
+    switch ((act) * 2 + ((from_y) ? 1 : 0)) {               \
+    case ACT_LEAKY * 2: F(ACT_LEAKY, 0); break;             \
+    case ACT_LEAKY * 2 + 1: F(ACT_LEAKY, 1); break;         \
+    case ACT_ELU * 2: F(ACT_ELU, 0); break;                 \
+    case ACT_ELU * 2 + 1: F(ACT_ELU, 1); break;             \
+    case ACT_IDENTITY * 2 + 1: F(ACT_IDENTITY, 1); break;   \
+    default: F(ACT_IDENTITY, 0); break;                     \
+    }
+
 #define T float
 #define S f32
+#define EXPM1 expm1f
+#define LOG1P log1pf
 #include __FILE__
 #undef T
 #undef S
+#undef EXPM1
+#undef LOG1P
 
 #define T double
 #define S f64
+#define EXPM1 expm1
+#define LOG1P log1p
 #include __FILE__
 #undef T
 #undef S
+#undef EXPM1
+#undef LOG1P
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
  * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);
@@ -596,6 +622,234 @@ void NAME(bn_backward_input_nc)(const T *g, const T *x, T *dx, i64 M, i64 C, con
                 dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
         }
         }
+    }
+}
+
+/* ---- Batch norm fused with an invertible activation (identity, leaky_relu, elu). ----
+ * Forward: y = act((x - s) * a + b), one pass. Backward from the saved output y
+ * (from_y: z = act^-1(y), act'(z) from y, x_hat = (z - bias) / gamma, with s = bias and
+ * the division by gamma applied per channel by the caller) or from the saved input x
+ * (z = (x - s) * za + zb recomputed bit for bit, x_hat from x - s): one pass for the two
+ * reductions, one pass for dx, g' = g * act'(z) computed on the fly. */
+
+/* y = act(z), as bnkit.kernels.activation.activate. */
+INLINE T NAME(act_value)(T z, T p, const int act) {
+    if (act == ACT_LEAKY) return z > (T)0 ? z : z * p;
+    if (act == ACT_ELU) return z > (T)0 ? z : EXPM1(z) * p;
+    return z;
+}
+
+/* g' = g * act'(z), and *v: z (from_y, recovered from y = src) or x (src). */
+INLINE T NAME(act_grad)(T gv, T src, T sc, T ac, T bc, T p, const int act, const int from_y,
+                        T *v) {
+    *v = src;
+    if (from_y) {
+        if (act == ACT_LEAKY) {
+            const int pos = src > (T)0;
+            *v = pos ? src : src / p;
+            return pos ? gv : gv * p;
+        }
+        if (act == ACT_ELU) {
+            if (src > (T)0) return gv;
+            *v = LOG1P(src / p);
+            return gv * (src + p); /* alpha * exp(z) = y + alpha */
+        }
+        return gv;
+    }
+    if (act == ACT_LEAKY) {
+        T z = (src - sc) * ac + bc;
+        return z > (T)0 ? gv : gv * p;
+    }
+    if (act == ACT_ELU) {
+        T z = (src - sc) * ac + bc;
+        if (z > (T)0) return gv;
+        T y = EXPM1(z) * p;
+        return gv * (y + p);
+    }
+    return gv;
+}
+
+INLINE void NAME(act_forward_row)(const T *xp, T *yp, i64 n, i64 stride_c, const T *s,
+                                  const T *a, const T *b, T p, const int act) {
+    /* stride_c 0: one channel (s[0], a[0], b[0]); 1: channel i at position i. */
+    if (stride_c) {
+        _Pragma("omp simd")
+        for (i64 i = 0; i < n; ++i) yp[i] = NAME(act_value)((xp[i] - s[i]) * a[i] + b[i], p, act);
+    } else {
+        const T sc = s[0], ac = a[0], bc = b[0];
+        _Pragma("omp simd")
+        for (i64 i = 0; i < n; ++i) yp[i] = NAME(act_value)((xp[i] - sc) * ac + bc, p, act);
+    }
+}
+
+void NAME(bn_act_forward_ncl)(const T *x, T *y, i64 N, i64 C, i64 L, const T *s, const T *a,
+                              const T *b, int act, double param, int nt) {
+    const T p = (T)param;
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 row = 0; row < N * C; ++row) {
+        i64 c = row % C;
+#define F_(A, Y) NAME(act_forward_row)(x + row * L, y + row * L, L, 0, s + c, a + c, b + c, p, A)
+        ACT_SWITCH(act, 0, F_)
+#undef F_
+    }
+}
+
+void NAME(bn_act_forward_nc)(const T *x, T *y, i64 M, i64 C, const T *s, const T *a,
+                             const T *b, int act, double param, int nt) {
+    const T p = (T)param;
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 r = 0; r < M; ++r) {
+#define F_(A, Y) NAME(act_forward_row)(x + r * C, y + r * C, C, 1, s, a, b, p, A)
+        ACT_SWITCH(act, 0, F_)
+#undef F_
+    }
+}
+
+/* Reductions over one ncl row (one channel): sums of g' and g' (v - s) in double. */
+INLINE void NAME(act_reduce_row)(const T *gp, const T *sp, i64 L, T sc, T ac, T bc, T p,
+                                 const int act, const int from_y, double *ag, double *agc) {
+    const double sd = (double)sc;
+    double tg = 0.0, tgc = 0.0;
+    _Pragma("omp simd reduction(+ : tg, tgc)")
+    for (i64 i = 0; i < L; ++i) {
+        T v;
+        double gi = (double)NAME(act_grad)(gp[i], sp[i], sc, ac, bc, p, act, from_y, &v);
+        tg += gi;
+        tgc += gi * ((double)v - sd);
+    }
+    *ag += tg;
+    *agc += tgc;
+}
+
+/* The same over one nc row (every channel), into per-channel accumulators. */
+INLINE void NAME(act_reduce_nc_row)(const T *gp, const T *sp, i64 C, const T *s,
+                                    const double *sd, const T *za, const T *zb, T p,
+                                    const int act, const int from_y, double *ag,
+                                    double *agc) {
+    _Pragma("omp simd")
+    for (i64 c = 0; c < C; ++c) {
+        T v;
+        double gi = (double)NAME(act_grad)(gp[c], sp[c], s[c], za[c], zb[c], p, act, from_y, &v);
+        ag[c] += gi;
+        agc[c] += gi * ((double)v - sd[c]);
+    }
+}
+
+/* sum_g = sum g', sum_gc = sum g' (v - s) - m sum g' per channel (src: y or x, see above;
+ * za and zb are read only without from_y but must be valid arrays). ncl layout. */
+void NAME(bn_act_backward_reduce_ncl)(const T *g, const T *src, i64 N, i64 C, i64 L,
+                                      const T *s, const T *m, const T *za, const T *zb,
+                                      int act, double param, int from_y, double *sum_g,
+                                      double *sum_gc, int nt) {
+    const T p = (T)param;
+    i64 R = N * C, P = nt < 1 ? 1 : nt;
+    if (P > R) P = R;
+    if (P < 1) P = 1;
+    double *acc = (double *)calloc((size_t)(2 * C * P), sizeof(double));
+    _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+    for (i64 part = 0; part < P; ++part) {
+        double *ag = acc + 2 * C * part, *agc = ag + C;
+        for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
+            i64 c = row % C;
+#define F_(A, Y)                                                                         \
+    NAME(act_reduce_row)(g + row * L, src + row * L, L, s[c], za[c], zb[c], p, A, Y,     \
+                         ag + c, agc + c)
+            ACT_SWITCH(act, from_y, F_)
+#undef F_
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (i64 part = 0; part < P; ++part) a += acc[2 * C * part + c],
+                                             b += acc[2 * C * part + C + c];
+        sum_g[c] = a;
+        sum_gc[c] = b - (double)m[c] * a;
+    }
+    free(acc);
+}
+
+/* The same reductions, nc layout. */
+void NAME(bn_act_backward_reduce_nc)(const T *g, const T *src, i64 M, i64 C, const T *s,
+                                     const T *m, const T *za, const T *zb, int act,
+                                     double param, int from_y, double *sum_g, double *sum_gc,
+                                     int nt) {
+    const T p = (T)param;
+    i64 P = M < nt ? (M > 0 ? M : 1) : nt;
+    if (P < 1) P = 1;
+    double *acc = (double *)calloc((size_t)(2 * C * P + C), sizeof(double));
+    double *sd = acc + 2 * C * P;
+    for (i64 c = 0; c < C; ++c) sd[c] = (double)s[c];
+    _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+    for (i64 part = 0; part < P; ++part) {
+        double *ag = acc + 2 * C * part, *agc = ag + C;
+        for (i64 r = M * part / P; r < M * (part + 1) / P; ++r) {
+#define F_(A, Y) \
+    NAME(act_reduce_nc_row)(g + r * C, src + r * C, C, s, sd, za, zb, p, A, Y, ag, agc)
+            ACT_SWITCH(act, from_y, F_)
+#undef F_
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        double a = 0.0, b = 0.0;
+        for (i64 part = 0; part < P; ++part) a += acc[2 * C * part + c],
+                                             b += acc[2 * C * part + C + c];
+        sum_g[c] = a;
+        sum_gc[c] = b - (double)m[c] * a;
+    }
+    free(acc);
+}
+
+/* dx = g' * alpha + (v - s) * k1 + k0 over one row; stride_c as in act_forward_row. */
+INLINE void NAME(act_input_row)(const T *gp, const T *sp, T *dp, i64 n, i64 stride_c,
+                                const T *s, const T *alpha, const T *k1, const T *k0,
+                                const T *za, const T *zb, T p, const int act,
+                                const int from_y) {
+    if (stride_c) {
+        _Pragma("omp simd")
+        for (i64 i = 0; i < n; ++i) {
+            T v;
+            T gi = NAME(act_grad)(gp[i], sp[i], s[i], za[i], zb[i], p, act, from_y, &v);
+            dp[i] = gi * alpha[i] + ((v - s[i]) * k1[i] + k0[i]);
+        }
+    } else {
+        const T sc = s[0], ac = alpha[0], k1c = k1[0], k0c = k0[0], ta = za[0], tb = zb[0];
+        _Pragma("omp simd")
+        for (i64 i = 0; i < n; ++i) {
+            T v;
+            T gi = NAME(act_grad)(gp[i], sp[i], sc, ta, tb, p, act, from_y, &v);
+            dp[i] = gi * ac + ((v - sc) * k1c + k0c);
+        }
+    }
+}
+
+void NAME(bn_act_backward_input_ncl)(const T *g, const T *src, T *dx, i64 N, i64 C, i64 L,
+                                     const T *s, const T *alpha, const T *k1, const T *k0,
+                                     const T *za, const T *zb, int act, double param,
+                                     int from_y, int nt) {
+    const T p = (T)param;
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 row = 0; row < N * C; ++row) {
+        i64 c = row % C;
+#define F_(A, Y)                                                                         \
+    NAME(act_input_row)(g + row * L, src + row * L, dx + row * L, L, 0, s + c, alpha + c, \
+                        k1 + c, k0 + c, za + c, zb + c, p, A, Y)
+        ACT_SWITCH(act, from_y, F_)
+#undef F_
+    }
+}
+
+void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 C,
+                                    const T *s, const T *alpha, const T *k1, const T *k0,
+                                    const T *za, const T *zb, int act, double param,
+                                    int from_y, int nt) {
+    const T p = (T)param;
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 r = 0; r < M; ++r) {
+#define F_(A, Y)                                                                          \
+    NAME(act_input_row)(g + r * C, src + r * C, dx + r * C, C, 1, s, alpha, k1, k0, za, zb, \
+                        p, A, Y)
+        ACT_SWITCH(act, from_y, F_)
+#undef F_
     }
 }
 

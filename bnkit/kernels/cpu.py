@@ -3,8 +3,8 @@
 :func:`bnkit.kernels.select_kernel` picks it for CPU float32/float64 tensors in eager mode
 whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last;
 everything else (other devices and dtypes, masks, process groups, ``torch.compile``,
-``torch.func`` transforms, other strides, the leaky_relu and elu activations) goes to the
-portable kernel, whose results these agree with to rounding.
+``torch.func`` transforms, other strides) goes to the portable kernel, whose results
+these agree with to rounding.
 
 Passes over memory (a pass reads or writes the tensor once):
 
@@ -18,6 +18,13 @@ Passes over memory (a pass reads or writes the tensor once):
 - backward: the two reductions sum(dy) and sum(dy * x_hat) in one pass (read dy, x), then
   dx (read dy, x, write dx) = 5; forward + backward = 8;
 - inference: 2. Fused BN + ReLU: the same 3 + 5, the ReLU mask recomputed from x.
+- fused BN + identity / leaky_relu / elu: the same 3 + 5 (normalization and activation in
+  one pass; g' = g * act'(z) computed on the fly in both backward passes). The
+  memory-efficient form saves only the output y (and O(C) vectors) and recovers, per value,
+  z = act^-1(y), act'(z) from y and x_hat = (z - bias) / gamma (the division folded into
+  per-channel coefficients), as :class:`portable._NormalizeActivate` does; with
+  ``memory_efficient=False``, or a channel whose |beta| >= ``INVERSION_LIMIT`` * |gamma|
+  (gamma = 0 included), it saves x and recomputes z from it bit for bit.
 
 The loops are C (``cpu.c``, compiled once by :mod:`bnkit.kernels.native`), parallel over
 channels, or over blocks of rows when there are few channels, on
@@ -30,6 +37,7 @@ memory-efficient form does): the same number of bytes, and exact for any gamma.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -88,6 +96,50 @@ def _threads(x: Tensor) -> int:
 
 _FUNCTIONS: dict[tuple[str, torch.dtype], Any] = {}
 
+_I64, _PTR, _INT, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+#: Argument types of the fused-activation loops (the _f32 and _f64 variants alike).
+_ACTIVATION_SIGNATURES: dict[str, list[type]] = {
+    "bn_act_forward_ncl": [_PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 3, _INT, _DOUBLE, _INT],
+    "bn_act_forward_nc": [_PTR, _PTR, _I64, _I64, *[_PTR] * 3, _INT, _DOUBLE, _INT],
+    "bn_act_backward_reduce_ncl": [
+        *[_PTR] * 2,
+        _I64,
+        _I64,
+        _I64,
+        *[_PTR] * 4,
+        _INT,
+        _DOUBLE,
+        _INT,
+        *[_PTR] * 2,
+        _INT,
+    ],
+    "bn_act_backward_reduce_nc": [
+        *[_PTR] * 2,
+        _I64,
+        _I64,
+        *[_PTR] * 4,
+        _INT,
+        _DOUBLE,
+        _INT,
+        *[_PTR] * 2,
+        _INT,
+    ],
+    "bn_act_backward_input_ncl": [
+        *[_PTR] * 3,
+        _I64,
+        _I64,
+        _I64,
+        *[_PTR] * 6,
+        _INT,
+        _DOUBLE,
+        _INT,
+        _INT,
+    ],
+    "bn_act_backward_input_nc": [*[_PTR] * 3, _I64, _I64, *[_PTR] * 6, _INT, _DOUBLE, _INT, _INT],
+}
+#: The activations the fused loops implement (their codes in ``cpu.c``); relu has its own.
+_ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
+
 
 def _call(name: str, x: Tensor, *args: Any) -> Any:
     """Call the C function ``name`` for x's dtype."""
@@ -95,7 +147,11 @@ def _call(name: str, x: Tensor, *args: Any) -> Any:
     if function is None:
         lib = native.library()
         assert lib is not None
-        function = _FUNCTIONS[name, x.dtype] = getattr(lib, f"{name}_{_SUFFIX[x.dtype]}")
+        function = getattr(lib, f"{name}_{_SUFFIX[x.dtype]}")
+        if name in _ACTIVATION_SIGNATURES:
+            function.argtypes = _ACTIVATION_SIGNATURES[name]
+            function.restype = None
+        _FUNCTIONS[name, x.dtype] = function
     return function(*args)
 
 
@@ -301,6 +357,176 @@ class _FastNormalizeRelu(torch.autograd.Function):
         return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 4))
 
 
+def _affine_activate(
+    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, code: int, param: float
+) -> Tensor:
+    """y = act((x - shift) * alpha + beta) per channel, one read and one write."""
+    plan = layout(x)
+    assert plan is not None
+    kind, rows, channels, inner = plan
+    s, a, b = (_vector(v, x.dtype) for v in (shift, alpha, beta))
+    y = _empty_like(x)
+    nt = _threads(x)
+    if kind == "ncl":
+        _call("bn_act_forward_ncl", x, x.data_ptr(), y.data_ptr(), rows, channels, inner,
+              s.data_ptr(), a.data_ptr(), b.data_ptr(), code, param, nt)  # fmt: skip
+    else:
+        _call("bn_act_forward_nc", x, x.data_ptr(), y.data_ptr(), rows, channels,
+              s.data_ptr(), a.data_ptr(), b.data_ptr(), code, param, nt)  # fmt: skip
+    return y
+
+
+def _activation_passes(
+    src: Tensor,
+    g: Tensor,
+    vectors: tuple[Tensor, Tensor, Tensor, Tensor],
+    code: int,
+    param: float,
+    from_output: bool,
+    coefficients: Any,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The two backward passes of the fused activation over ``src`` (the saved y or x).
+
+    ``vectors`` = (s, m, za, zb) as ``bn_act_backward_reduce`` takes them; the first pass
+    gives (sum(g'), sum(g' * (v - s)) - m * sum(g')) in float64, from which
+    ``coefficients`` returns (sum_g_x_hat, sum_g, (alpha, k1, k0) or None); with the
+    latter, the second pass writes dx = g' * alpha + (v - s) * k1 + k0.
+    """
+    plan = layout(src)
+    assert plan is not None
+    kind, rows, channels, inner = plan
+    dtype = src.dtype
+    g = _as_layout_of(g, src)
+    s, m, za, zb = (_vector(v, dtype) for v in vectors)
+    sum_g = torch.empty(channels, dtype=torch.float64)
+    sum_gc = torch.empty(channels, dtype=torch.float64)
+    nt = _threads(src)
+    flag = int(from_output)
+    if kind == "ncl":
+        _call("bn_act_backward_reduce_ncl", src, g.data_ptr(), src.data_ptr(), rows, channels,
+              inner, s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, param,
+              flag, sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
+    else:
+        _call("bn_act_backward_reduce_nc", src, g.data_ptr(), src.data_ptr(), rows, channels,
+              s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, param, flag,
+              sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
+    sum_g_x_hat, sum_g_d, terms = coefficients(sum_g, sum_gc)
+    if terms is None:
+        return None, sum_g_x_hat, sum_g_d
+    a, k1, k0 = (_vector(v, dtype) for v in terms)
+    dx = _empty_like(src)
+    if kind == "ncl":
+        _call("bn_act_backward_input_ncl", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
+              rows, channels, inner, s.data_ptr(), a.data_ptr(), k1.data_ptr(), k0.data_ptr(),
+              za.data_ptr(), zb.data_ptr(), code, param, flag, nt)  # fmt: skip
+    else:
+        _call("bn_act_backward_input_nc", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
+              rows, channels, s.data_ptr(), a.data_ptr(), k1.data_ptr(), k0.data_ptr(),
+              za.data_ptr(), zb.data_ptr(), code, param, flag, nt)  # fmt: skip
+    return dx, sum_g_x_hat, sum_g_d
+
+
+class _FastNormalizeActivate(torch.autograd.Function):
+    """y = act((x - shift) * alpha + beta') with batch statistics for an invertible
+    activation (identity, leaky_relu, elu), as :class:`portable._NormalizeActivate`.
+
+    Memory-efficient (``save_input`` False): saves y and O(C) values; the backward
+    recovers z = act^-1(y), act'(z) from y and x_hat = (z - bias) / weight on the fly, the
+    division by weight folded into per-channel coefficients. Otherwise saves x and
+    recomputes z from it bit for bit. Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        shift: Tensor,
+        shifted_mean: Tensor,
+        invstd: Tensor,
+        count: Tensor,
+        code: int,
+        param: float,
+        save_input: bool,
+    ) -> Tensor:
+        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+        y = _affine_activate(x, shift, alpha, beta, code, param)
+        if save_input:
+            ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count)
+        else:
+            ctx.save_for_backward(y, weight, bias, invstd, count)
+        ctx.save_input = save_input
+        ctx.code, ctx.param = code, param
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "batch_norm: double backward through a fused activation is not supported; "
+                "use activation=None and a separate activation module"
+            )
+        need_input = bool(ctx.needs_input_grad[0])
+        if ctx.save_input:
+            x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
+            alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+
+            def from_input(sum_g: Tensor, sum_gc: Tensor) -> tuple[Tensor, Tensor, Any]:
+                sum_g_x_hat = (sum_gc * invstd.to(torch.float64)).to(invstd.dtype)
+                sum_g_d = sum_g.to(invstd.dtype)
+                if not need_input:
+                    return sum_g_x_hat, sum_g_d, None
+                # dx = alpha * (g' - mean(g') - x_hat * mean(g' * x_hat)) with
+                # x_hat = (x - shift) * invstd - shifted_mean * invstd.
+                k1 = -alpha * sum_g_x_hat / count * invstd
+                k0 = -alpha * sum_g_d / count - shifted_mean * k1
+                return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
+
+            dx, sum_g_x_hat, sum_g = _activation_passes(
+                x,
+                grad_output,
+                (shift, shifted_mean, alpha, beta),
+                ctx.code,
+                ctx.param,
+                False,
+                from_input,
+            )
+        else:
+            y, weight, bias, invstd, count = ctx.saved_tensors
+            dtype = invstd.dtype
+            scale = None if weight is None else weight.to(dtype)
+            centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
+            zero = torch.zeros_like(invstd)
+
+            def from_output(sum_g: Tensor, sum_gc: Tensor) -> tuple[Tensor, Tensor, Any]:
+                # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
+                if scale is not None:
+                    sum_gc = sum_gc / scale.to(torch.float64)
+                sum_g_x_hat, sum_g_d = sum_gc.to(dtype), sum_g.to(dtype)
+                if not need_input:
+                    return sum_g_x_hat, sum_g_d, None
+                # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
+                alpha = invstd if scale is None else invstd * scale
+                k1 = -alpha * sum_g_x_hat / count
+                if scale is not None:
+                    k1 = k1 / scale
+                k0 = -alpha * sum_g_d / count
+                return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
+
+            dx, sum_g_x_hat, sum_g = _activation_passes(
+                y,
+                grad_output,
+                (centre, zero, centre, centre),
+                ctx.code,
+                ctx.param,
+                True,
+                from_output,
+            )
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 7))
+
+
 class CpuKernel(portable.PortableKernel):
     """:class:`bnkit.kernels.Kernel` with C loops for CPU float32/float64 tensors; what it
     does not handle (see :func:`supports`) it hands to :class:`PortableKernel`."""
@@ -354,13 +580,36 @@ class CpuKernel(portable.PortableKernel):
         param: float | None,
         memory_efficient: bool,
     ) -> Tensor:
-        if activation != "relu" or mask is not None or group is not None or not supports(x):
+        fused = activation == "relu" or activation in _ACTIVATION_CODES
+        if not fused or mask is not None or group is not None or not supports(x):
             return super().normalize_batch_activation(
                 x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
             )
         invstd = torch.rsqrt(stats.var + eps)
-        output: Tensor = _FastNormalizeRelu.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count
+        output: Tensor
+        if activation == "relu":
+            output = _FastNormalizeRelu.apply(  # type: ignore[no-untyped-call]
+                x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count
+            )
+            return output
+        save_input = not memory_efficient
+        if not save_input and weight is not None:
+            # The portable kernel's rule: gamma = 0, or tiny next to beta, makes
+            # x_hat = (z - beta) / gamma inexact; this call then keeps its input.
+            limit = portable.INVERSION_LIMIT * weight.detach().abs()
+            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
+            save_input = bool((limit <= magnitude).any())
+        output = _FastNormalizeActivate.apply(  # type: ignore[no-untyped-call]
+            x,
+            weight,
+            bias,
+            stats.shift,
+            stats.shifted_mean,
+            invstd,
+            stats.count,
+            _ACTIVATION_CODES[activation],
+            0.0 if param is None else float(param),
+            save_input,
         )
         return output
 

@@ -361,3 +361,263 @@ def test_statistics_with_an_outlying_shift(shape: tuple[int, ...]) -> None:
     dims = [0, *range(2, x.dim())]
     torch.testing.assert_close(stats.mean.double(), exact.mean(dims), rtol=1e-7, atol=0)
     torch.testing.assert_close(stats.var.double(), exact.var(dims, correction=0), rtol=1e-5, atol=0)
+
+
+#: (activation, parameter) pairs the fast kernel fuses besides relu
+INVERTIBLE = [
+    ("identity", None),
+    ("leaky_relu", 0.01),
+    ("leaky_relu", 0.3),
+    ("elu", 1.0),
+    ("elu", 0.7),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "ncl", "nc"])
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["efficient", "plain"])
+@pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+def test_fused_invertible_activation_matches_portable(
+    name: str, param: float | None, memory_efficient: bool, layout: str, dtype: torch.dtype
+) -> None:
+    x = torch.randn(6, 5, 7, 4, dtype=dtype) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "ncl":
+        x = x.view(6, 5, 28)
+    elif layout == "nc":
+        x = x.view(6, 140)
+    activation = Activation(name, param, memory_efficient)
+    _compare_with_portable(x, activation=activation)
+    _compare_with_portable(x, case=_NO_AFFINE, activation=activation)
+
+
+class _NoAffine:
+    affine = False
+    momentum = 0.1
+    eps = 1e-5
+
+
+_NO_AFFINE: Any = _NoAffine()
+
+
+def _fused_node(y: torch.Tensor) -> str:
+    assert y.grad_fn is not None
+    return type(y.grad_fn).__name__
+
+
+def _fused_call(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    name: str,
+    param: float | None,
+    memory_efficient: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The fast kernel's fused training normalization, and the tensors it saves."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    stats = cpu.KERNEL.batch_stats(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = cpu.KERNEL.normalize_batch_activation(
+            x, stats, weight, bias, 1e-5, None, None, name, param, memory_efficient
+        )
+    return y, saved
+
+
+@pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+def test_fused_invertible_activation_takes_the_fast_path(name: str, param: float | None) -> None:
+    """The fused node is the C one, and it saves y (memory-efficient) or x (plain) only."""
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    for memory_efficient in (True, False):
+        y, saved = _fused_call(x, w, b, name, param, memory_efficient)
+        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        full = [t for t in saved if t.numel() == x.numel()]
+        assert len(full) == 1
+        expected = y if memory_efficient else x
+        assert full[0].data_ptr() == expected.data_ptr()
+        assert all(t.numel() in (x.numel(), 3) for t in saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+def test_fused_invertible_activation_gamma_zero_falls_back_to_the_input(
+    name: str, param: float | None, dtype: torch.dtype
+) -> None:
+    """A channel with gamma = 0 (or |beta| >= 1000 |gamma|) makes the call save x, as the
+    portable kernel does; results still match it."""
+    x = torch.randn(5, 4, 6, 6, dtype=dtype) + 2
+    dy = torch.randn(x.shape, dtype=dtype)
+    bias = torch.randn(4, dtype=dtype)
+    for weight in (
+        torch.tensor([1.0, 0.0, -0.5, 2.0], dtype=dtype),
+        torch.tensor([1.0, 1e-4, -0.5, 2.0], dtype=dtype),
+    ):
+        bias[1] = 1.0
+        activation = Activation(name, param)
+        ours = _run(cpu.KERNEL, x, weight, bias, dy, activation=activation)
+        theirs = _run(portable.KERNEL, x, weight, bias, dy, activation=activation)
+        for key in ("y", "dx", "dw", "db"):
+            _close(ours[key], theirs[key], dtype)
+        xr = x.clone().requires_grad_(True)
+        y, saved = _fused_call(xr, weight, bias, name, param, True)
+        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        assert any(t.data_ptr() == xr.data_ptr() for t in saved)
+        assert not any(t.data_ptr() == y.data_ptr() for t in saved)
+
+
+_TORCH_ACTIVATIONS: dict[str, Any] = {
+    "identity": lambda p: torch.nn.Identity(),
+    "leaky_relu": lambda p: torch.nn.LeakyReLU(p),
+    "elu": lambda p: torch.nn.ELU(p),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["efficient", "plain"])
+@pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+def test_fused_invertible_activation_matches_torch_modules(
+    name: str, param: float | None, memory_efficient: bool, channels_last: bool, dtype: torch.dtype
+) -> None:
+    import bnkit
+
+    torch.manual_seed(4)
+    x = torch.randn(8, 6, 9, 9, dtype=dtype) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, dtype=dtype)
+    ours = bnkit.BatchNorm2d(
+        6, activation=name, activation_param=param, memory_efficient=memory_efficient
+    ).to(dtype)
+    reference = torch.nn.BatchNorm2d(6).to(dtype)
+    with torch.no_grad():
+        for m in (ours, reference):
+            m.weight.copy_(torch.linspace(-1.5, 2.0, 6, dtype=dtype))
+            m.bias.copy_(torch.linspace(-0.5, 0.7, 6, dtype=dtype))
+    theirs = torch.nn.Sequential(reference, _TORCH_ACTIVATIONS[name](param))
+    results = []
+    for module, params in ((ours, ours), (theirs, reference)):
+        inp = x.detach().clone().requires_grad_(True)
+        y = module(inp)
+        y.backward(dy)
+        results.append((y, inp.grad, params.weight.grad, params.bias.grad))
+    assert _fused_node(results[0][0]) == "_FastNormalizeActivateBackward"
+    for a, b in zip(*results, strict=True):
+        _close(a, b, dtype)
+    _close(ours.running_mean, reference.running_mean, dtype)
+    _close(ours.running_var, reference.running_var, dtype)
+
+
+def test_fused_invertible_activation_refuses_double_backward() -> None:
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for memory_efficient in (True, False):
+        y, _ = _fused_call(x, w, None, "leaky_relu", 0.1, memory_efficient)
+        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+def test_gradcheck_fused_invertible_activation(name: str, param: float | None) -> None:
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for memory_efficient in (True, False):
+        torch.autograd.gradcheck(
+            lambda x, w, b, m=memory_efficient: cpu.KERNEL.normalize_batch_activation(
+                x, cpu.KERNEL.batch_stats(x), w, b, 1e-5, None, None, name, param, m
+            ),
+            (x, w, b),
+        )
+
+
+def test_fused_leaky_relu_stack_saves_little() -> None:
+    """A conv-BN-leaky_relu stack through the fast kernel keeps <= 0.6x of what torch's
+    BatchNorm2d + LeakyReLU stack keeps for backward."""
+    from bnkit.bench.memory import saved_bytes, stack
+
+    x = torch.randn(4, 16, 16, 16, requires_grad=True)
+    ours_model = stack("bnkit", "leaky_relu", 16)
+    fused = ours_model[1]
+    y = fused(ours_model[0](x))
+    assert _fused_node(y) == "_FastNormalizeActivateBackward"
+    ours = saved_bytes(lambda: ours_model(x))
+    theirs = saved_bytes(lambda: stack("torch", "leaky_relu", 16)(x))
+    assert ours <= 0.6 * theirs
+    plain = saved_bytes(lambda: stack("bnkit-plain", "leaky_relu", 16)(x))
+    assert ours < plain
+
+
+def test_fused_activation_with_mask_is_delegated() -> None:
+    x = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(6, 8) > 0.3
+    y = cpu.KERNEL.normalize_batch_activation(
+        x, cpu.KERNEL.batch_stats(x, mask), None, None, 1e-5, mask, None, "leaky_relu", 0.1, True
+    )
+    assert _fused_node(y) != "_FastNormalizeActivateBackward"
+
+
+@given(
+    shape=_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    channels_last=st.booleans(),
+    activation=st.sampled_from(INVERTIBLE),
+    memory_efficient=st.booleans(),
+    loc=st.sampled_from([0.0, 5.0, -300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_portable_with_invertible_activations(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    activation: tuple[str, float | None],
+    memory_efficient: bool,
+    loc: float,
+    seed: int,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (loc + torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        x = _layouts(x)[-1]
+    name, param = activation
+    _compare_with_portable(x, activation=Activation(name, param, memory_efficient))
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (2, 3, 96, 96), (40000, 3)])
+@pytest.mark.parametrize(
+    ("name", "param"), [("leaky_relu", 0.01), ("elu", 1.0), ("identity", None)]
+)
+def test_fused_invertible_activation_on_threads(
+    shape: tuple[int, ...], name: str, param: float | None
+) -> None:
+    """Tensors large enough for the parallel loops, weight or bias alone included."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(shape, generator=g) * 2 + 0.5
+        dy = torch.randn(shape, generator=g)
+        w = torch.randn(shape[1], generator=g)
+        b = torch.randn(shape[1], generator=g)
+        for inp in _layouts(x):
+            assert cpu._threads(inp) > 1
+            for weight, bias in ((w, b), (w, None), (None, b)):
+                for memory_efficient in (True, False):
+                    activation = Activation(name, param, memory_efficient)
+                    ours = _run(cpu.KERNEL, inp, weight, bias, dy, activation=activation)
+                    theirs = _run(portable.KERNEL, inp, weight, bias, dy, activation=activation)
+                    for key in ("y", "dx", "dw", "db"):
+                        if theirs[key] is None:
+                            assert ours[key] is None
+                        else:
+                            _close(ours[key], theirs[key], torch.float32)
+    finally:
+        torch.set_num_threads(threads)
