@@ -29,6 +29,7 @@ def spawn(world_size: int, scenario: str, tmp_path: Path) -> None:
         (3, "uneven"),  # one process with an empty batch
         (3, "cumulative-biased"),
         (3, "masked-renorm"),
+        (3, "activation"),
         (3, "ghost"),
         (3, "subgroup"),
         (3, "eval"),

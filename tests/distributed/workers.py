@@ -150,6 +150,9 @@ def worker(rank: int, world_size: int, store_path: str, scenario: str) -> None:
             sizes = [2, 5, 1][:world_size]
             options = {"momentum": None, "running_var_estimator": "biased"}
             run_scenario(rank, sizes, options, masked=False, members=list(range(world_size)))
+        elif scenario == "activation":  # the fused memory-efficient layer, synchronized
+            options = {"activation": "leaky_relu", "activation_param": 0.1}
+            run_scenario(rank, [3, 0, 5][:world_size], options, True, list(range(world_size)))
         elif scenario == "masked-renorm":
             options = {"renorm": bnkit.Renorm(1.5, 0.5, 0, 0, 0)}
             run_scenario(rank, [3, 2, 4][:world_size], options, True, list(range(world_size)))
