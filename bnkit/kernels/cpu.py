@@ -79,15 +79,27 @@ def layout(x: Tensor) -> tuple[str, int, int, int] | None:
 def supports(x: Tensor) -> bool:
     """Whether the fast kernel handles ``x``: a plain CPU float32/float64 tensor in eager
     mode (not compiled, not inside a ``torch.func`` transform) with a layout it knows."""
-    if type(x) not in (Tensor, torch.nn.Parameter):
+    if type(x) not in _PLAIN_TYPES:
         return False
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX or x.layout != torch.strided:
+    if not x.is_cpu or x.dtype not in _SUFFIX or x.layout != torch.strided:
         return False
     if x.numel() < SMALL_THRESHOLD or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _is_functorch_wrapped(x):
         return False
-    return layout(x) is not None and native.library() is not None
+    if x.is_contiguous():
+        # layout(x) is not None for any contiguous tensor of rank >= 2
+        if x.dim() < 2:
+            return False
+    elif layout(x) is None:
+        return False
+    return native.library() is not None
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_RECORDED = torch.tensor(True)
+_SKIPPED = torch.tensor(False)
 
 
 def _threads(x: Tensor) -> int:
@@ -161,6 +173,8 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _vector(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A (C,) vector as a contiguous array of ``dtype`` the C code can read."""
+    if t.dtype == dtype and not t.requires_grad and t.is_contiguous():
+        return t  # already one (``to`` and ``contiguous`` would return it as it is)
     return t.detach().to(dtype).contiguous()
 
 
@@ -657,8 +671,8 @@ class CpuKernel(portable.PortableKernel):
                 unbiased=unbiased,
                 skip_nonfinite=skip_nonfinite,
             )
-        running = [t for t in (running_mean, running_var) if t is not None]
-        is_double = bool(running) and running[0].dtype == torch.float64
+        first = running_mean if running_mean is not None else running_var
+        is_double = first is not None and first.dtype == torch.float64
         count = float(stats.count[0].item()) if stats.count.numel() else 0.0
         recorded = _call(
             "bn_update_running",
@@ -676,7 +690,10 @@ class CpuKernel(portable.PortableKernel):
             int(unbiased),
             int(skip_nonfinite),
         )
-        return torch.tensor(bool(recorded)) if skip_nonfinite else None
+        if not skip_nonfinite:
+            return None
+        # A fresh 0-d bool tensor (cloning a constant is cheaper than torch.tensor).
+        return (_RECORDED if recorded else _SKIPPED).clone()
 
 
 def _plain_update(
@@ -688,29 +705,35 @@ def _plain_update(
 ) -> bool:
     """Whether the C update applies: CPU float32/float64 contiguous statistics, running
     statistics of one such dtype, an int64 counter, no autograd on any of them."""
-    vectors = (stats.shift, stats.shifted_mean, stats.var)
-    dtype = stats.var.dtype
-    channels = stats.var.numel()
+    var = stats.var
+    dtype = var.dtype
+    channels = var.numel()
     if dtype not in _SUFFIX or torch.compiler.is_compiling():
         return False
-    for v in (*vectors, stats.count):
-        if type(v) is not Tensor or v.device.type != "cpu" or v.requires_grad:
+    count = stats.count
+    for v in (stats.shift, stats.shifted_mean, var, count):
+        if type(v) is not Tensor or not v.is_cpu or v.requires_grad:
             return False
-    if any(v.dtype != dtype or not v.is_contiguous() for v in vectors):
+    for v in (stats.shift, stats.shifted_mean, var):
+        if v.dtype != dtype or not v.is_contiguous():
+            return False
+    if count.numel() != channels:
         return False
-    if stats.count.numel() != channels:
-        return False
-    running = [t for t in (running_mean, running_var) if t is not None]
-    for t in running:
+    running_dtype = None
+    for t in (running_mean, running_var):
+        if t is None:
+            continue
+        if running_dtype is None:
+            running_dtype = t.dtype
         if (
-            type(t) not in (Tensor, torch.nn.Parameter)
-            or t.device.type != "cpu"
-            or t.dtype != running[0].dtype
+            type(t) not in _PLAIN_TYPES
+            or not t.is_cpu
+            or t.dtype != running_dtype
             or t.dtype not in _SUFFIX
             or not t.is_contiguous()
             or t.numel() != channels
             or (t.requires_grad and torch.is_grad_enabled())
-            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or _is_functorch_wrapped(t)
         ):
             return False
     if num_batches_tracked is None:
@@ -718,7 +741,7 @@ def _plain_update(
     return (
         type(num_batches_tracked) is Tensor
         and num_batches_tracked.dtype == torch.int64
-        and num_batches_tracked.device.type == "cpu"
+        and num_batches_tracked.is_cpu
         and num_batches_tracked.numel() == 1
     )
 
