@@ -6,9 +6,9 @@ Counts the bytes autograd saves for backward (``torch.autograd.graph.saved_tenso
 each storage counted once, parameters included) for one BN + activation layer and for a
 ResNet-style stack of conv-BN-activation blocks, with torch's ``BatchNorm2d`` followed by
 the activation module and with bnkit's fused layer (memory-efficient and not). The counts
-are deterministic: they depend on shapes only. The peak resident memory of one training
-step of the stack, measured in a fresh process each, is printed too (noisier: it includes
-the allocator's behaviour).
+are deterministic: they depend on shapes only. So is the peak memory of one training
+step of the stack that is printed too: the most bytes of tensors created by the step
+alive at once, counted operator by operator (:class:`StorageTracker`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
-import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import bnkit
 
@@ -86,43 +86,92 @@ def measure(batch: int, size: int, channels: int) -> dict[str, Any]:
     return results
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux: /proc/self/statm)."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
+class StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts the bytes of the CPU storages torch allocates while the mode is active.
+
+    Every operator call passes through ``__torch_dispatch__``; each storage one of them
+    returns that was not seen before is counted as allocated until its last reference
+    dies (a finalizer on the storage). ``current`` is what those storages hold now,
+    ``peak`` the most they held at once. Counted: the tensors operators return, in the
+    forward and the backward pass (gradients included). Not counted: what existed before
+    (inputs, parameters), scratch space kernels allocate and free inside one operator
+    call, and the allocator's own slack. Exact and deterministic for given shapes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}  # id of a counted storage -> its bytes
+        self._older: set[int] = set()  # ids of storages that existed before they were seen
+
+    def _freed(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def _known(self, storage: torch.UntypedStorage) -> bool:
+        key = id(storage)
+        return key in self._live or key in self._older
+
+    def _remember_older(self, value: object) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            storage = value.untyped_storage()
+            if not self._known(storage):
+                self._older.add(id(storage))
+                weakref.finalize(storage, self._older.discard, id(storage))
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        # An operator's inputs that are not counted existed before the step (a view of
+        # one shares its storage and is no allocation).
+        for value in tree_leaves((args, kwargs)):
+            self._remember_older(value)
+        output = func(*args, **(kwargs or {}))
+        for value in tree_leaves(output):
+            if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+                continue
+            storage = value.untyped_storage()
+            key = id(storage)
+            if self._known(storage) or storage.nbytes() == 0:
+                continue
+            self._live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._freed, key)
+        return output
+
+
+def peak_bytes(step: Callable[[], object]) -> int:
+    """The most bytes of new storages alive at once while ``step()`` runs.
+
+    Example: ``(x * 2).sum()`` holds the product (8 bytes per value of a float64 x)
+    before the sum's 8 bytes.
+
+        >>> x = torch.ones(1000, dtype=torch.float64)
+        >>> peak_bytes(lambda: (x * 2).sum())
+        8008
+    """
+    tracker = StorageTracker()
+    with tracker:
+        step()
+    return tracker.peak
 
 
 def peak_of_step(kind: str, activation: str, batch: int, size: int, channels: int) -> int:
-    """Peak resident bytes one training step of the stack adds, in a fresh process.
+    """Peak bytes of new tensors one training step (forward + backward) of the stack holds.
 
-    torch's CPU allocator keeps no statistics, so a thread samples the resident memory
-    every 0.2 ms while the step runs (torch releases the GIL in its kernels).
+    The step starts with no gradients, after a warm-up on one sample (lazy
+    initialization); see :class:`StorageTracker` for what is counted.
     """
-    program = f"""
-import json, threading, time, torch
-from bnkit.bench.memory import resident_bytes, stack
-model = stack({kind!r}, {activation!r}, {channels})
-x = torch.randn({batch}, {channels}, {size}, {size})
-model(x[:1]).sum().backward()  # warm-up on one sample: lazy initialization
-model.zero_grad()
-peak, running = [0], [True]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], resident_bytes())
-        time.sleep(0.0002)
-before = resident_bytes()
-sampler = threading.Thread(target=sample)
-sampler.start()
-model(x).sum().backward()
-running[0] = False
-sampler.join()
-print(json.dumps(peak[0] - before))
-"""
-    output = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, check=True
-    ).stdout
-    return int(json.loads(output.strip().splitlines()[-1]))
+    model = stack(kind, activation, channels)
+    x = torch.randn(batch, channels, size, size)
+    model(x[:1]).sum().backward()  # warm-up: lazy initialization
+    model.zero_grad(set_to_none=True)
+    return peak_bytes(lambda: model(x).sum().backward())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{figures[1] / figures[0]:8.2f}{plain_mb:11.2f} MB"
             )
     if not args.no_peak:
-        print("peak resident memory added by one training step of the 4-block stack:")
+        print("peak bytes of tensors alive during one training step of the 4-block stack:")
         peaks: dict[str, int] = {}
         for activation in ("relu", "leaky_relu"):
             for kind in ("torch", "bnkit"):
