@@ -54,6 +54,12 @@ def test_tiny_run_writes_every_experiment(new_run: tuple[Path, str]) -> None:
     results = saved(new_run, "batch-size")
     assert set(results["errors"]) == {"bn", "gn", "renorm", "micro", "sync"}
     assert set(results["errors"]["sync"]) == {str(b) for b in results["sync_batch_sizes"]}
+    memory = saved(new_run, "memory")
+    for network in memory["networks"].values():
+        keys = {f"{a}/{k}" for a in ("leaky_relu", "relu") for k in ("none", "torch", "fused")}
+        for scope in ("layer", "model", "peak_layer", "peak_model"):
+            assert set(network[scope]) == keys
+            assert all(value > 0 for value in network[scope].values())
 
 
 def test_report_has_the_new_sections(new_run: tuple[Path, str]) -> None:
@@ -113,12 +119,12 @@ def both(*edits: Edit) -> Edit:
     return apply
 
 
-def memory_edit(scope_values: dict[str, int]) -> Edit:
-    """Set model bytes ``{"activation/kind": bytes}`` in every network."""
+def memory_edit(scope_values: dict[str, int], scope: str = "model") -> Edit:
+    """Set ``scope`` bytes ``{"activation/kind": bytes}`` in every network."""
 
     def apply(results: Results) -> None:
         for network in results["networks"].values():
-            network["model"].update(scope_values)
+            network[scope].update(scope_values)
 
     return apply
 
@@ -151,6 +157,12 @@ CASES: list[tuple[str, int, Edit, list[Edit]]] = [
             {"relu/fused": 200, "relu/torch": 200, "leaky_relu/fused": 1, "leaky_relu/torch": 2}
         ),
         [put(("networks:cnn:model:relu/fused", 50))],
+    ),
+    (
+        "memory",
+        4,
+        memory_edit({"leaky_relu/fused": 100, "leaky_relu/torch": 200}, scope="peak_model"),
+        [put(("networks:mlp:peak_model:leaky_relu/fused", 180))],
     ),
     # batch-size
     (

@@ -14,10 +14,11 @@ layers of 100, batch 60) and the small CNN of ``batch-size`` (batch 32), each wi
 norm, with torch's ``BatchNorm`` followed by the activation module, and with bnkit's fused
 layer; for leaky ReLU (invertible) and ReLU (not invertible where it outputs 0, so the
 fused ReLU keeps its pre-activation instead of its output). The counts depend on the
-shapes only, so they are exact and deterministic. The peak memory of a training step is
-not measured here: at these sizes (kilobytes) it is below the resolution of the resident
-memory that a CPU run can sample; ``python -m bnkit.bench.memory`` measures it for a larger
-convolutional stack.
+shapes only, so they are exact and deterministic. So does the peak memory of a training
+step (forward and backward, from no gradients), measured by counting, operator by
+operator, the bytes of the tensors the step creates that are alive at once
+(:class:`bnkit.bench.memory.StorageTracker`): what the choice of layers changes, without
+the allocator's noise that sampling the resident memory of a CPU process would add.
 """
 
 from __future__ import annotations
@@ -135,19 +136,40 @@ def network(
 def measure(
     name: str, sample_shape: Sequence[int], num_classes: int, config: MemoryConfig, seed: int
 ) -> dict[str, Any]:
-    """Saved-for-backward bytes of each (activation, kind): one layer, and the network."""
-    from bnkit.bench.memory import saved_bytes
+    """Saved-for-backward bytes of each (activation, kind), for one layer and the network,
+    and the peak bytes of a training step of each."""
+    from bnkit.bench.memory import peak_bytes, saved_bytes
+
+    def step(module: nn.Module, inputs: torch.Tensor, upstream: torch.Tensor) -> None:
+        module(inputs).backward(upstream)
+
+    def upstream(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """A gradient for the output that exists before the step, as a loss's would."""
+        with torch.no_grad():
+            return torch.ones_like(module(inputs))
 
     batch = config.mlp_batch if name == "mlp" else config.cnn_batch
     generator = torch.Generator().manual_seed(derive_seed(seed, "memory", name))
     x = torch.randn(batch, *sample_shape, generator=generator)
-    results: dict[str, Any] = {"batch": batch, "layer": {}, "model": {}}
+    results: dict[str, Any] = {
+        "batch": batch,
+        "layer": {},
+        "model": {},
+        "peak_layer": {},
+        "peak_model": {},
+    }
     for activation in ACTIVATIONS:
         for kind in KINDS:
             torch.manual_seed(derive_seed(seed, "memory", "weights"))
             model = network(name, kind, activation, sample_shape, num_classes, config)
             model.train()
-            results["model"][f"{activation}/{kind}"] = saved_bytes(functools.partial(model, x))
+            key = f"{activation}/{kind}"
+            results["model"][key] = saved_bytes(functools.partial(model, x))
+            step(model, x[:2], upstream(model, x[:2]))  # lazy initialization, unmeasured
+            model.zero_grad(set_to_none=True)
+            results["peak_model"][key] = peak_bytes(
+                functools.partial(step, model, x, upstream(model, x))
+            )
             # One normalization + activation, on the first hidden layer's output.
             # (Flatten or Unflatten, then the first Linear or convolution.)
             with torch.no_grad():
@@ -155,7 +177,10 @@ def measure(
             results["activation_bytes"] = hidden.numel() * hidden.element_size()
             layer = nn.Sequential(*list(model)[2 : 2 + (2 if kind == "torch" else 1)])
             inputs = hidden.detach().requires_grad_(True)
-            results["layer"][f"{activation}/{kind}"] = saved_bytes(functools.partial(layer, inputs))
+            results["layer"][key] = saved_bytes(functools.partial(layer, inputs))
+            results["peak_layer"][key] = peak_bytes(
+                functools.partial(step, layer, inputs, upstream(layer, inputs))
+            )
     return results
 
 
@@ -181,19 +206,20 @@ def _kb(value: float) -> str:
 
 
 def claims(results: Mapping[str, Any]) -> list[Claim]:
-    """Batch norm costs memory; the fused layer saves it; less so for ReLU."""
+    """Batch norm costs memory; the fused layer saves it, in the step's peak too; less so
+    for ReLU."""
     nets = list(results["networks"])
 
-    def ratio(net: str, activation: str, a: str, b: str) -> float:
-        return _bytes(results, net, "model", f"{activation}/{a}") / max(
-            1, _bytes(results, net, "model", f"{activation}/{b}")
+    def ratio(net: str, activation: str, a: str, b: str, scope: str = "model") -> float:
+        return _bytes(results, net, scope, f"{activation}/{a}") / max(
+            1, _bytes(results, net, scope, f"{activation}/{b}")
         )
 
-    def each(activation: str, a: str, b: str) -> str:
+    def each(activation: str, a: str, b: str, scope: str = "model") -> str:
         return ", ".join(
-            f"{NETWORKS[net]} {_kb(_bytes(results, net, 'model', f'{activation}/{a}'))} "
-            f"against {_kb(_bytes(results, net, 'model', f'{activation}/{b}'))} "
-            f"({ratio(net, activation, a, b):.2f}x)"
+            f"{NETWORKS[net]} {_kb(_bytes(results, net, scope, f'{activation}/{a}'))} "
+            f"against {_kb(_bytes(results, net, scope, f'{activation}/{b}'))} "
+            f"({ratio(net, activation, a, b, scope):.2f}x)"
             for net in nets
         )
 
@@ -246,6 +272,20 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
                 for n in nets
             ),
         ),
+        Claim(
+            claim=f"The saving shows in the peak memory of a training step: with the fused "
+            f"BN + leaky ReLU the step's peak is at most {SAVING:g}x torch's, in every "
+            f"network.",
+            anchor="In-Place ABN: the activations kept for backward dominate the memory of "
+            "training; saving half of them lets larger batches fit.",
+            measured="Peak bytes of a training step, fused against torch: "
+            + each("leaky_relu", "fused", "torch", scope="peak_model")
+            + ".",
+            holds=bool(nets)
+            and all(
+                ratio(n, "leaky_relu", "fused", "torch", scope="peak_model") <= SAVING for n in nets
+            ),
+        ),
     ]
 
 
@@ -264,14 +304,15 @@ def headline(results: Mapping[str, Any]) -> str:
 
 
 def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]:
-    """Grouped bars: saved bytes per kind, for each network and activation, layer and model."""
+    """Grouped bars per kind, for each network and activation: saved bytes of a layer and
+    of the network, and the peak of a training step of the network."""
     nets = list(results["networks"])
-    figure, axes = new_figure(columns=2, rows=len(nets), width=10.0, height=2.8 * len(nets))
-    axes = np.asarray(axes).reshape(len(nets), 2)
+    figure, axes = new_figure(columns=3, rows=len(nets), width=14.0, height=2.8 * len(nets))
+    axes = np.asarray(axes).reshape(len(nets), 3)
     colors = {"none": COLORS["plain"], "torch": COLORS["dropout"], "fused": COLORS["bn"]}
     width = 0.26
     for row, net in enumerate(nets):
-        for column, scope in enumerate(("layer", "model")):
+        for column, scope in enumerate(("layer", "model", "peak_model")):
             ax = axes[row, column]
             positions = np.arange(len(ACTIVATIONS))
             for index, (kind, label) in enumerate(KINDS.items()):
@@ -280,9 +321,13 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
                     positions + (index - 1) * width, values, width, color=colors[kind], label=label
                 )
             ax.set_xticks(positions, [a.replace("_", " ") for a in ACTIVATIONS])
-            ax.set_ylabel("saved for backward (kB)")
-            where = "one norm + activation layer" if scope == "layer" else "whole network"
-            ax.set_title(f"{NETWORKS[net]}: {where}")
+            ax.set_ylabel("peak of a step (kB)" if scope == "peak_model" else "saved (kB)")
+            where = {
+                "layer": "one norm + activation, saved",
+                "model": "network, saved",
+                "peak_model": "network, peak of a step",
+            }[scope]
+            ax.set_title(f"{NETWORKS[net]}: {where}", fontsize="medium")
             if row == 0 and column == 0:
                 ax.legend(loc="upper right")
     file = f"{prefix}saved.png"
@@ -292,8 +337,9 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
             file,
             "Bytes autograd keeps for the backward pass (distinct storages, parameters "
             "included), for one normalization + activation layer (left) and the whole "
-            "network (right): without BN, torch's BN followed by the activation, and bnkit's "
-            "fused memory-efficient layer.",
+            "network (middle), and the peak bytes of the tensors a training step of the "
+            "network holds at once (right): without BN, torch's BN followed by the "
+            "activation, and bnkit's fused memory-efficient layer.",
         )
     ]
 
@@ -307,8 +353,9 @@ EXPERIMENT = Experiment(
         "distinct storages, parameters included) by the MLP of ics and the CNN of "
         "batch-size, without BN, with torch's BatchNorm followed by the activation module, "
         "and with bnkit's fused BatchNorm(activation=...) in its memory-efficient mode. "
-        "Exact counts from the shapes; no training. The peak memory of a step is not "
-        "measured at these sizes (see python -m bnkit.bench.memory)."
+        "And the peak memory of one training step (forward + backward): the most bytes of "
+        "tensors created by the step alive at once, counted operator by operator. Exact "
+        "counts from the shapes; no training."
     ),
     quick=MemoryConfig(),
     full=MemoryConfig(mlp_batch=600, cnn_batch=256),
