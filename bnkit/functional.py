@@ -30,6 +30,7 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
+from bnkit.kernels import express
 from bnkit.kernels.activation import check_activation
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
@@ -253,6 +254,32 @@ def batch_norm(
         the unbiased one by default, so eval-mode outputs on the training batch differ
         slightly from training-mode outputs.
     """
+    express_result = try_express(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        running_var_estimator,
+        single_sample,
+        skip_nonfinite,
+        mask,
+        ghost_batch_size,
+        renorm,
+        sync,
+        activation,
+        activation_param,
+        memory_efficient,
+    )
+    if express_result is not None:
+        fast_output, fast_recorded = express_result
+        if fast_recorded is False:
+            _FUNCTIONAL_MONITOR.observe(False, tuple(input.shape))
+        return fast_output
     output, recorded = _batch_norm(
         input,
         running_mean,
@@ -279,6 +306,59 @@ def batch_norm(
     if recorded is not None and not torch.compiler.is_compiling():
         _FUNCTIONAL_MONITOR.observe(recorded, tuple(input.shape))
     return output
+
+
+def try_express(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    running_var_estimator: str,
+    single_sample: str,
+    skip_nonfinite: bool,
+    mask: Tensor | None,
+    ghost_batch_size: int | None,
+    renorm: Renorm | None,
+    sync: bool,
+    activation: str | None,
+    activation_param: float | None,
+    memory_efficient: bool,
+) -> tuple[Tensor, bool | None] | None:
+    """(output, recorded) of a plain call on a CPU tensor by :mod:`bnkit.kernels.express`
+    (one C call each way), or None: then :func:`_batch_norm` runs the general pipeline,
+    which also reports invalid arguments. Plain: no mask, ghost batches, renorm or sync,
+    no activation but ReLU, every option valid."""
+    if (
+        mask is None
+        and ghost_batch_size is None
+        and renorm is None
+        and sync is False
+        and (activation is None or (activation == "relu" and activation_param is None))
+        and (running_var_estimator == "unbiased" or running_var_estimator == "biased")
+        and single_sample in SINGLE_SAMPLE_MODES
+        and (skip_nonfinite is True or skip_nonfinite is False)
+        and (memory_efficient is True or memory_efficient is False)
+    ):
+        return express.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            running_var_estimator == "unbiased",
+            skip_nonfinite,
+            activation == "relu",
+        )
+    return None
 
 
 def check_options(
@@ -673,12 +753,18 @@ class NonFiniteMonitor:
         self.warned = False
         self._pending: list[tuple[Tensor, Any, tuple[int, ...]]] = []
 
-    def observe(self, recorded: Tensor, shape: tuple[int, ...]) -> None:
-        """Take note of one batch's ``recorded`` flag (0-d bool tensor)."""
+    def observe(self, recorded: Tensor | bool, shape: tuple[int, ...]) -> None:
+        """Take note of one batch's ``recorded`` flag (a bool, or a 0-d bool tensor)."""
         if self.once and self.warned:
             return
+        if recorded is True:
+            if self._pending:
+                self.poll()
+            return
         self.poll()
-        if recorded.device.type == "cuda":
+        if recorded is False:
+            self._warn(shape)
+        elif recorded.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(recorded, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # untyped in torch

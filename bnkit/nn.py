@@ -46,6 +46,7 @@ from bnkit.functional import (
     check_ghost_batch_size,
     check_options,
     fused_activation,
+    try_express,
 )
 from bnkit.kernels import BatchStats
 from bnkit.kernels.activation import default_param
@@ -334,6 +335,33 @@ class BatchNormNd(_BatchNorm):
             momentum = self.momentum
             if momentum is None and num_batches_tracked is None:
                 momentum = 0.0  # torch's factor when there is no counter to average with
+        if self._deferred is None:
+            express_result = try_express(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                training,
+                momentum,
+                self.eps,
+                num_batches_tracked,
+                self.running_var_estimator,
+                self.single_sample,
+                self.skip_nonfinite,
+                mask,
+                self.ghost_batch_size,
+                self.renorm,
+                self.sync,
+                self.activation,
+                self.activation_param,
+                self.memory_efficient,
+            )
+            if express_result is not None:
+                fast_output, fast_recorded = express_result
+                if fast_recorded is False:
+                    self._nonfinite_monitor.observe(False, tuple(input.shape))
+                return fast_output
         output, recorded = _batch_norm(
             input,
             running_mean,

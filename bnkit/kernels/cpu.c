@@ -69,25 +69,39 @@ static i64 parts_for(i64 C, i64 N, int nt) {
     default: F(ACT_IDENTITY, 0); break;                     \
     }
 
+/* The running-statistics update below, declared for the one-call paths of the template. */
+int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,
+                          double count, void *running_mean, void *running_var,
+                          int running_double, double momentum, int64_t *tracked, int unbiased,
+                          int skip_nonfinite);
+int bn_update_running_f64(const double *shift, const double *smean, const double *var, i64 C,
+                          double count, void *running_mean, void *running_var,
+                          int running_double, double momentum, int64_t *tracked, int unbiased,
+                          int skip_nonfinite);
+
 #define T float
 #define S f32
 #define EXPM1 expm1f
 #define LOG1P log1pf
+#define SQRT sqrtf
 #include __FILE__
 #undef T
 #undef S
 #undef EXPM1
 #undef LOG1P
+#undef SQRT
 
 #define T double
 #define S f64
 #define EXPM1 expm1
 #define LOG1P log1p
+#define SQRT sqrt
 #include __FILE__
 #undef T
 #undef S
 #undef EXPM1
 #undef LOG1P
+#undef SQRT
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
  * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);
@@ -851,6 +865,102 @@ void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 
         ACT_SWITCH(act, from_y, F_)
 #undef F_
     }
+}
+
+/* The plain layer in one call each way (the express path of cpu.py: no Python between the
+ * steps). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved` holds
+ * 5 * C values: shift, shifted mean, invstd (what the backward pass needs), then the
+ * affine coefficients a and b' of y = (x - shift) * a + b' (NULL: a scratch buffer).
+ *
+ * Forward, training: batch statistics, the running statistics updated as
+ * bn_update_running does (when given), invstd = 1 / sqrt(var + eps), a = invstd * w,
+ * b' = bias - smean * a, each rounded in T as the portable path rounds them.
+ * Forward, eval: shift = running mean, smean = 0, var = running var.
+ * Returns whether the batch was recorded in the running statistics (1 when nothing was
+ * to record). */
+int NAME(bn_forward)(int kind, const T *x, T *y, i64 R, i64 C, i64 L, const T *w,
+                     const T *bias, double eps, int training, T *saved, T *rmean, T *rvar,
+                     double momentum, int64_t *tracked, int unbiased, int skip_nonfinite,
+                     int relu, int nt) {
+    T *scratch = saved ? NULL : (T *)malloc((size_t)(5 * C) * sizeof(T));
+    if (!saved) saved = scratch; /* no backward pass to save for */
+    T *shift = saved, *smean = saved + C, *invstd = saved + 2 * C;
+    T *a = saved + 3 * C, *b = saved + 4 * C;
+    const T e = (T)eps;
+    int recorded = 1;
+    if (training) {
+        T *var = invstd; /* the variance, until it becomes invstd below */
+        if (kind == 0)
+            NAME(bn_stats_ncl)(x, R, C, L, shift, smean, var, nt);
+        else
+            NAME(bn_stats_nc)(x, R, C, shift, smean, var, nt);
+        if (rmean || rvar || tracked)
+            recorded = NAME(bn_update_running)(shift, smean, var, C, (double)(R * L), rmean,
+                                               rvar, sizeof(T) == sizeof(double), momentum,
+                                               tracked, unbiased, skip_nonfinite);
+        for (i64 c = 0; c < C; ++c) invstd[c] = (T)1 / SQRT(var[c] + e);
+    } else {
+        for (i64 c = 0; c < C; ++c) {
+            shift[c] = rmean[c];
+            smean[c] = (T)0;
+            invstd[c] = (T)1 / SQRT(rvar[c] + e);
+        }
+    }
+    for (i64 c = 0; c < C; ++c) {
+        a[c] = w ? invstd[c] * w[c] : invstd[c];
+        T beta = -smean[c] * a[c];
+        b[c] = bias ? beta + bias[c] : beta;
+    }
+    if (kind == 0)
+        NAME(bn_affine_ncl)(x, y, R, C, L, shift, a, b, relu, nt);
+    else
+        NAME(bn_affine_nc)(x, y, R, C, shift, a, b, relu, nt);
+    free(scratch);
+    return recorded;
+}
+
+/* Backward of bn_forward from its `saved` values: dw = sum(g' x_hat), db = sum(g') (when
+ * not NULL) and dx (when not NULL), g' = g, or g where the output is positive (relu).
+ * With batch statistics (training) dx = a * (g' - mean(g') - x_hat * mean(g' x_hat));
+ * without, dx = a * g'. The coefficients are computed in double and rounded once. */
+void NAME(bn_backward)(int kind, const T *g, const T *x, T *dx, i64 R, i64 C, i64 L,
+                       const T *saved, const T *w, T *dw, T *db, int training, int relu,
+                       int nt) {
+    const T *shift = saved, *smean = saved + C, *invstd = saved + 2 * C;
+    const T *za = relu ? saved + 3 * C : NULL, *zb = relu ? saved + 4 * C : NULL;
+    double *sums = (double *)malloc((size_t)(2 * C) * sizeof(double));
+    T *coef = (T *)malloc((size_t)(3 * C) * sizeof(T));
+    double *sum_g = sums, *sum_gc = sums + C;
+    if (kind == 0)
+        NAME(bn_backward_reduce_ncl)(g, x, R, C, L, shift, smean, za, zb, sum_g, sum_gc, nt);
+    else
+        NAME(bn_backward_reduce_nc)(g, x, R, C, shift, smean, za, zb, sum_g, sum_gc, nt);
+    const double count = (double)(R * L);
+    T *alpha = coef, *k1 = coef + C, *k0 = coef + 2 * C;
+    for (i64 c = 0; c < C; ++c) {
+        const double is = (double)invstd[c];
+        const double sum_g_x_hat = sum_gc[c] * is;
+        if (dw) dw[c] = (T)sum_g_x_hat;
+        if (db) db[c] = (T)sum_g[c];
+        const double ac = w ? is * (double)w[c] : is;
+        alpha[c] = (T)ac;
+        if (training) {
+            const double slope = -ac * sum_g_x_hat / count; /* coefficient of x_hat */
+            k1[c] = (T)(slope * is);
+            k0[c] = (T)(-ac * sum_g[c] / count - (double)smean[c] * slope * is);
+        } else {
+            k1[c] = (T)0;
+            k0[c] = (T)0;
+        }
+    }
+    if (dx) {
+        if (kind == 0)
+            NAME(bn_backward_input_ncl)(g, x, dx, R, C, L, shift, alpha, k1, k0, za, zb, nt);
+        else
+            NAME(bn_backward_input_nc)(g, x, dx, R, C, shift, alpha, k1, k0, za, zb, nt);
+    }
+    free(coef);
+    free(sums);
 }
 
 #endif

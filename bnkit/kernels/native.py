@@ -66,7 +66,25 @@ _SIGNATURES: dict[str, list[type]] = {
         _INT,
         _INT,
     ],
+    # kind, x, y, R, C, L, w, bias, eps, training, saved, rmean, rvar, momentum, tracked,
+    # unbiased, skip_nonfinite, relu, nt
+    "bn_forward": [
+        _INT,
+        *[_PTR] * 2,
+        *[_I64] * 3,
+        *[_PTR] * 2,
+        ctypes.c_double,
+        _INT,
+        *[_PTR] * 3,
+        ctypes.c_double,
+        _PTR,
+        *[_INT] * 4,
+    ],
+    # kind, g, x, dx, R, C, L, saved, w, dw, db, training, relu, nt
+    "bn_backward": [_INT, *[_PTR] * 3, *[_I64] * 3, *[_PTR] * 4, *[_INT] * 3],
 }
+#: The functions that return whether a batch was recorded (the others return nothing).
+_RETURNS_INT = ("bn_update_running", "bn_forward")
 
 
 def cache_dir() -> Path:
@@ -148,7 +166,7 @@ def library() -> ctypes.CDLL | None:
                 for suffix in ("f32", "f64"):
                     function = getattr(lib, f"{name}_{suffix}")
                     function.argtypes = argtypes
-                    function.restype = _INT if name == "bn_update_running" else None
+                    function.restype = _INT if name in _RETURNS_INT else None
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _state["error"] = str(error)
             lib = None

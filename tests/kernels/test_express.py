@@ -1,0 +1,377 @@
+"""The express path (one C call each way for plain calls) against the portable kernel,
+the NumPy reference and torch; and the calls it must leave to the general pipeline."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnkit
+from bnkit import reference as ref
+from bnkit.errors import NonFiniteStatsWarning
+from bnkit.functional import batch_norm
+from bnkit.kernels import batch_norm as pipeline
+from bnkit.kernels import express, native, portable
+
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason=f"no native CPU kernel: {native.load_error()}"
+)
+
+TOLERANCE = {torch.float32: 3e-5, torch.float64: 1e-11}
+
+#: (shape, memory format) pairs covering both C layouts and the threaded loops
+LAYOUTS: list[tuple[tuple[int, ...], torch.memory_format]] = [
+    ((64, 24), torch.contiguous_format),  # nc
+    ((8, 16, 8, 8), torch.contiguous_format),  # ncl
+    ((8, 16, 8, 8), torch.channels_last),  # nc, M = N * H * W
+    ((3, 4, 5, 6, 7), torch.channels_last_3d),
+    ((2, 5, 300), torch.contiguous_format),  # long rows
+    ((16, 8, 32, 32), torch.contiguous_format),  # above the threading threshold
+    ((16, 8, 32, 32), torch.channels_last),
+]
+LAYOUT_IDS = [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in LAYOUTS]
+
+
+def _close(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> None:
+    assert ours is not None
+    assert theirs is not None
+    assert ours.shape == theirs.shape
+    assert ours.dtype == theirs.dtype
+    scale = max(1.0, theirs.detach().double().abs().max().item())
+    error = (ours.detach().double() - theirs.detach().double()).abs().max().item()
+    assert error <= TOLERANCE[theirs.dtype] * scale, f"error {error:.3g}"
+
+
+def _inputs(
+    shape: tuple[int, ...], fmt: torch.memory_format, dtype: torch.dtype, affine: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = (3 + 2 * torch.randn(shape, generator=g, dtype=dtype)).contiguous(memory_format=fmt)
+    c = shape[1]
+    weight = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    bias = torch.randn(c, generator=g, dtype=dtype) if affine else None
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    return x, weight, bias, dy
+
+
+def _step(
+    use_express: bool,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dy: torch.Tensor,
+    training: bool,
+    relu: bool,
+    **options: Any,
+) -> dict[str, Any]:
+    """One forward + backward, by the express path or by the portable pipeline."""
+    x = x.detach().clone().requires_grad_(True)
+    w = None if weight is None else weight.detach().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().clone().requires_grad_(True)
+    c = x.shape[1]
+    mean = torch.linspace(-1, 1, c, dtype=x.dtype)
+    var = torch.linspace(0.5, 2, c, dtype=x.dtype)
+    tracked = torch.tensor(3)
+    momentum = options.get("momentum", 0.1)
+    unbiased = options.get("unbiased", True)
+    if use_express:
+        result = express.batch_norm(
+            x, mean, var, w, b, training, momentum, 1e-5, tracked, unbiased, True, relu
+        )
+        assert result is not None, "the express path did not take a plain call"
+        y = result[0]
+    else:
+        y = pipeline(
+            x,
+            mean,
+            var,
+            w,
+            b,
+            use_batch_stats=training,
+            momentum=momentum,
+            eps=1e-5,
+            num_batches_tracked=tracked if training else None,
+            unbiased=unbiased,
+            kernel=portable.KERNEL,
+        ).output
+        if relu:
+            y = torch.relu(y)
+    y.backward(dy)
+    return {
+        "y": y,
+        "dx": x.grad,
+        "dw": None if w is None else w.grad,
+        "db": None if b is None else b.grad,
+        "mean": mean,
+        "var": var,
+        "tracked": tracked,
+    }
+
+
+@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_the_portable_kernel(
+    shape: tuple[int, ...], fmt: torch.memory_format, dtype: torch.dtype, training: bool
+) -> None:
+    x, weight, bias, dy = _inputs(shape, fmt, dtype, affine=True)
+    ours = _step(True, x, weight, bias, dy, training, relu=False)
+    theirs = _step(False, x, weight, bias, dy, training, relu=False)
+    assert ours["y"].stride() == theirs["y"].stride() == x.stride()
+    for key in ("y", "dx", "dw", "db", "mean", "var"):
+        _close(ours[key], theirs[key])
+    assert int(ours["tracked"]) == int(theirs["tracked"]) == (4 if training else 3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"affine": False},
+        {"momentum": None},
+        {"momentum": 0.0},
+        {"momentum": 1.0},
+        {"unbiased": False},
+        {"relu": True},
+        {"relu": True, "affine": False},
+    ],
+    ids=["no-affine", "cumulative", "momentum-0", "momentum-1", "biased", "relu", "relu-plain"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_options_match_the_portable_kernel(options: dict[str, Any], training: bool) -> None:
+    options = dict(options)
+    affine = options.pop("affine", True)
+    relu = options.pop("relu", False)
+    for shape, fmt in (
+        ((8, 16, 8, 8), torch.contiguous_format),
+        ((64, 24), torch.contiguous_format),
+    ):
+        x, weight, bias, dy = _inputs(shape, fmt, torch.float64, affine)
+        ours = _step(True, x, weight, bias, dy, training, relu, **options)
+        theirs = _step(False, x, weight, bias, dy, training, relu, **options)
+        for key in ("y", "dx", "mean", "var"):
+            _close(ours[key], theirs[key])
+        for key in ("dw", "db"):
+            assert (ours[key] is None) == (theirs[key] is None)
+            if theirs[key] is not None:
+                _close(ours[key], theirs[key])
+
+
+def test_agrees_with_torch_in_float32() -> None:
+    x, weight, bias, dy = _inputs((32, 16, 12, 12), torch.contiguous_format, torch.float32, True)
+    ours = bnkit.BatchNorm2d(16)
+    theirs = torch.nn.BatchNorm2d(16)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.weight.copy_(weight)  # type: ignore[union-attr]
+            layer.bias.copy_(bias)  # type: ignore[union-attr]
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    for layer, xi in zip((ours, theirs), xs, strict=True):
+        layer(xi).backward(dy)
+    _close(xs[0].grad, xs[1].grad)
+    _close(ours.weight.grad, theirs.weight.grad)
+    _close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    ours.eval()
+    theirs.eval()
+    _close(ours(x), theirs(x))
+
+
+@given(
+    n=st.integers(2, 9),
+    c=st.integers(1, 6),
+    length=st.integers(1, 70),
+    loc=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(deadline=None)
+def test_fuzz_against_the_reference(
+    n: int, c: int, length: int, loc: float, scale: float, seed: int
+) -> None:
+    """Random (N, C, L) float64 batches: forward, gradients and running statistics equal
+    the NumPy reference's."""
+    rng = np.random.default_rng(seed)
+    x = loc + scale * rng.standard_normal((n, c, length))
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    dy = rng.standard_normal(x.shape)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(gamma, requires_grad=True)
+    bt = torch.tensor(beta, requires_grad=True)
+    mean, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    result = express.batch_norm(xt, mean, var, wt, bt, True, 0.1, 1e-5, None, True, True, False)
+    if x.size < 256:  # below the fast kernel's threshold: the general path's business
+        assert result is None
+        return
+    assert result is not None
+    y = result[0]
+    y.backward(torch.tensor(dy))
+    y_ref, cache = ref.batch_norm_train(x, gamma, beta, eps=1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = ref.batch_norm_backward(dy, cache)
+    mean_ref, var_ref = ref.update_running_stats(
+        np.zeros(c), np.ones(c), x.mean(axis=(0, 2)), x.var(axis=(0, 2)), n * length
+    )
+    tol = 1e-9
+    np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=tol, atol=tol)
+    dx_scale = max(1.0, np.abs(dx_ref).max())
+    np.testing.assert_allclose(xt.grad.numpy(), dx_ref, rtol=tol, atol=tol * dx_scale)  # type: ignore[union-attr]
+    np.testing.assert_allclose(wt.grad.numpy(), dgamma_ref, rtol=tol, atol=tol * dx_scale * scale)  # type: ignore[union-attr]
+    np.testing.assert_allclose(bt.grad.numpy(), dbeta_ref, rtol=tol, atol=tol)  # type: ignore[union-attr]
+    np.testing.assert_allclose(mean.numpy(), mean_ref, rtol=tol, atol=tol * abs(loc))
+    np.testing.assert_allclose(var.numpy(), var_ref, rtol=1e-8, atol=1e-12)
+
+
+def test_gradcheck_and_gradgradcheck_in_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, True, True, False)
+        assert result is not None
+        return result[0]
+
+    mean, var = torch.rand(3, dtype=torch.float64), 1 + torch.rand(3, dtype=torch.float64)
+
+    def evaluate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = express.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5, None, True, True, False)
+        assert result is not None
+        return result[0]
+
+    for function in (train, evaluate):
+        assert torch.autograd.gradcheck(function, (x, w, b))
+        assert torch.autograd.gradgradcheck(function, (x, w, b))
+
+
+def test_relu_double_backward_is_refused_clearly() -> None:
+    x = torch.randn(4, 3, 30, dtype=torch.float64, requires_grad=True)
+    result = express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None, True, True, True)
+    assert result is not None
+    with pytest.raises(RuntimeError, match="double backward through a fused activation"):
+        torch.autograd.grad(result[0].sum(), x, create_graph=True)
+
+
+def test_non_finite_batch_is_not_recorded_and_warns() -> None:
+    x = torch.randn(16, 4, 8)
+    x[3, 2, 5] = float("nan")
+    mean, var, tracked = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    result = express.batch_norm(
+        x, mean, var, None, None, True, 0.1, 1e-5, tracked, True, True, False
+    )
+    assert result is not None
+    assert result[1] is False
+    assert torch.equal(mean, torch.zeros(4))
+    assert torch.equal(var, torch.ones(4))
+    assert int(tracked) == 0
+    assert torch.isfinite(result[0][:, [0, 1, 3]]).all()  # other channels still normalized
+    with pytest.warns(NonFiniteStatsWarning, match="non-finite"):
+        batch_norm(x, mean, var, training=True)
+    layer = bnkit.BatchNorm1d(4)
+    with pytest.warns(NonFiniteStatsWarning, match="BatchNorm1d"):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(16, 4, 8))  # a finite batch: recorded, no warning
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_gradient_of_a_sum_and_of_another_layout() -> None:
+    """The upstream gradient may be an expanded scalar, or in another memory layout."""
+    x = torch.randn(8, 16, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for dy in (torch.ones(()).expand(x.shape), torch.randn(x.shape, dtype=torch.float64)):
+        ours = _step(True, x, None, None, dy.to(x.dtype), True, relu=False)
+        theirs = _step(False, x, None, None, dy.to(x.dtype), True, relu=False)
+        _close(ours["dx"], theirs["dx"])
+
+
+def _express_result(**changes: Any) -> Any:
+    c = 16
+    args: dict[str, Any] = {
+        "x": torch.randn(8, c, 8, 8),
+        "running_mean": torch.zeros(c),
+        "running_var": torch.ones(c),
+        "weight": torch.ones(c),
+        "bias": torch.zeros(c),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+        "num_batches_tracked": torch.tensor(0),
+        "unbiased": True,
+        "skip_nonfinite": True,
+        "relu": False,
+    }
+    args.update(changes)
+    return express.batch_norm(**args)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"x": torch.randn(8, 16, 8, 8, dtype=torch.float16)},
+        {"x": torch.randn(8, 16, 8, 8).transpose(2, 3)},  # neither layout
+        {"x": torch.randn(2, 16)},  # below the size threshold
+        {"x": torch.randn(1, 16, 1, 1).expand(1, 16, 1, 1)},
+        {"weight": torch.ones(16, dtype=torch.float64)},
+        {"bias": torch.zeros(32)[::2]},
+        {"running_mean": torch.zeros(16, requires_grad=True)},
+        {"running_mean": None},
+        {"running_mean": None, "running_var": None, "training": False},
+        {"eps": 0.0},
+        {"eps": True},
+        {"momentum": 1.5},
+        {"momentum": True},
+        {"momentum": None, "num_batches_tracked": None},
+        {"num_batches_tracked": torch.tensor(0.0)},
+        {"x": torch.randn(1, 16, 1, 1).repeat(1, 1, 1, 1).expand(1, 16, 1, 1).contiguous()},
+    ],
+)
+def test_leaves_other_calls_to_the_general_path(changes: dict[str, Any]) -> None:
+    assert _express_result() is not None
+    assert _express_result(**changes) is None
+
+
+def test_leaves_torch_func_transforms_to_the_general_path() -> None:
+    x = torch.randn(3, 8, 16, 8)
+    seen: list[Any] = []
+
+    def one(sample: torch.Tensor) -> torch.Tensor:
+        seen.append(
+            express.batch_norm(
+                sample, None, None, None, None, True, 0.1, 1e-5, None, True, True, False
+            )
+        )
+        return batch_norm(sample, None, None, training=True)
+
+    out = torch.func.vmap(one)(x)
+    assert seen == [None]
+    expected = torch.stack([batch_norm(s, None, None, training=True) for s in x])
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_functional_and_modules_take_the_express_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[bool] = []
+    original = express.batch_norm
+
+    def spy(*args: Any) -> Any:
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(express, "batch_norm", spy)
+    x = torch.randn(8, 16, 8, 8)
+    batch_norm(x, torch.zeros(16), torch.ones(16), training=True)
+    bnkit.BatchNorm2d(16)(x)
+    bnkit.BatchNorm2d(16, activation="relu")(x)
+    bnkit.BatchNorm2d(16).eval()(x)
+    assert taken == [True, True, True, True]
+    taken.clear()
+    bnkit.BatchNorm2d(16, ghost_batch_size=4)(x)
+    bnkit.BatchNorm2d(16, activation="leaky_relu")(x)
+    assert taken == []
