@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -56,3 +57,16 @@ def condition(x: np.ndarray, eps: float = 0.0) -> float:
     spread = np.sqrt(x.var(axis=axes) + eps)
     magnitude = np.abs(x).max(axis=axes)
     return float(np.max(np.where(spread > 0, magnitude / np.where(spread > 0, spread, 1), 0)))
+
+
+def assert_close_to_scale(
+    ours: torch.Tensor | None, theirs: torch.Tensor | None, tolerance: float
+) -> None:
+    """Same shape and dtype, and max |ours - theirs| <= tolerance * max(1, max |theirs|)."""
+    assert ours is not None
+    assert theirs is not None
+    assert ours.shape == theirs.shape
+    assert ours.dtype == theirs.dtype
+    scale = max(1.0, theirs.detach().double().abs().max().item())
+    error = (ours.detach().double() - theirs.detach().double()).abs().max().item()
+    assert error <= tolerance * scale, f"error {error:.3g} (scale {scale:.3g})"

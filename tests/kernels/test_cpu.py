@@ -15,6 +15,7 @@ from bnkit import reference as ref
 from bnkit.functional import batch_norm as functional_batch_norm
 from bnkit.kernels import Activation, batch_norm, cpu, native, portable, select_kernel
 from tests.cases import CASE_IDS, CASES, Case
+from tests.helpers import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(
     native.library() is None, reason=f"no native CPU kernel: {native.load_error()}"
@@ -44,13 +45,7 @@ def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _close(ours: torch.Tensor | None, theirs: torch.Tensor | None, dtype: torch.dtype) -> None:
-    assert ours is not None
-    assert theirs is not None
-    assert ours.shape == theirs.shape
-    assert ours.dtype == theirs.dtype
-    scale = max(1.0, theirs.detach().double().abs().max().item())
-    error = (ours.detach().double() - theirs.detach().double()).abs().max().item()
-    assert error <= TOLERANCE[dtype] * scale, f"error {error:.3g} (scale {scale:.3g})"
+    assert_close_to_scale(ours, theirs, TOLERANCE[dtype])
 
 
 def _run(

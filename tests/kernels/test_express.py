@@ -18,6 +18,7 @@ from bnkit.errors import NonFiniteStatsWarning
 from bnkit.functional import batch_norm
 from bnkit.kernels import batch_norm as pipeline
 from bnkit.kernels import express, native, portable
+from tests.helpers import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(
     native.library() is None, reason=f"no native CPU kernel: {native.load_error()}"
@@ -39,13 +40,8 @@ LAYOUT_IDS = [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in LAY
 
 
 def _close(ours: torch.Tensor | None, theirs: torch.Tensor | None) -> None:
-    assert ours is not None
     assert theirs is not None
-    assert ours.shape == theirs.shape
-    assert ours.dtype == theirs.dtype
-    scale = max(1.0, theirs.detach().double().abs().max().item())
-    error = (ours.detach().double() - theirs.detach().double()).abs().max().item()
-    assert error <= TOLERANCE[theirs.dtype] * scale, f"error {error:.3g}"
+    assert_close_to_scale(ours, theirs, TOLERANCE[theirs.dtype])
 
 
 def _inputs(
