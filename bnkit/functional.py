@@ -254,7 +254,7 @@ def batch_norm(
         the unbiased one by default, so eval-mode outputs on the training batch differ
         slightly from training-mode outputs.
     """
-    express_result = try_express(
+    express_output = try_express(
         input,
         running_mean,
         running_var,
@@ -274,12 +274,10 @@ def batch_norm(
         activation,
         activation_param,
         memory_efficient,
+        _FUNCTIONAL_MONITOR,
     )
-    if express_result is not None:
-        fast_output, fast_recorded = express_result
-        if fast_recorded is False:
-            _FUNCTIONAL_MONITOR.observe(False, tuple(input.shape))
-        return fast_output
+    if express_output is not None:
+        return express_output
     output, recorded = _batch_norm(
         input,
         running_mean,
@@ -328,12 +326,14 @@ def try_express(
     activation: str | None,
     activation_param: float | None,
     memory_efficient: bool,
-) -> tuple[Tensor, bool | None] | None:
-    """(output, recorded) of a plain call on a CPU tensor by :mod:`bnkit.kernels.express`
-    (one C call each way), or None: then :func:`_batch_norm` runs the general pipeline,
-    which also reports invalid arguments. Plain: no mask, ghost batches, renorm or sync,
-    no activation but ReLU, every option valid."""
-    if (
+    monitor: NonFiniteMonitor,
+) -> Tensor | None:
+    """The output of a plain call on a CPU tensor by :mod:`bnkit.kernels.express` (one C
+    call each way; a batch the running statistics skipped is reported to ``monitor``), or
+    None: then :func:`_batch_norm` runs the general pipeline, which also reports invalid
+    arguments. Plain: no mask, ghost batches, renorm or sync, no activation but ReLU,
+    every option valid."""
+    if not (
         mask is None
         and ghost_batch_size is None
         and renorm is None
@@ -344,21 +344,27 @@ def try_express(
         and (skip_nonfinite is True or skip_nonfinite is False)
         and (memory_efficient is True or memory_efficient is False)
     ):
-        return express.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            running_var_estimator == "unbiased",
-            skip_nonfinite,
-            activation == "relu",
-        )
-    return None
+        return None
+    result = express.batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        running_var_estimator == "unbiased",
+        skip_nonfinite,
+        activation == "relu",
+    )
+    if result is None:
+        return None
+    output, recorded = result
+    if recorded is False:
+        monitor.observe(False, tuple(input.shape))
+    return output
 
 
 def check_options(
@@ -757,13 +763,10 @@ class NonFiniteMonitor:
         """Take note of one batch's ``recorded`` flag (a bool, or a 0-d bool tensor)."""
         if self.once and self.warned:
             return
-        if recorded is True:
-            if self._pending:
-                self.poll()
-            return
         self.poll()
-        if recorded is False:
-            self._warn(shape)
+        if isinstance(recorded, bool):  # known on the host already
+            if not recorded:
+                self._warn(shape)
         elif recorded.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(recorded, non_blocking=True)

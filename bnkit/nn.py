@@ -336,7 +336,7 @@ class BatchNormNd(_BatchNorm):
             if momentum is None and num_batches_tracked is None:
                 momentum = 0.0  # torch's factor when there is no counter to average with
         if self._deferred is None:
-            express_result = try_express(
+            express_output = try_express(
                 input,
                 running_mean,
                 running_var,
@@ -356,12 +356,10 @@ class BatchNormNd(_BatchNorm):
                 self.activation,
                 self.activation_param,
                 self.memory_efficient,
+                self._nonfinite_monitor,
             )
-            if express_result is not None:
-                fast_output, fast_recorded = express_result
-                if fast_recorded is False:
-                    self._nonfinite_monitor.observe(False, tuple(input.shape))
-                return fast_output
+            if express_output is not None:
+                return express_output
         output, recorded = _batch_norm(
             input,
             running_mean,

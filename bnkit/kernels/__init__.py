@@ -236,11 +236,11 @@ def select_kernel(x: Tensor) -> Kernel:
 
 class BatchNormResult(NamedTuple):
     """What the pipeline returns: the output, and whether the batch's statistics were
-    recorded (a 0-d bool tensor, or a bool where it is known on the host at no cost; only
-    when running statistics were updated with ``skip_nonfinite``; None otherwise)."""
+    recorded (a 0-d bool tensor, only when running statistics were updated with
+    ``skip_nonfinite``; None otherwise)."""
 
     output: Tensor
-    recorded: Tensor | bool | None
+    recorded: Tensor | None
 
 
 class Chunk(NamedTuple):
