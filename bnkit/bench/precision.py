@@ -1,6 +1,6 @@
 """How accurately batch norm normalizes float32 data that sits far from zero.
 
-    python -m bnkit.bench.precision
+    python -m bnkit.bench.precision [--layout nchw|channels_last|both]
 
 For channels at 10**k with a spread of 1e-2 (float32), the largest error of the
 normalized output in training and in evaluation (with float32 population statistics, as
@@ -30,9 +30,12 @@ def offset_input(
     return (channel_loc.view(view) + spread * noise).float()
 
 
-def errors(loc: float, spread: float) -> dict[str, dict[str, float]]:
-    """Max errors against float64 of training output, eval output and input gradient."""
+def errors(loc: float, spread: float, layout: str = "nchw") -> dict[str, dict[str, float]]:
+    """Max errors against float64 of training output, eval output and input gradient,
+    with the input in ``layout`` ("nchw" or "channels_last")."""
     x = offset_input(loc, spread)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     results: dict[str, dict[str, float]] = {}
     for name, norm in (("bnkit", bnkit.functional.batch_norm), ("torch", F.batch_norm)):
@@ -60,15 +63,21 @@ def errors(loc: float, spread: float) -> dict[str, dict[str, float]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnkit.bench.precision", description=__doc__)
     parser.add_argument("--spread", type=float, default=1e-2)
+    parser.add_argument("--layout", choices=("nchw", "channels_last", "both"), default="both")
     args = parser.parse_args(argv)
+    layouts = ("nchw", "channels_last") if args.layout == "both" else (args.layout,)
     print(f"float32 input, channels at loc with spread {args.spread:g}; max error vs float64")
-    print(f"{'loc':>8s} {'':6s} {'train output':>13s} {'eval output':>12s} {'input grad':>11s}")
-    for exponent in (0, 2, 3, 4):
-        for name, figures in errors(10.0**exponent, args.spread).items():
-            print(
-                f"{10.0**exponent:8.0e} {name:6s} {figures['train']:13.1e} "
-                f"{figures['eval']:12.1e} {figures['grad']:11.1e}"
-            )
+    print(
+        f"{'loc':>8s} {'layout':13s} {'':6s} {'train output':>13s} {'eval output':>12s} "
+        f"{'input grad':>11s}"
+    )
+    for layout in layouts:
+        for exponent in (0, 2, 3, 4):
+            for name, figures in errors(10.0**exponent, args.spread, layout).items():
+                print(
+                    f"{10.0**exponent:8.0e} {layout:13s} {name:6s} {figures['train']:13.1e} "
+                    f"{figures['eval']:12.1e} {figures['grad']:11.1e}"
+                )
     return 0
 
 

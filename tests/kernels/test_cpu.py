@@ -358,6 +358,61 @@ def test_statistics_with_an_outlying_shift(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(stats.var.double(), exact.var(dims, correction=0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("pattern", ["drift", "steps", "outlier_rows", "outlying_first"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_channels_last_float32_sums_stay_accurate(pattern: str, relu: bool) -> None:
+    """The nc loops sum float32 blocks of rows in float before double: with channels at
+    1e4 and a spread of 1e-2 that drifts, jumps or has outlying rows along the batch, the
+    statistics, the output and the gradients stay at float32 rounding against float64."""
+    g = torch.Generator().manual_seed(3)
+    n, c, h, w = 16, 5, 9, 9
+    rows = n * h * w
+    along = torch.arange(rows, dtype=torch.float64) / rows
+    offsets = {
+        "drift": 0.5 * along,  # 50 standard deviations from first row to last
+        "steps": 0.3 * (along > 0.5).double(),
+        "outlier_rows": torch.where(torch.arange(rows) % 97 == 0, 1.0, 0.0).double(),
+        # the first row is the shift: 1000 standard deviations from every other
+        "outlying_first": torch.where(torch.arange(rows) == 0, 10.0, 0.0).double(),
+    }[pattern]
+    base = 1e4 * (1 + 0.1 * torch.rand(c, generator=g, dtype=torch.float64))
+    x64 = base + offsets[:, None] + 1e-2 * torch.randn(rows, c, generator=g, dtype=torch.float64)
+    x64 = x64.reshape(n, h, w, c).permute(0, 3, 1, 2)  # channels-last strides
+    x = x64.float()
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(c, generator=g) + 0.5
+    bias = torch.randn(c, generator=g)
+    stats = cpu.KERNEL.batch_stats(x)
+    exact = x.double()
+    dims = [0, 2, 3]
+    exact_var = exact.var(dims, correction=0)
+    mean = stats.shift.double() + stats.shifted_mean.double()
+    assert ((mean - exact.mean(dims)).abs() <= 1e-5 * exact_var.sqrt()).all()
+    torch.testing.assert_close(stats.var.double(), exact_var, rtol=2e-6, atol=0)
+
+    def run(inp: torch.Tensor, activation: Activation | None) -> tuple[torch.Tensor, ...]:
+        inp = inp.detach().requires_grad_(True)
+        wt = weight.to(inp.dtype).requires_grad_(True)
+        bs = bias.to(inp.dtype).requires_grad_(True)
+        y = functional_batch_norm(inp, None, None, wt, bs, training=True, activation=activation)
+        grads = torch.autograd.grad(y, (inp, wt, bs), dy.to(inp.dtype))
+        return (y, *grads)
+
+    ours = run(x, "relu" if relu else None)
+    exact_y = torch.nn.functional.batch_norm(
+        exact.requires_grad_(True), None, None, weight.double(), bias.double(), training=True
+    )
+    if relu:
+        exact_y = torch.relu(exact_y)
+    exact_grads = torch.autograd.grad(exact_y, (exact,), dy.double(), retain_graph=True)
+    reference = run(x.double(), "relu" if relu else None)
+    torch.testing.assert_close(reference[1], exact_grads[0])
+    for mine, theirs in zip(ours, reference, strict=True):
+        scale = theirs.abs().max().item()
+        assert (mine.double() - theirs).abs().max().item() <= 2e-6 * scale
+
+
 #: (activation, parameter) pairs the fast kernel fuses besides relu
 INVERTIBLE = [
     ("identity", None),
