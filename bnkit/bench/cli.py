@@ -120,25 +120,38 @@ def format_machine(info: dict[str, Any]) -> str:
 
 
 def _header(names: Sequence[str]) -> str:
-    columns = "".join(f"{name + ' ms':>13s}{'x torch':>9s}{'floor':>7s}" for name in names)
+    columns = "".join(
+        f"{name + ' ms':>13s}{'x torch':>9s}{'floor':>7s}{'+new':>6s}" for name in names
+    )
+    if "compiled" in names:
+        columns += f"{'x comp':>8s}{'compile s':>11s}"
     head = f"{'shape':<18s}{'layout':<8s}{'operation':<17s}{'MB':>7s}{'floor ms':>10s}"
-    return f"{head}{'torch ms':>10s}{'floor':>7s}{columns}"
+    return f"{head}{'+new ms':>9s}{'torch ms':>10s}{'floor':>7s}{'+new':>6s}{columns}"
 
 
 def format_row(row: dict[str, Any]) -> str:
-    """A table line: time, speed vs torch (torch time / time) and % of the floor."""
+    """A table line: per implementation its time, speed vs torch (torch time / time), % of
+    the floor and % of the floor plus the new outputs' page faults ("+new"); with torch
+    compile, bnkit's speed against it and the compile time."""
     results = row["results"]
     shape = "x".join(str(d) for d in row["shape"])
     layout = "nchw" if row["layout"] == "nchw" else "cl"
     torch_result = results["torch"]
     line = (
         f"{shape:<18s}{layout:<8s}{row['operation']:<17s}{row['megabytes']:7.1f}"
-        f"{row['floor_ms']:10.3f}{torch_result['ms']:10.3f}{torch_result['of_floor']:7.0%}"
+        f"{row['floor_ms']:10.3f}{row['floor_with_outputs_ms']:9.3f}"
+        f"{torch_result['ms']:10.3f}{torch_result['of_floor']:7.0%}"
+        f"{torch_result['of_floor_with_outputs']:6.0%}"
     )
     for name in _NAMES:
         if name in results:
             result = results[name]
-            line += f"{result['ms']:13.3f}{1.0 / result['vs_torch']:8.2f}x{result['of_floor']:7.0%}"
+            line += (
+                f"{result['ms']:13.3f}{1.0 / result['vs_torch']:8.2f}x{result['of_floor']:7.0%}"
+                f"{result['of_floor_with_outputs']:6.0%}"
+            )
+    if "compiled" in results:
+        line += f"{1.0 / results['bnkit']['vs_compiled']:7.2f}x{row['compile_s']:11.1f}"
     return line
 
 

@@ -14,11 +14,19 @@ operation                          passes  what
 ``bn+relu fwd+bwd`` (training)      8       as fwd+bwd, the ReLU folded in
 ================================  ======  =============================================
 
+A new tensor costs more than its pass: the operating system maps and zeroes its pages on
+first touch, which no kernel can avoid when the caller asks for a new output (a forward
+makes y, a backward dx). Each repetition also times that cost (writing a fresh tensor
+against writing a preallocated one) and the table shows, beside the floor, the floor plus
+the fresh outputs the operation must create (one for forward and eval, two for the
+training step: y and dx) and each implementation's fraction of it.
+
 Implementations, timed interleaved (each repetition runs every one once, so load from
 other processes hits them alike; the figures are medians over repetitions of per-repetition
 ratios): ``torch`` = ``torch.nn.functional.batch_norm`` (+ ``torch.relu``), ``compiled`` =
-``torch.compile`` of ``torch.nn.BatchNorm*d`` (+ ReLU) when asked (compile time reported
-separately), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default options
+``torch.compile`` of ``torch.nn.BatchNorm*d`` (+ ReLU) when asked (compiled afresh for
+each row after ``torch._dynamo.reset()``, its compile time reported separately, and
+bnkit's speed against it), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default options
 (``activation="relu"`` for the fused row). Running statistics are updated by all of them.
 
 This module measures in the current process: :mod:`bnkit.bench.cli` runs it in a fresh
@@ -68,6 +76,8 @@ QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((32, 256, 56, 56), (4096, 1024), (8
 OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
 #: tensor-sized memory passes of each operation (the floor)
 PASSES = {"forward": 3, "fwd+bwd": 8, "eval": 2, "bn+relu fwd+bwd": 8}
+#: new tensor-sized outputs each operation must create (y; y and dx)
+OUTPUTS = {"forward": 1, "fwd+bwd": 2, "eval": 1, "bn+relu fwd+bwd": 2}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -232,8 +242,18 @@ def _bandwidth_probes(x: torch.Tensor) -> dict[str, tuple[Callable[[], Any], int
     }
 
 
+def _fresh_output_probes(x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Writing a new tensor of x's size, and writing a preallocated one: the difference is
+    what a new output costs beyond its pass (mapping and zeroing its pages)."""
+    kept = torch.empty_like(x)
+    return (lambda: torch.empty_like(x).fill_(1.0)), (lambda: kept.fill_(1.0))
+
+
 def _compile_module(x: torch.Tensor, relu: bool, training: bool) -> tuple[torch.nn.Module, float]:
-    """torch.compile'd BatchNorm (+ ReLU) for x, and the seconds its first call took."""
+    """torch.compile'd BatchNorm (+ ReLU) for x, and the seconds its first call took
+    (from a reset compiler: no graph or recompilation budget carried over from another
+    row)."""
+    torch._dynamo.reset()
     dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
     layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype)]
     if relu:
@@ -273,21 +293,26 @@ def measure(
         compiled, compile_s = _compile_module(x, relu, operation != "eval")
     candidates = _candidates(operation, x, compiled)
     probes = _bandwidth_probes(x)
+    fresh, kept = _fresh_output_probes(x)
     nbytes = x.numel() * x.element_size()
     for fn in candidates.values():  # warm up: first calls allocate, compile, load
         fn()
     inner = {name: _inner(fn, config.min_sample_s) for name, fn in candidates.items()}
     probe_inner = {name: _inner(fn, config.min_sample_s) for name, (fn, _) in probes.items()}
+    fresh_inner = _inner(fresh, config.min_sample_s)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     bandwidth: list[float] = []
+    new_output: list[float] = []
     for _ in range(config.repetitions):
         best = 0.0
         for name, (fn, passes) in probes.items():
             best = max(best, passes * nbytes / _time(fn, probe_inner[name]))
         bandwidth.append(best)
+        new_output.append(max(0.0, _time(fresh, fresh_inner) - _time(kept, fresh_inner)))
         for name, fn in candidates.items():
             times[name].append(_time(fn, inner[name]))
     floor = [PASSES[operation] * nbytes / bw for bw in bandwidth]
+    with_outputs = [f + OUTPUTS[operation] * n for f, n in zip(floor, new_output, strict=True)]
     row: dict[str, Any] = {
         "shape": list(shape),
         "layout": layout,
@@ -296,17 +321,24 @@ def measure(
         "megabytes": nbytes / 1e6,
         "bandwidth_gbs": statistics.median(bandwidth) / 1e9,
         "floor_ms": statistics.median(floor) * 1e3,
+        "new_output_ms": statistics.median(new_output) * 1e3,
+        "floor_with_outputs_ms": statistics.median(with_outputs) * 1e3,
         "compile_s": compile_s,
         "results": {},
     }
     for name, samples in times.items():
         ratios = [t / ref for t, ref in zip(samples, times["torch"], strict=True)]
         of_floor = [f / t for f, t in zip(floor, samples, strict=True)]
+        of_with = [f / t for f, t in zip(with_outputs, samples, strict=True)]
         row["results"][name] = {
             "ms": statistics.median(samples) * 1e3,
             "vs_torch": statistics.median(ratios),
             "of_floor": statistics.median(of_floor),
+            "of_floor_with_outputs": statistics.median(of_with),
         }
+        if "compiled" in times:
+            to_compiled = [t / c for t, c in zip(samples, times["compiled"], strict=True)]
+            row["results"][name]["vs_compiled"] = statistics.median(to_compiled)
     return row
 
 

@@ -151,11 +151,12 @@ BN_UPDATE(double, f64)
 /* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
 void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
                       int nt) {
-    if (sizeof(T) == sizeof(float) && L >= 4 * LANES) {
-        /* float input, long rows: walk memory in order, each thread over a range of
-         * (n, c) rows, with per-channel shifted sums in double (x - s is exact in double,
-         * and M2 = sum d^2 - (sum d)^2 / n loses about (1 + t^2) * 1e-16 relative for a
-         * shift t standard deviations from the mean, far below float32 rounding). */
+    if (sizeof(T) == sizeof(float)) {
+        /* float input: walk memory in order, each thread over a range of (n, c) rows,
+         * with per-channel shifted sums in double (x - s is exact in double, and
+         * M2 = sum d^2 - (sum d)^2 / n loses about (1 + t^2) * 1e-16 relative for a shift
+         * t standard deviations from the mean, far below float32 rounding). Short rows
+         * (7x7 maps) are read in memory order too: per channel they would be scattered. */
         i64 R = N * C, P = nt < 1 ? 1 : nt;
         if (P > R) P = R;
         double *acc = (double *)calloc((size_t)(2 * C * P), sizeof(double));
@@ -169,6 +170,17 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
                 double as[LANES] = {0.0}, aq[LANES] = {0.0};
                 double ts = 0.0, tq = 0.0;
                 i64 i = 0;
+                if (L < 4 * LANES) { /* short rows: one vector accumulator each */
+                    _Pragma("omp simd reduction(+ : ts, tq)")
+                    for (i64 k = 0; k < L; ++k) {
+                        double d = (double)p[k] - sc;
+                        ts += d;
+                        tq += d * d;
+                    }
+                    sum[c] += ts;
+                    sq[c] += tq;
+                    continue;
+                }
                 for (; i + LANES <= L; i += LANES) {
                     _Pragma("omp simd")
                     for (int j = 0; j < LANES; ++j) {
@@ -410,6 +422,8 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
     if (P > R) P = R;
     if (P < 1) P = 1;
     double *acc = (double *)calloc((size_t)(2 * C * P), sizeof(double));
+    T *ref = (T *)malloc(sizeof(T) * (size_t)(C > 0 ? C : 1));
+    for (i64 c = 0; c < C; ++c) ref[c] = (T)((double)s[c] + (double)m[c]);
     _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
     for (i64 part = 0; part < P; ++part) {
         double *ag = acc + 2 * C * part, *agc = ag + C;
@@ -418,7 +432,20 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
             const T *gp = g + row * L, *xp = x + row * L;
             const double sc = (double)s[c];
             double tg = 0.0, tgc = 0.0;
-            if (za) {
+            if (za && L < 4 * LANES) { /* short rows: sums in T, as below */
+                const T ts = s[c], ta = za[c], tb = zb[c], rc = ref[c];
+                T fg = (T)0, fgc = (T)0;
+                _Pragma("omp simd reduction(+ : fg, fgc)")
+                for (i64 i = 0; i < L; ++i) {
+                    const T z = (xp[i] - ts) * ta + tb;
+                    const T gv = gp[i]; /* loaded unconditionally: a select, no branch */
+                    const T gt = z > (T)0 ? gv : (T)0;
+                    fg += gt;
+                    fgc += gt * (xp[i] - rc);
+                }
+                tg = (double)fg;
+                tgc = (double)fgc + ((double)rc - sc) * (double)fg;
+            } else if (za) {
                 const T ts = s[c], ta = za[c], tb = zb[c];
                 _Pragma("omp simd reduction(+ : tg, tgc)")
                 for (i64 i = 0; i < L; ++i) {
@@ -429,13 +456,21 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
                     tg += gi;
                     tgc += gi * ((double)xp[i] - sc);
                 }
-            } else if (L < 4 * LANES) { /* short rows: one vector accumulator each */
-                _Pragma("omp simd reduction(+ : tg, tgc)")
+            } else if (L < 4 * LANES) {
+                /* short rows (7x7 maps): a double sum per row would wait on its own adds;
+                 * the row is summed in T, about the batch mean rc = s + m rounded to T
+                 * (terms centred: at most L roundings of g' times the spread), and the
+                 * rounding of rc is put back in double. */
+                const T rc = ref[c];
+                T fg = (T)0, fgc = (T)0;
+                _Pragma("omp simd reduction(+ : fg, fgc)")
                 for (i64 i = 0; i < L; ++i) {
-                    double gi = (double)gp[i];
-                    tg += gi;
-                    tgc += gi * ((double)xp[i] - sc);
+                    const T gi = gp[i];
+                    fg += gi;
+                    fgc += gi * (xp[i] - rc);
                 }
+                tg = (double)fg;
+                tgc = (double)fgc + ((double)rc - sc) * (double)fg;
             } else { /* LANES independent sums, so the adds do not wait on each other */
                 double lg[LANES] = {0.0}, lgc[LANES] = {0.0};
                 i64 i = 0;
@@ -465,6 +500,7 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
         sum_g[c] = a;
         sum_gc[c] = b - (double)m[c] * a;
     }
+    free(ref);
     free(acc);
 }
 

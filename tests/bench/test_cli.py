@@ -37,8 +37,12 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     for row in rows:
         assert row["floor_ms"] > 0
         assert row["bandwidth_gbs"] > 0
+        assert row["floor_with_outputs_ms"] >= row["floor_ms"]
+        assert row["new_output_ms"] >= 0
         for name in ("torch", "bnkit"):
-            assert set(row["results"][name]) == {"ms", "vs_torch", "of_floor"}
+            result = row["results"][name]
+            assert set(result) == {"ms", "vs_torch", "of_floor", "of_floor_with_outputs"}
+            assert result["of_floor_with_outputs"] >= result["of_floor"]
         assert row["results"]["torch"]["vs_torch"] == 1.0
 
 

@@ -360,10 +360,12 @@ def test_statistics_with_an_outlying_shift(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("pattern", ["drift", "steps", "outlier_rows", "outlying_first"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_channels_last_float32_sums_stay_accurate(pattern: str, relu: bool) -> None:
-    """The nc loops sum float32 blocks of rows in float before double: with channels at
-    1e4 and a spread of 1e-2 that drifts, jumps or has outlying rows along the batch, the
-    statistics, the output and the gradients stay at float32 rounding against float64."""
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_float32_block_sums_stay_accurate(pattern: str, relu: bool, layout: str) -> None:
+    """The nc loops sum float32 blocks of rows in float before double, the ncl loops
+    short rows (here 9x9): with channels at 1e4 and a spread of 1e-2 that drifts, jumps or
+    has outlying rows along the batch, the statistics, the output and the gradients stay
+    at float32 rounding against float64."""
     g = torch.Generator().manual_seed(3)
     n, c, h, w = 16, 5, 9, 9
     rows = n * h * w
@@ -381,6 +383,8 @@ def test_channels_last_float32_sums_stay_accurate(pattern: str, relu: bool) -> N
     x = x64.float()
     assert x.is_contiguous(memory_format=torch.channels_last)
     dy = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    if layout == "nchw":
+        x, dy = x.contiguous(), dy.contiguous()
     weight = torch.rand(c, generator=g) + 0.5
     bias = torch.randn(c, generator=g)
     stats = cpu.KERNEL.batch_stats(x)

@@ -248,6 +248,9 @@ def test_matches_torch_on_drawn_inputs(
         "running_mean": max(1.0, float(np.abs(x).max())),
         "running_var": max(1.0, float(np.abs(x).max()) ** 2),
     }
+    # below the smallest normal number, precision is absolute (subnormal gradients)
+    tiny = float(np.finfo(np.float64).tiny)
     for name, value in actual.items():
         error = float(np.abs(value - expected[name]).max())
-        assert error <= tolerance * scale[name], (name, error, tolerance * scale[name])
+        allowed = tolerance * scale[name] + tiny
+        assert error <= allowed, (name, error, allowed)
