@@ -313,22 +313,36 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
  * cancellation in its M2 is only as large as (block mean - ref)^2 is against the spread,
  * where ref is within a fraction of a standard deviation of the mean after the first
  * block: the variance errs by ~1e-6 relative to itself at worst, never by E[x^2]. */
-void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int nt) {
+static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T *shift,
+                                T *smean, T *var, double *count, int nt) {
+    /* The shift: the first valid row (the first row without a mask). */
+    i64 first = 0;
+    if (mask)
+        while (first < M && !mask[first]) ++first;
+    if (first == M) { /* nothing valid: no statistics (0 / 0, as the portable kernel) */
+        for (i64 c = 0; c < C; ++c) shift[c] = smean[c] = var[c] = (T)NAN;
+        *count = 0.0;
+        return;
+    }
+    const T *s0 = x + first * C;
     i64 P = M < nt ? (M > 0 ? M : 1) : nt;
     if (P < 1) P = 1;
     double *acc = (double *)calloc((size_t)(2 * C * P + P), sizeof(double));
     T *blk = (T *)malloc(sizeof(T) * (size_t)(3 * C * P));
     _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
     for (i64 part = 0; part < P; ++part) {
-        double *mean = acc + 2 * C * part, *m2 = mean + C; /* mean relative to x[0, c] */
+        double *mean = acc + 2 * C * part, *m2 = mean + C; /* mean relative to the shift */
         double *cnt = acc + 2 * C * P + part;
         T *ref = blk + 3 * C * part, *bs = ref + C, *bq = bs + C;
-        for (i64 c = 0; c < C; ++c) ref[c] = x[c];
+        for (i64 c = 0; c < C; ++c) ref[c] = s0[c];
         const i64 r_end = M * (part + 1) / P;
         for (i64 r0 = M * part / P; r0 < r_end; r0 += NC_SUM_ROWS) {
             const i64 r1 = min64(r_end, r0 + NC_SUM_ROWS);
             for (i64 c = 0; c < C; ++c) bs[c] = (T)0, bq[c] = (T)0;
+            i64 valid = 0;
             for (i64 r = r0; r < r1; ++r) {
+                if (mask && !mask[r]) continue; /* padding: not in the statistics */
+                ++valid;
                 const T *p = x + r * C;
                 _Pragma("omp simd")
                 for (i64 c = 0; c < C; ++c) {
@@ -337,22 +351,24 @@ void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int
                     bq[c] += d * d;
                 }
             }
+            if (!valid) continue;
             /* Chan's merge; the count is the same for every channel, so the weights are
              * scalars (no division per channel). */
-            const double nb = (double)(r1 - r0), n0 = *cnt, tot = n0 + nb;
+            const double nb = (double)valid, n0 = *cnt, tot = n0 + nb;
             const double inv = 1.0 / nb, w = nb / tot, w2 = n0 * nb / tot;
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c) {
-                const double s = (double)x[c], sum = (double)bs[c];
+                const double sh = (double)s0[c], sum = (double)bs[c];
                 const double mb = sum * inv, qb = (double)bq[c] - sum * mb;
-                const double delta = ((double)ref[c] - s) + mb - mean[c];
+                const double delta = ((double)ref[c] - sh) + mb - mean[c];
                 mean[c] += delta * w;
                 m2[c] += (qb > 0.0 ? qb : 0.0) + delta * delta * w2;
-                ref[c] = (T)(s + mean[c]);
+                ref[c] = (T)(sh + mean[c]);
             }
             *cnt = tot;
         }
     }
+    double total = 0.0;
     for (i64 c = 0; c < C; ++c) {
         double cnt = 0.0, mean = 0.0, m2 = 0.0;
         for (i64 part = 0; part < P; ++part) {
@@ -360,11 +376,101 @@ void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int
             if (pc > 0)
                 CHAN_MERGE(cnt, mean, m2, pc, acc[2 * C * part + c], acc[2 * C * part + C + c]);
         }
-        shift[c] = x[c];
+        shift[c] = s0[c];
         smean[c] = (T)mean;
         var[c] = (T)(m2 / cnt);
+        total = cnt;
     }
+    *count = total;
     free(blk);
+    free(acc);
+}
+
+void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int nt) {
+    double count;
+    NAME(stats_nc_rows)(x, NULL, M, C, shift, smean, var, &count, nt);
+}
+
+/* Masked statistics, nc layout: only rows r with mask[r] (one byte, 0 or 1) count; the
+ * shift is the first valid row; *count receives the number of valid rows. */
+void NAME(bn_stats_masked_nc)(const T *x, const uint8_t *mask, i64 M, i64 C, T *shift,
+                              T *smean, T *var, double *count, int nt) {
+    NAME(stats_nc_rows)(x, mask, M, C, shift, smean, var, count, nt);
+}
+
+/* Masked statistics, ncl layout: value (n, c, l) counts where mask[n * L + l]. The shift
+ * is x at the first valid (n, l); *count receives the number of valid (n, l). Each thread
+ * walks a range of (n, c) rows in memory order. float data: one pass of shifted sums in
+ * double (as the unmasked ncl statistics); double data: two passes, the second about the
+ * mean of the first (exact to rounding). */
+void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i64 L,
+                               T *shift, T *smean, T *var, double *count, int nt) {
+    i64 first = 0, NL = N * L;
+    while (first < NL && !mask[first]) ++first;
+    if (first == NL) {
+        for (i64 c = 0; c < C; ++c) shift[c] = smean[c] = var[c] = (T)NAN;
+        *count = 0.0;
+        return;
+    }
+    double valid = 0.0;
+    for (i64 i = 0; i < NL; ++i) valid += (double)mask[i];
+    const i64 n_first = first / L, l_first = first % L;
+    i64 R = N * C, P = nt < 1 ? 1 : nt;
+    if (P > R) P = R;
+    double *acc = (double *)calloc((size_t)(3 * C * P + C), sizeof(double));
+    double *sd = acc + 3 * C * P;
+    for (i64 c = 0; c < C; ++c) sd[c] = (double)x[(n_first * C + c) * L + l_first];
+    const int two_pass = sizeof(T) == sizeof(double);
+    for (int pass = 0; pass < 1 + two_pass; ++pass) {
+        /* pass 0: sums of d = x - s (and d^2 for float); pass 1 (double): sums of
+         * (d - mean)^2, the mean from pass 0 kept in acc's last C slots of each part */
+        _Pragma("omp parallel for num_threads(nt) schedule(static, 1) if(nt > 1)")
+        for (i64 part = 0; part < P; ++part) {
+            double *sum = acc + 3 * C * part, *sq = sum + C, *ctr = sq + C;
+            for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
+                const i64 c = row % C, n = row / C;
+                const T *p = x + row * L;
+                const uint8_t *mk = mask + n * L;
+                const double sc = sd[c], cc = ctr[c];
+                double ts = 0.0, tq = 0.0;
+                if (pass == 0) {
+                    _Pragma("omp simd reduction(+ : ts, tq)")
+                    for (i64 i = 0; i < L; ++i) {
+                        const double d = mk[i] ? (double)p[i] - sc : 0.0;
+                        ts += d;
+                        tq += d * d;
+                    }
+                    sum[c] += ts;
+                    sq[c] += tq;
+                } else {
+                    _Pragma("omp simd reduction(+ : tq)")
+                    for (i64 i = 0; i < L; ++i) {
+                        const double e = mk[i] ? ((double)p[i] - sc) - cc : 0.0;
+                        tq += e * e;
+                    }
+                    sq[c] += tq;
+                }
+            }
+        }
+        for (i64 c = 0; c < C; ++c) {
+            double ts = 0.0, tq = 0.0;
+            for (i64 part = 0; part < P; ++part) ts += acc[3 * C * part + c],
+                                                 tq += acc[3 * C * part + C + c];
+            const double mean = pass == 0 ? ts / valid : acc[2 * C + c];
+            if (pass == 0 && two_pass) { /* the mean for pass 1; sums of squares restart */
+                for (i64 part = 0; part < P; ++part) {
+                    acc[3 * C * part + 2 * C + c] = mean;
+                    acc[3 * C * part + C + c] = 0.0;
+                }
+                continue;
+            }
+            const double m2 = two_pass ? tq : tq - ts * mean;
+            shift[c] = (T)sd[c];
+            smean[c] = (T)mean;
+            var[c] = (T)((m2 > 0.0 ? m2 : 0.0) / valid);
+        }
+    }
+    *count = valid;
     free(acc);
 }
 
@@ -614,6 +720,45 @@ void NAME(bn_backward_input_nc)(const T *g, const T *x, T *dx, i64 M, i64 C, con
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c)
                 dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
+        }
+    }
+}
+
+/* dx with a mask: padding reaches the statistics through nothing, so
+ * dx = g * alpha + ((x - s) * k1 + k0 where valid, else 0). ncl, mask (N, L). */
+void NAME(bn_backward_input_masked_ncl)(const T *g, const T *x, const uint8_t *mask, T *dx,
+                                        i64 N, i64 C, i64 L, const T *s, const T *alpha,
+                                        const T *k1, const T *k0, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 row = 0; row < N * C; ++row) {
+        const i64 c = row % C;
+        const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
+        const T *gp = g + row * L, *xp = x + row * L;
+        const uint8_t *mk = mask + (row / C) * L;
+        T *dp = dx + row * L;
+        _Pragma("omp simd")
+        for (i64 i = 0; i < L; ++i) {
+            const T through = (xp[i] - sc) * k1c + k0c;
+            dp[i] = gp[i] * ac + (mk[i] ? through : (T)0);
+        }
+    }
+}
+
+/* The same, nc layout, mask (M,) over rows. */
+void NAME(bn_backward_input_masked_nc)(const T *g, const T *x, const uint8_t *mask, T *dx,
+                                       i64 M, i64 C, const T *s, const T *alpha, const T *k1,
+                                       const T *k0, int nt) {
+    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+    for (i64 r = 0; r < M; ++r) {
+        const T *gp = g + r * C, *xp = x + r * C;
+        T *dp = dx + r * C;
+        if (mask[r]) {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c)
+                dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
+        } else {
+            _Pragma("omp simd")
+            for (i64 c = 0; c < C; ++c) dp[c] = gp[c] * alpha[c] + (T)0;
         }
     }
 }

@@ -2,7 +2,7 @@
 
 :func:`bnkit.kernels.select_kernel` picks it for CPU float32/float64 tensors in eager mode
 whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last;
-everything else (other devices and dtypes, masks, process groups, ``torch.compile``,
+everything else (other devices and dtypes, process groups, ``torch.compile``,
 ``torch.func`` transforms, other strides) goes to the portable kernel, whose results
 these agree with to rounding.
 
@@ -18,6 +18,10 @@ Passes over memory (a pass reads or writes the tensor once):
 - backward: the two reductions sum(dy) and sum(dy * x_hat) in one pass (read dy, x), then
   dx (read dy, x, write dx) = 5; forward + backward = 8;
 - inference: 2. Fused BN + ReLU: the same 3 + 5, the ReLU mask recomputed from x.
+- a mask (padded sequences, (N, *spatial) bool): the same 3 + 5; the statistics skip the
+  padding (for channels-last and 2D inputs whole rows of C values), the backward's sums
+  run over every position and dx adds the paths through the statistics to valid
+  positions only. A fused activation with a mask goes to the portable kernel.
 - fused BN + identity / leaky_relu / elu: the same 3 + 5 (normalization and activation in
   one pass; g' = g * act'(z) computed on the fly in both backward passes). The
   memory-efficient form saves only the output y (and O(C) vectors) and recovers, per value,
@@ -109,8 +113,9 @@ def _threads(x: Tensor) -> int:
 _FUNCTIONS: dict[tuple[str, torch.dtype], Any] = {}
 
 _I64, _PTR, _INT, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-#: Argument types of the fused-activation loops (the _f32 and _f64 variants alike).
-_ACTIVATION_SIGNATURES: dict[str, list[type]] = {
+#: Argument types of the fused-activation and masked loops (the _f32 and _f64 variants
+#: alike); the plain loops' are in :mod:`bnkit.kernels.native`.
+_LOOP_SIGNATURES: dict[str, list[type]] = {
     "bn_act_forward_ncl": [_PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 3, _INT, _DOUBLE, _INT],
     "bn_act_forward_nc": [_PTR, _PTR, _I64, _I64, *[_PTR] * 3, _INT, _DOUBLE, _INT],
     "bn_act_backward_reduce_ncl": [
@@ -148,6 +153,12 @@ _ACTIVATION_SIGNATURES: dict[str, list[type]] = {
         _INT,
     ],
     "bn_act_backward_input_nc": [*[_PTR] * 3, _I64, _I64, *[_PTR] * 6, _INT, _DOUBLE, _INT, _INT],
+    # masks (padded sequences): x, mask, sizes, shift, shifted mean, var, count, threads
+    "bn_stats_masked_ncl": [*[_PTR] * 2, _I64, _I64, _I64, *[_PTR] * 4, _INT],
+    "bn_stats_masked_nc": [*[_PTR] * 2, _I64, _I64, *[_PTR] * 4, _INT],
+    # g, x, mask, dx, sizes, shift, alpha, k1, k0, threads
+    "bn_backward_input_masked_ncl": [*[_PTR] * 4, _I64, _I64, _I64, *[_PTR] * 4, _INT],
+    "bn_backward_input_masked_nc": [*[_PTR] * 4, _I64, _I64, *[_PTR] * 4, _INT],
 }
 #: The activations the fused loops implement (their codes in ``cpu.c``); relu has its own.
 _ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
@@ -160,8 +171,8 @@ def _call(name: str, x: Tensor, *args: Any) -> Any:
         lib = native.library()
         assert lib is not None
         function = getattr(lib, f"{name}_{_SUFFIX[x.dtype]}")
-        if name in _ACTIVATION_SIGNATURES:
-            function.argtypes = _ACTIVATION_SIGNATURES[name]
+        if name in _LOOP_SIGNATURES:
+            function.argtypes = _LOOP_SIGNATURES[name]
             function.restype = None
         _FUNCTIONS[name, x.dtype] = function
     return function(*args)
@@ -189,6 +200,23 @@ def _as_layout_of(g: Tensor, x: Tensor) -> Tensor:
     if x.is_contiguous():
         return g.contiguous()
     return g.contiguous(memory_format=portable._output_memory_format(x))
+
+
+def _mask_fits(x: Tensor, mask: Tensor | None) -> bool:
+    """Whether the masked C loops take ``mask`` for x: a contiguous CPU bool (N, *spatial)
+    tensor whose memory order is x's row order (NCHW-like x: (N, L) per channel rows;
+    channels-last or 2D x: one entry per row of C values)."""
+    if mask is None:
+        return True
+    return (
+        type(mask) in _PLAIN_TYPES
+        and mask.dtype == torch.bool
+        and mask.is_cpu
+        and mask.layout == torch.strided
+        and mask.is_contiguous()
+        and mask.shape == x.shape[:1] + x.shape[2:]
+        and not _is_functorch_wrapped(mask)
+    )
 
 
 def _affine(x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, relu: bool = False) -> Tensor:
@@ -219,10 +247,13 @@ def _input_gradient_terms(
     count: Tensor,
     relu_affine: tuple[Tensor, Tensor] | None,
     need_input: bool,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """(dx or None, sum(g' * x_hat), sum(g')) for batch statistics, g' = g (masked by the
     ReLU recomputed from ``relu_affine`` = (alpha, beta') when given). Two passes, or one
-    without ``need_input``."""
+    without ``need_input``. With ``mask`` (statistics over the valid positions; no fused
+    ReLU) the sums still run over every position, since every output went through the
+    same affine map, and only the valid inputs get the paths through the statistics."""
     plan = layout(x)
     assert plan is not None
     kind, rows, channels, inner = plan
@@ -256,6 +287,13 @@ def _input_gradient_terms(
     k0 = -alpha * sum_g_d / count - shifted_mean * k1
     a, k1v, k0v = (_vector(v, dtype) for v in (alpha, k1, k0))
     dx = _empty_like(x)
+    if mask is not None:
+        assert za is None
+        name = f"bn_backward_input_masked_{kind}"
+        sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+        _call(name, x, g.data_ptr(), x.data_ptr(), mask.data_ptr(), dx.data_ptr(), *sizes,
+              s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(), nt)  # fmt: skip
+        return dx, sum_g_x_hat, sum_g_d
     if kind == "ncl":
         _call("bn_backward_input_ncl", x, g.data_ptr(), x.data_ptr(), dx.data_ptr(), rows,
               channels, inner, s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(),
@@ -287,8 +325,9 @@ class _FastNormalizeWithBatchStats(torch.autograd.Function):
         invstd: Tensor,
         count: Tensor,
         eps: float,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, None)
+        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.eps = eps
         ctx.group = None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -299,8 +338,8 @@ class _FastNormalizeWithBatchStats(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             grads = portable._NormalizeWithBatchStats.backward(ctx, grad_output)
-            return grads[:8]
-        x, weight, shift, shifted_mean, invstd, count, _ = ctx.saved_tensors
+            return (*grads[:8], None)
+        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         dx, sum_g_x_hat, sum_g = _input_gradient_terms(
             x,
             grad_output,
@@ -311,8 +350,9 @@ class _FastNormalizeWithBatchStats(torch.autograd.Function):
             count,
             None,
             bool(ctx.needs_input_grad[0]),
+            mask,
         )
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 5))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 6))
 
 
 def _parameter_gradients(
@@ -546,7 +586,7 @@ class CpuKernel(portable.PortableKernel):
     does not handle (see :func:`supports`) it hands to :class:`PortableKernel`."""
 
     def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
-        if mask is not None or not supports(x):
+        if not supports(x) or not _mask_fits(x, mask):
             return portable.batch_stats(x, mask)
         x = x.detach()
         plan = layout(x)
@@ -554,6 +594,14 @@ class CpuKernel(portable.PortableKernel):
         kind, rows, channels, inner = plan
         shift, shifted_mean, var = (x.new_empty(channels) for _ in range(3))
         nt = _threads(x)
+        if mask is not None:
+            valid = torch.empty((), dtype=torch.float64)
+            sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+            _call(f"bn_stats_masked_{kind}", x, x.data_ptr(), mask.data_ptr(), *sizes,
+                  shift.data_ptr(), shifted_mean.data_ptr(), var.data_ptr(), valid.data_ptr(),
+                  nt)  # fmt: skip
+            count = valid.to(x.dtype).expand(channels).clone()
+            return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
         if kind == "ncl":
             _call("bn_stats_ncl", x, x.data_ptr(), rows, channels, inner, shift.data_ptr(),
                   shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
@@ -573,11 +621,11 @@ class CpuKernel(portable.PortableKernel):
         mask: Tensor | None = None,
         group: Any = None,
     ) -> Tensor:
-        if mask is not None or group is not None or not supports(x):
+        if group is not None or not supports(x) or not _mask_fits(x, mask):
             return super().normalize_batch(x, stats, weight, bias, eps, mask, group)
         invstd = torch.rsqrt(stats.var + eps)
         output: Tensor = _FastNormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask
         )
         return output
 

@@ -296,14 +296,113 @@ def test_unsupported_inputs_go_to_the_portable_kernel() -> None:
     assert select_kernel(big) is portable.KERNEL
 
 
-def test_mask_is_delegated() -> None:
-    x = torch.randn(6, 3, 8, dtype=torch.float64)
-    mask = torch.rand(6, 8) > 0.3
+def _masked_case(
+    layout: str, dtype: torch.dtype, pattern: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input in ``layout`` and a mask: random, with its first positions padding (the
+    shift is the first valid value), or with whole samples of padding."""
+    g = torch.Generator().manual_seed(seed)
+    shape = {"ncl": (6, 3, 40), "nchw": (4, 5, 6, 7), "channels_last": (4, 5, 6, 7), "nc": (300, 7)}
+    x = (torch.randn(shape[layout], generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(x.shape[:1] + x.shape[2:], generator=g) > 0.3
+    if pattern == "padding_first":
+        mask.view(-1)[: mask.numel() // 3] = False
+    elif pattern == "empty_samples":
+        mask[::2] = False
+    return x, mask
+
+
+MASK_LAYOUTS = ["ncl", "nchw", "channels_last", "nc"]
+MASK_PATTERNS = ["random", "padding_first", "empty_samples"]
+
+
+@pytest.mark.parametrize("pattern", MASK_PATTERNS)
+@pytest.mark.parametrize("layout", MASK_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_masked_statistics_match_portable(layout: str, dtype: torch.dtype, pattern: str) -> None:
+    x, mask = _masked_case(layout, dtype, pattern)
     ours = cpu.KERNEL.batch_stats(x, mask)
     theirs = portable.batch_stats(x, mask)
+    assert torch.equal(ours.count, theirs.count)
+    valid = x.movedim(1, -1)[mask].double()  # (valid positions, C)
+    _close(ours.mean, valid.mean(0).to(dtype), dtype)
+    _close(ours.var, valid.var(0, correction=0).to(dtype), dtype)
+    _close(ours.mean, theirs.mean, dtype)
+    _close(ours.var, theirs.var, dtype)
+
+
+def test_masked_statistics_run_in_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mask no longer sends the statistics to the portable kernel."""
+
+    def portable_stats(*args: Any) -> None:
+        raise AssertionError("the portable statistics ran")
+
+    monkeypatch.setattr(portable, "batch_stats", portable_stats)
+    for layout in MASK_LAYOUTS:
+        x, mask = _masked_case(layout, torch.float32, "random")
+        assert cpu.KERNEL.batch_stats(x, mask).count[0] == mask.sum()
+
+
+def test_masked_statistics_without_a_valid_value_are_nan_as_portable() -> None:
+    x = torch.randn(4, 3, 10)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    ours, theirs = cpu.KERNEL.batch_stats(x, mask), portable.batch_stats(x, mask)
+    assert torch.equal(ours.count, theirs.count)
+    assert ours.var.isnan().all()
+    assert theirs.var.isnan().all()
+
+
+def test_a_mask_in_other_strides_goes_to_the_portable_kernel() -> None:
+    x, mask = _masked_case("ncl", torch.float64, "random")
+    strided = torch.zeros(mask.shape[1], mask.shape[0], dtype=torch.bool).t()
+    strided.copy_(mask)
+    assert not strided.is_contiguous()
+    ours, theirs = cpu.KERNEL.batch_stats(x, strided), portable.batch_stats(x, mask)
     assert torch.equal(ours.var, theirs.var)
-    y = functional_batch_norm(x, None, None, training=True, mask=mask)
-    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("pattern", MASK_PATTERNS)
+@pytest.mark.parametrize("layout", MASK_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_masked_layer_matches_portable(layout: str, dtype: torch.dtype, pattern: str) -> None:
+    """Output, gradients and running statistics of a masked training step: C loops
+    against the portable kernel (padding outputs and gradients included)."""
+    x, mask = _masked_case(layout, dtype, pattern, seed=1)
+    g = torch.Generator().manual_seed(2)
+    c = x.shape[1]
+    weight = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for kernel in (cpu.KERNEL, portable.KERNEL):
+        xg = x.clone().requires_grad_(True)
+        wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        mean, var = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+        out = batch_norm(xg, mean, var, wg, bg, use_batch_stats=True, momentum=0.1, eps=1e-5,
+                         mask=mask, kernel=kernel).output  # fmt: skip
+        grads = torch.autograd.grad(out, (xg, wg, bg), dy)
+        results.append((out, *grads, mean, var))
+    for ours, theirs in zip(*results, strict=True):
+        _close(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("layout", ["ncl", "channels_last", "nc"])
+def test_gradcheck_masked(layout: str) -> None:
+    x, mask = _masked_case(layout, torch.float64, "random", seed=3)
+    rows = 2 if layout != "nc" else 20
+    x = x[:rows].detach().requires_grad_(True)
+    mask = mask[:rows].clone()
+    mask.view(-1)[0] = False  # the shift comes from a later value
+    w = torch.rand(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(x.shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional_batch_norm(x, None, None, w, b, training=True, mask=mask)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, None])
