@@ -81,28 +81,130 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
                           int running_double, double momentum, int64_t *tracked, int unbiased,
                           int skip_nonfinite);
 
+/* Each instantiation: T, the compute type (per-channel values, saved statistics, weights);
+ * D, the element type of the tensors (x, y, g, dx), read with LD and written with STO;
+ * S, the suffix; CS, the suffix of T's running-statistics update. HALF_DATA instances (16-bit
+ * data, float compute) have the plain layer only: masks and fused activations run on
+ * float and double data. */
 #define T float
+#define D float
 #define S f32
+#define CS f32
+#define LD(v) (v)
+#define STO(v) (v)
+#define HALF_DATA 0
 #define EXPM1 expm1f
 #define LOG1P log1pf
 #define SQRT sqrtf
 #include __FILE__
 #undef T
+#undef D
 #undef S
+#undef CS
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
 
 #define T double
+#define D double
 #define S f64
+#define CS f64
 #define EXPM1 expm1
 #define LOG1P log1p
 #define SQRT sqrt
 #include __FILE__
 #undef T
+#undef D
 #undef S
+#undef CS
+#undef LD
+#undef STO
+#undef HALF_DATA
 #undef EXPM1
 #undef LOG1P
+#undef SQRT
+
+/* bfloat16: the upper half of a float; stored rounding to nearest even, NaN as 0x7fc0
+ * (torch's conversion, bit for bit). */
+static inline float bf16_load(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* float16 (IEEE binary16) in integer operations, so that the loops vectorize on any x86
+ * (no F16C or _Float16 needed). Load: the exponent and mantissa moved into place and
+ * scaled by 2^112 (the bias difference; exact, subnormals included), Inf and NaN kept.
+ * Store: round to nearest even; overflow to Inf, NaN to 0x7e00, subnormals through a
+ * float addition that rounds at the subnormal's last place. */
+static inline float f16_load(uint16_t h) {
+    const uint32_t em = (uint32_t)h & 0x7fffu, sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t u = em << 13;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    f *= 0x1p112f;
+    memcpy(&u, &f, sizeof u);
+    if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u; /* Inf, NaN */
+    u |= sign;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t f16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t o;
+    if (u >= 0x47800000u) { /* >= 65536 before rounding: Inf, or NaN */
+        o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    } else if (u < 0x38800000u) { /* below 2^-14: subnormal or zero */
+        const uint32_t magic_bits = 0x3f000000u; /* 0.5: its last place is 2^-24 */
+        float magic, t;
+        memcpy(&magic, &magic_bits, sizeof magic);
+        memcpy(&t, &u, sizeof t);
+        t += magic;
+        memcpy(&o, &t, sizeof o);
+        o -= magic_bits;
+    } else {
+        const uint32_t odd = (u >> 13) & 1u;
+        o = (u + 0xc8000fffu + odd) >> 13; /* rebias (15 - 127) << 23, round half even */
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+#define T float
+#define S bf16
+#define CS f32
+#define D uint16_t
+#define LD(v) bf16_load(v)
+#define STO(v) bf16_store(v)
+#define HALF_DATA 1
+#define SQRT sqrtf
+#include __FILE__
+#undef D
+#undef S
+#undef LD
+#undef STO
+
+#define S f16
+#define D uint16_t
+#define LD(v) f16_load(v)
+#define STO(v) f16_store(v)
+#include __FILE__
+#undef D
+#undef S
+#undef LD
+#undef STO
+#undef T
+#undef CS
+#undef HALF_DATA
 #undef SQRT
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
@@ -149,7 +251,7 @@ BN_UPDATE(double, f64)
 
 #else /* BN_TEMPLATE: the kernels for one element type T, suffix S */
 /* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
-void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
+void NAME(bn_stats_ncl)(const D *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
                       int nt) {
     if (sizeof(T) == sizeof(float)) {
         /* float input: walk memory in order, each thread over a range of (n, c) rows,
@@ -165,15 +267,15 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
             double *sum = acc + 2 * C * part, *sq = sum + C;
             for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
                 i64 c = row % C;
-                const T *p = x + row * L;
-                const double sc = (double)x[c * L];
+                const D *p = x + row * L;
+                const double sc = (double)LD(x[c * L]);
                 double as[LANES] = {0.0}, aq[LANES] = {0.0};
                 double ts = 0.0, tq = 0.0;
                 i64 i = 0;
                 if (L < 4 * LANES) { /* short rows: one vector accumulator each */
                     _Pragma("omp simd reduction(+ : ts, tq)")
                     for (i64 k = 0; k < L; ++k) {
-                        double d = (double)p[k] - sc;
+                        double d = (double)LD(p[k]) - sc;
                         ts += d;
                         tq += d * d;
                     }
@@ -184,13 +286,13 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
                 for (; i + LANES <= L; i += LANES) {
                     _Pragma("omp simd")
                     for (int j = 0; j < LANES; ++j) {
-                        double d = (double)p[i + j] - sc;
+                        double d = (double)LD(p[i + j]) - sc;
                         as[j] += d;
                         aq[j] += d * d;
                     }
                 }
                 for (; i < L; ++i) {
-                    double d = (double)p[i] - sc;
+                    double d = (double)LD(p[i]) - sc;
                     ts += d;
                     tq += d * d;
                 }
@@ -205,7 +307,7 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
             for (i64 part = 0; part < P; ++part) ts += acc[2 * C * part + c],
                                                  tq += acc[2 * C * part + C + c];
             double mean = ts / n, m2 = tq - ts * mean;
-            shift[c] = x[c * L];
+            shift[c] = LD(x[c * L]);
             smean[c] = (T)mean;
             var[c] = (T)((m2 > 0.0 ? m2 : 0.0) / n);
         }
@@ -221,7 +323,7 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
     for (i64 item = 0; item < C * P; ++item) {
         i64 c = item / P, part = item % P;
         i64 n_begin = N * part / P, n_end = N * (part + 1) / P;
-        double s = (double)x[c * L];
+        double s = (double)LD(x[c * L]);
         double cnt = 0.0, mean = 0.0, m2 = 0.0;
         for (i64 n0 = n_begin; n0 < n_end; n0 += rows) {
             i64 n1 = min64(n_end, n0 + rows);
@@ -235,12 +337,12 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
                 double as[LANES] = {0.0}, aq[LANES] = {0.0};
                 double sum = 0.0, sq = 0.0;
                 for (i64 n = n0; n < n1; ++n) {
-                    const T *p = x + (n * C + c) * L;
+                    const D *p = x + (n * C + c) * L;
                     i64 i = 0;
                     if (L < 4 * LANES) { /* short rows: one vector accumulator each */
                         _Pragma("omp simd reduction(+ : sum, sq)")
                         for (i64 k = 0; k < L; ++k) {
-                            double d = (double)p[k] - s;
+                            double d = (double)LD(p[k]) - s;
                             sum += d;
                             sq += d * d;
                         }
@@ -249,13 +351,13 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
                     for (; i + LANES <= L; i += LANES) {
                         _Pragma("omp simd")
                         for (int j = 0; j < LANES; ++j) {
-                            double d = (double)p[i + j] - s;
+                            double d = (double)LD(p[i + j]) - s;
                             as[j] += d;
                             aq[j] += d * d;
                         }
                     }
                     for (; i < L; ++i) {
-                        double d = (double)p[i] - s;
+                        double d = (double)LD(p[i]) - s;
                         sum += d;
                         sq += d * d;
                     }
@@ -268,17 +370,17 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
                 /* double input: exact two-pass on the block (cache-resident). */
                 double sum = 0.0;
                 for (i64 n = n0; n < n1; ++n) {
-                    const T *p = x + (n * C + c) * L;
+                    const D *p = x + (n * C + c) * L;
                     _Pragma("omp simd reduction(+ : sum)")
-                    for (i64 i = 0; i < L; ++i) sum += (double)p[i] - s;
+                    for (i64 i = 0; i < L; ++i) sum += (double)LD(p[i]) - s;
                 }
                 mb = sum / nb;
                 q = 0.0;
                 for (i64 n = n0; n < n1; ++n) {
-                    const T *p = x + (n * C + c) * L;
+                    const D *p = x + (n * C + c) * L;
                     _Pragma("omp simd reduction(+ : q)")
                     for (i64 i = 0; i < L; ++i) {
-                        double d = ((double)p[i] - s) - mb;
+                        double d = ((double)LD(p[i]) - s) - mb;
                         q += d * d;
                     }
                 }
@@ -295,7 +397,7 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
             i64 item = c * P + part;
             if (pc[item] > 0) CHAN_MERGE(cnt, mean, m2, pc[item], pm[item], pq[item]);
         }
-        shift[c] = x[c * L];
+        shift[c] = LD(x[c * L]);
         smean[c] = (T)mean;
         var[c] = (T)(m2 / cnt);
     }
@@ -313,7 +415,7 @@ void NAME(bn_stats_ncl)(const T *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
  * cancellation in its M2 is only as large as (block mean - ref)^2 is against the spread,
  * where ref is within a fraction of a standard deviation of the mean after the first
  * block: the variance errs by ~1e-6 relative to itself at worst, never by E[x^2]. */
-static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T *shift,
+static void NAME(stats_nc_rows)(const D *x, const uint8_t *mask, i64 M, i64 C, T *shift,
                                 T *smean, T *var, double *count, int nt) {
     /* The shift: the first valid row (the first row without a mask). */
     i64 first = 0;
@@ -324,7 +426,7 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
         *count = 0.0;
         return;
     }
-    const T *s0 = x + first * C;
+    const D *s0 = x + first * C;
     i64 P = M < nt ? (M > 0 ? M : 1) : nt;
     if (P < 1) P = 1;
     double *acc = (double *)calloc((size_t)(2 * C * P + P), sizeof(double));
@@ -334,7 +436,7 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
         double *mean = acc + 2 * C * part, *m2 = mean + C; /* mean relative to the shift */
         double *cnt = acc + 2 * C * P + part;
         T *ref = blk + 3 * C * part, *bs = ref + C, *bq = bs + C;
-        for (i64 c = 0; c < C; ++c) ref[c] = s0[c];
+        for (i64 c = 0; c < C; ++c) ref[c] = LD(s0[c]);
         const i64 r_end = M * (part + 1) / P;
         for (i64 r0 = M * part / P; r0 < r_end; r0 += NC_SUM_ROWS) {
             const i64 r1 = min64(r_end, r0 + NC_SUM_ROWS);
@@ -343,10 +445,10 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
             for (i64 r = r0; r < r1; ++r) {
                 if (mask && !mask[r]) continue; /* padding: not in the statistics */
                 ++valid;
-                const T *p = x + r * C;
+                const D *p = x + r * C;
                 _Pragma("omp simd")
                 for (i64 c = 0; c < C; ++c) {
-                    const T d = p[c] - ref[c];
+                    const T d = LD(p[c]) - ref[c];
                     bs[c] += d;
                     bq[c] += d * d;
                 }
@@ -358,7 +460,7 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
             const double inv = 1.0 / nb, w = nb / tot, w2 = n0 * nb / tot;
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c) {
-                const double sh = (double)s0[c], sum = (double)bs[c];
+                const double sh = (double)LD(s0[c]), sum = (double)bs[c];
                 const double mb = sum * inv, qb = (double)bq[c] - sum * mb;
                 const double delta = ((double)ref[c] - sh) + mb - mean[c];
                 mean[c] += delta * w;
@@ -376,7 +478,7 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
             if (pc > 0)
                 CHAN_MERGE(cnt, mean, m2, pc, acc[2 * C * part + c], acc[2 * C * part + C + c]);
         }
-        shift[c] = s0[c];
+        shift[c] = LD(s0[c]);
         smean[c] = (T)mean;
         var[c] = (T)(m2 / cnt);
         total = cnt;
@@ -386,11 +488,12 @@ static void NAME(stats_nc_rows)(const T *x, const uint8_t *mask, i64 M, i64 C, T
     free(acc);
 }
 
-void NAME(bn_stats_nc)(const T *x, i64 M, i64 C, T *shift, T *smean, T *var, int nt) {
+void NAME(bn_stats_nc)(const D *x, i64 M, i64 C, T *shift, T *smean, T *var, int nt) {
     double count;
     NAME(stats_nc_rows)(x, NULL, M, C, shift, smean, var, &count, nt);
 }
 
+#if !HALF_DATA /* masks and fused activations: float and double data only */
 /* Masked statistics, nc layout: only rows r with mask[r] (one byte, 0 or 1) count; the
  * shift is the first valid row; *count receives the number of valid rows. */
 void NAME(bn_stats_masked_nc)(const T *x, const uint8_t *mask, i64 M, i64 C, T *shift,
@@ -474,52 +577,54 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
     free(acc);
 }
 
+#endif /* !HALF_DATA */
+
 /* y = (x - s) * a + b per channel, then max(y, 0) if relu (NaN kept). ncl layout. */
-void NAME(bn_affine_ncl)(const T *x, T *y, i64 N, i64 C, i64 L, const T *s, const T *a,
+void NAME(bn_affine_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, const T *a,
                        const T *b, int relu, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 row = 0; row < N * C; ++row) {
         i64 c = row % C;
         const T sc = s[c], ac = a[c], bc = b[c];
-        const T *p = x + row * L;
-        T *q = y + row * L;
+        const D *p = x + row * L;
+        D *q = y + row * L;
         if (relu) {
             _Pragma("omp simd")
             for (i64 i = 0; i < L; ++i) {
-                T z = (p[i] - sc) * ac + bc;
-                q[i] = z < (T)0 ? (T)0 : z;
+                T z = (LD(p[i]) - sc) * ac + bc;
+                q[i] = STO(z < (T)0 ? (T)0 : z);
             }
         } else {
             _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) q[i] = (p[i] - sc) * ac + bc;
+            for (i64 i = 0; i < L; ++i) q[i] = STO((LD(p[i]) - sc) * ac + bc);
         }
     }
 }
 
 /* The same map, nc layout, one row at a time (one stream in, one out: interleaving
  * several rows measured 1.4x slower, the hardware prefetcher follows one stream best). */
-void NAME(bn_affine_nc)(const T *x, T *y, i64 M, i64 C, const T *s, const T *a, const T *b,
+void NAME(bn_affine_nc)(const D *x, D *y, i64 M, i64 C, const T *s, const T *a, const T *b,
                       int relu, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 r = 0; r < M; ++r) {
-        const T *p = x + r * C;
-        T *q = y + r * C;
+        const D *p = x + r * C;
+        D *q = y + r * C;
         if (relu) {
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c) {
-                T z = (p[c] - s[c]) * a[c] + b[c];
-                q[c] = z < (T)0 ? (T)0 : z;
+                T z = (LD(p[c]) - s[c]) * a[c] + b[c];
+                q[c] = STO(z < (T)0 ? (T)0 : z);
             }
         } else {
             _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) q[c] = (p[c] - s[c]) * a[c] + b[c];
+            for (i64 c = 0; c < C; ++c) q[c] = STO((LD(p[c]) - s[c]) * a[c] + b[c]);
         }
     }
 }
 
 /* Backward reductions, ncl layout: sum_g = sum(g'), sum_gc = sum(g' * (x - s - m)),
  * with g' = g, or g where (x - s) * za + zb > 0 when za is given (fused relu). */
-void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, const T *s,
+void NAME(bn_backward_reduce_ncl)(const D *g, const D *x, i64 N, i64 C, i64 L, const T *s,
                                 const T *m, const T *za, const T *zb, double *sum_g,
                                 double *sum_gc, int nt) {
     /* Memory order: each thread a range of (n, c) rows, per-channel sums of g' and
@@ -535,7 +640,7 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
         double *ag = acc + 2 * C * part, *agc = ag + C;
         for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
             i64 c = row % C;
-            const T *gp = g + row * L, *xp = x + row * L;
+            const D *gp = g + row * L, *xp = x + row * L;
             const double sc = (double)s[c];
             double tg = 0.0, tgc = 0.0;
             if (za && L < 4 * LANES) { /* short rows: sums in T, as below */
@@ -543,11 +648,11 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
                 T fg = (T)0, fgc = (T)0;
                 _Pragma("omp simd reduction(+ : fg, fgc)")
                 for (i64 i = 0; i < L; ++i) {
-                    const T z = (xp[i] - ts) * ta + tb;
-                    const T gv = gp[i]; /* loaded unconditionally: a select, no branch */
+                    const T z = (LD(xp[i]) - ts) * ta + tb;
+                    const T gv = LD(gp[i]); /* loaded unconditionally: a select, no branch */
                     const T gt = z > (T)0 ? gv : (T)0;
                     fg += gt;
-                    fgc += gt * (xp[i] - rc);
+                    fgc += gt * (LD(xp[i]) - rc);
                 }
                 tg = (double)fg;
                 tgc = (double)fgc + ((double)rc - sc) * (double)fg;
@@ -555,12 +660,12 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
                 const T ts = s[c], ta = za[c], tb = zb[c];
                 _Pragma("omp simd reduction(+ : tg, tgc)")
                 for (i64 i = 0; i < L; ++i) {
-                    T z = (xp[i] - ts) * ta + tb;
-                    const T gv = gp[i]; /* loaded unconditionally: a select, no branch */
+                    T z = (LD(xp[i]) - ts) * ta + tb;
+                    const T gv = LD(gp[i]); /* loaded unconditionally: a select, no branch */
                     T gt = z > (T)0 ? gv : (T)0;
                     double gi = (double)gt;
                     tg += gi;
-                    tgc += gi * ((double)xp[i] - sc);
+                    tgc += gi * ((double)LD(xp[i]) - sc);
                 }
             } else if (L < 4 * LANES) {
                 /* short rows (7x7 maps): a double sum per row would wait on its own adds;
@@ -571,9 +676,9 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
                 T fg = (T)0, fgc = (T)0;
                 _Pragma("omp simd reduction(+ : fg, fgc)")
                 for (i64 i = 0; i < L; ++i) {
-                    const T gi = gp[i];
+                    const T gi = LD(gp[i]);
                     fg += gi;
-                    fgc += gi * (xp[i] - rc);
+                    fgc += gi * (LD(xp[i]) - rc);
                 }
                 tg = (double)fg;
                 tgc = (double)fgc + ((double)rc - sc) * (double)fg;
@@ -583,15 +688,15 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
                 for (; i + LANES <= L; i += LANES) {
                     _Pragma("omp simd")
                     for (int k = 0; k < LANES; ++k) {
-                        double gi = (double)gp[i + k];
+                        double gi = (double)LD(gp[i + k]);
                         lg[k] += gi;
-                        lgc[k] += gi * ((double)xp[i + k] - sc);
+                        lgc[k] += gi * ((double)LD(xp[i + k]) - sc);
                     }
                 }
                 for (; i < L; ++i) {
-                    double gi = (double)gp[i];
+                    double gi = (double)LD(gp[i]);
                     tg += gi;
-                    tgc += gi * ((double)xp[i] - sc);
+                    tgc += gi * ((double)LD(xp[i]) - sc);
                 }
                 for (int k = 0; k < LANES; ++k) tg += lg[k], tgc += lgc[k];
             }
@@ -619,7 +724,7 @@ void NAME(bn_backward_reduce_ncl)(const T *g, const T *x, i64 N, i64 C, i64 L, c
  * g' times the spread); the rounding of ref is corrected in double at the end. A block's
  * float sum errs by at most NC_SUM_ROWS roundings of its terms, so dx and the parameter
  * gradients stay at float32 rounding level. */
-void NAME(bn_backward_reduce_nc)(const T *g, const T *x, i64 M, i64 C, const T *s,
+void NAME(bn_backward_reduce_nc)(const D *g, const D *x, i64 M, i64 C, const T *s,
                                const T *m, const T *za, const T *zb, double *sum_g,
                                double *sum_gc, int nt) {
     i64 P = M < nt ? (M > 0 ? M : 1) : nt;
@@ -636,23 +741,23 @@ void NAME(bn_backward_reduce_nc)(const T *g, const T *x, i64 M, i64 C, const T *
             const i64 r1 = min64(r_end, r0 + NC_SUM_ROWS);
             for (i64 c = 0; c < C; ++c) bg[c] = (T)0, bgc[c] = (T)0;
             for (i64 r = r0; r < r1; ++r) {
-                const T *gp = g + r * C, *xp = x + r * C;
+                const D *gp = g + r * C, *xp = x + r * C;
                 if (za) {
                     _Pragma("omp simd")
                     for (i64 c = 0; c < C; ++c) {
-                        const T d = xp[c] - s[c];
+                        const T d = LD(xp[c]) - s[c];
                         const T z = d * za[c] + zb[c];
-                        const T gv = gp[c]; /* loaded unconditionally: a select, no branch */
+                        const T gv = LD(gp[c]); /* loaded unconditionally: a select, no branch */
                         const T gi = z > (T)0 ? gv : (T)0;
                         bg[c] += gi;
-                        bgc[c] += gi * (xp[c] - ref[c]);
+                        bgc[c] += gi * (LD(xp[c]) - ref[c]);
                     }
                 } else {
                     _Pragma("omp simd")
                     for (i64 c = 0; c < C; ++c) {
-                        const T gi = gp[c];
+                        const T gi = LD(gp[c]);
                         bg[c] += gi;
-                        bgc[c] += gi * (xp[c] - ref[c]);
+                        bgc[c] += gi * (LD(xp[c]) - ref[c]);
                     }
                 }
             }
@@ -673,57 +778,58 @@ void NAME(bn_backward_reduce_nc)(const T *g, const T *x, i64 M, i64 C, const T *
 }
 
 /* dx = g' * alpha + (x - s) * k1 + k0 per channel (g' as in the reductions). ncl. */
-void NAME(bn_backward_input_ncl)(const T *g, const T *x, T *dx, i64 N, i64 C, i64 L,
+void NAME(bn_backward_input_ncl)(const D *g, const D *x, D *dx, i64 N, i64 C, i64 L,
                                const T *s, const T *alpha, const T *k1, const T *k0,
                                const T *za, const T *zb, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 row = 0; row < N * C; ++row) {
         i64 c = row % C;
         const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
-        const T *gp = g + row * L, *xp = x + row * L;
-        T *dp = dx + row * L;
+        const D *gp = g + row * L, *xp = x + row * L;
+        D *dp = dx + row * L;
         if (za) {
             const T ta = za[c], tb = zb[c];
             _Pragma("omp simd")
             for (i64 i = 0; i < L; ++i) {
-                T d = xp[i] - sc;
+                T d = LD(xp[i]) - sc;
                 T z = d * ta + tb;
-                const T gv = gp[i];
+                const T gv = LD(gp[i]);
                 T gi = z > (T)0 ? gv : (T)0;
-                dp[i] = gi * ac + (d * k1c + k0c);
+                dp[i] = STO(gi * ac + (d * k1c + k0c));
             }
         } else {
             _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) dp[i] = gp[i] * ac + ((xp[i] - sc) * k1c + k0c);
+            for (i64 i = 0; i < L; ++i) dp[i] = STO(LD(gp[i]) * ac + ((LD(xp[i]) - sc) * k1c + k0c));
         }
     }
 }
 
 /* The same, nc layout, one row at a time. */
-void NAME(bn_backward_input_nc)(const T *g, const T *x, T *dx, i64 M, i64 C, const T *s,
+void NAME(bn_backward_input_nc)(const D *g, const D *x, D *dx, i64 M, i64 C, const T *s,
                               const T *alpha, const T *k1, const T *k0, const T *za,
                               const T *zb, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 r = 0; r < M; ++r) {
-        const T *gp = g + r * C, *xp = x + r * C;
-        T *dp = dx + r * C;
+        const D *gp = g + r * C, *xp = x + r * C;
+        D *dp = dx + r * C;
         if (za) {
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c) {
-                T d = xp[c] - s[c];
+                T d = LD(xp[c]) - s[c];
                 T z = d * za[c] + zb[c];
-                const T gv = gp[c];
+                const T gv = LD(gp[c]);
                 T gi = z > (T)0 ? gv : (T)0;
-                dp[c] = gi * alpha[c] + (d * k1[c] + k0[c]);
+                dp[c] = STO(gi * alpha[c] + (d * k1[c] + k0[c]));
             }
         } else {
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c)
-                dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
+                dp[c] = STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
         }
     }
 }
 
+#if !HALF_DATA /* masks and fused activations: float and double data only */
 /* dx with a mask: padding reaches the statistics through nothing, so
  * dx = g * alpha + ((x - s) * k1 + k0 where valid, else 0). ncl, mask (N, L). */
 void NAME(bn_backward_input_masked_ncl)(const T *g, const T *x, const uint8_t *mask, T *dx,
@@ -1001,6 +1107,8 @@ void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 
     }
 }
 
+#endif /* !HALF_DATA */
+
 /* The plain layer in one call each way (the express path of cpu.py: no Python between the
  * steps). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved` holds
  * 5 * C values: shift, shifted mean, invstd (what the backward pass needs), then the
@@ -1012,7 +1120,7 @@ void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 
  * Forward, eval: shift = running mean, smean = 0, var = running var.
  * Returns whether the batch was recorded in the running statistics (1 when nothing was
  * to record). */
-int NAME(bn_forward)(int kind, const T *x, T *y, i64 R, i64 C, i64 L, const T *w,
+int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w,
                      const T *bias, double eps, int training, T *saved, T *rmean, T *rvar,
                      double momentum, int64_t *tracked, int unbiased, int skip_nonfinite,
                      int relu, int nt) {
@@ -1029,7 +1137,7 @@ int NAME(bn_forward)(int kind, const T *x, T *y, i64 R, i64 C, i64 L, const T *w
         else
             NAME(bn_stats_nc)(x, R, C, shift, smean, var, nt);
         if (rmean || rvar || tracked)
-            recorded = NAME(bn_update_running)(shift, smean, var, C, (double)(R * L), rmean,
+            recorded = CAT(bn_update_running, CS)(shift, smean, var, C, (double)(R * L), rmean,
                                                rvar, sizeof(T) == sizeof(double), momentum,
                                                tracked, unbiased, skip_nonfinite);
         for (i64 c = 0; c < C; ++c) invstd[c] = (T)1 / SQRT(var[c] + e);
@@ -1057,7 +1165,7 @@ int NAME(bn_forward)(int kind, const T *x, T *y, i64 R, i64 C, i64 L, const T *w
  * not NULL) and dx (when not NULL), g' = g, or g where the output is positive (relu).
  * With batch statistics (training) dx = a * (g' - mean(g') - x_hat * mean(g' x_hat));
  * without, dx = a * g'. The coefficients are computed in double and rounded once. */
-void NAME(bn_backward)(int kind, const T *g, const T *x, T *dx, i64 R, i64 C, i64 L,
+void NAME(bn_backward)(int kind, const D *g, const D *x, D *dx, i64 R, i64 C, i64 L,
                        const T *saved, const T *w, T *dw, T *db, int training, int relu,
                        int nt) {
     const T *shift = saved, *smean = saved + C, *invstd = saved + 2 * C;

@@ -1,7 +1,10 @@
 """The express path: plain batch norm on a CPU tensor in one C call each way.
 
 Most calls are plain: no mask, ghost batches, renorm or synchronization, a float32 or
-float64 CPU tensor in a layout the C loops know, per-channel tensors of the same dtype.
+float64 CPU tensor in a layout the C loops know, per-channel tensors of the same dtype;
+or a bfloat16 or float16 tensor with float32 per-channel tensors (the mixed-precision
+layout), whose loops read and write 16-bit values and compute in float32 as the portable
+kernel does.
 For them the general pipeline (statistics objects, affine terms computed with torch,
 a separate update of the running statistics) costs tens of microseconds of Python and
 small torch operations per call, more than the work itself on a small tensor. Here one
@@ -26,7 +29,15 @@ from bnkit.kernels import cpu, native
 __all__ = ["batch_norm"]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+#: the dtype of the statistics, parameters and buffers for each input dtype: 16-bit inputs
+#: are normalized in float32 (their loops read and write 16-bit values, compute in float)
+_COMPUTE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
 _transforming = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
@@ -41,11 +52,12 @@ _BACKWARD: dict[torch.dtype, Any] = {}
 def _load(dtype: torch.dtype) -> Any:
     """The dtype's ``bn_forward`` (and ``bn_backward``), or None without the library."""
     lib = native.library()
-    if lib is None:
+    forward = None if lib is None else getattr(lib, f"bn_forward_{_SUFFIX[dtype]}", None)
+    if lib is None or forward is None:  # float16 needs a compiler with _Float16
         return None
-    _FORWARD[dtype] = getattr(lib, f"bn_forward_{_SUFFIX[dtype]}")
+    _FORWARD[dtype] = forward
     _BACKWARD[dtype] = getattr(lib, f"bn_backward_{_SUFFIX[dtype]}")
-    return _FORWARD[dtype]
+    return forward
 
 
 def _vector_ok(t: Tensor, channels: int, dtype: torch.dtype) -> bool:
@@ -110,9 +122,10 @@ def batch_norm(
         return None
     if training and rows * inner < 2:
         return None  # one value per channel: the general path applies single_sample
-    if weight is not None and not _vector_ok(weight, channels, dtype):
+    compute = _COMPUTE[dtype]  # per-channel tensors: float32 for 16-bit inputs
+    if weight is not None and not _vector_ok(weight, channels, compute):
         return None
-    if bias is not None and not _vector_ok(bias, channels, dtype):
+    if bias is not None and not _vector_ok(bias, channels, compute):
         return None
     if not (type(eps) is float or type(eps) is int) or not eps > 0:
         return None
@@ -121,8 +134,8 @@ def batch_norm(
             return None
         update = False
     elif (
-        _vector_ok(running_mean, channels, dtype)
-        and _vector_ok(running_var, channels, dtype)
+        _vector_ok(running_mean, channels, compute)
+        and _vector_ok(running_var, channels, compute)
         and not running_mean.requires_grad
         and not running_var.requires_grad
     ):
@@ -278,7 +291,7 @@ class _ExpressBatchNorm(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, call: _Call
     ) -> Tensor:
         y = _empty_like(x)
-        saved = _empty(5 * call.channels, dtype=x.dtype)
+        saved = _empty(5 * call.channels, dtype=_COMPUTE[x.dtype])
         call.forward(_FORWARD[x.dtype], x, y, weight, bias, saved)
         ctx.save_for_backward(x, weight, saved)
         ctx.call = call
@@ -297,8 +310,8 @@ class _ExpressBatchNorm(torch.autograd.Function):
         if g.dtype != dtype or g.stride() != x.stride():
             g = cpu._as_layout_of(g, x)
         dx = _empty_like(x) if need_x else None
-        dw = _empty(channels, dtype=dtype) if need_w else None
-        db = _empty(channels, dtype=dtype) if need_b else None
+        dw = _empty(channels, dtype=saved.dtype) if need_w else None
+        db = _empty(channels, dtype=saved.dtype) if need_b else None
         _BACKWARD[dtype](
             call.kind,
             g.data_ptr(),
@@ -339,7 +352,7 @@ def _differentiable_backward(
 
     bias = None
     if ctx.needs_input_grad[2]:
-        bias = torch.zeros(call.channels, dtype=x.dtype, requires_grad=True)
+        bias = torch.zeros(call.channels, dtype=_COMPUTE[x.dtype], requires_grad=True)
     wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     output = kernels.batch_norm(
         x,

@@ -287,6 +287,100 @@ def test_gradient_of_a_sum_and_of_another_layout() -> None:
         _close(ours["dx"], theirs["dx"])
 
 
+HALF = [torch.bfloat16, torch.float16]
+#: one unit in the last place of each 16-bit type at 1 (relative rounding is half that)
+HALF_ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_16_bit_inputs_match_the_portable_kernel(
+    shape: tuple[int, ...],
+    fmt: torch.memory_format,
+    dtype: torch.dtype,
+    training: bool,
+    relu: bool,
+) -> None:
+    """bfloat16/float16 inputs with float32 parameters and buffers: the C loops read and
+    write 16-bit values and compute in float32, as the portable kernel does; outputs and
+    input gradients agree to a rounding of the 16-bit type, the float32 results (parameter
+    gradients, running statistics) to float32 rounding."""
+    g = torch.Generator().manual_seed(11)
+    c = shape[1]
+    x = (3 + 2 * torch.randn(shape, generator=g)).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    results = []
+    for use_express in (True, False):
+        xg = x.clone().requires_grad_(True)
+        wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        mean, var = torch.linspace(-1, 1, c), torch.linspace(0.5, 2, c)
+        if use_express:
+            result = express.batch_norm(
+                xg, mean, var, wg, bg, training, 0.1, 1e-5, None, True, True, relu
+            )
+            assert result is not None, "the express path did not take a 16-bit call"
+            y = result[0]
+        else:
+            y = pipeline(xg, mean, var, wg, bg, use_batch_stats=training, momentum=0.1,
+                         eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+            y = torch.relu(y) if relu else y
+        y.backward(dy)
+        results.append({"y": y, "dx": xg.grad, "dw": wg.grad, "db": bg.grad, "mean": mean,
+                        "var": var})  # fmt: skip
+    ours, theirs = results
+    assert ours["y"].dtype == ours["dx"].dtype == dtype
+    assert ours["y"].stride() == x.stride()
+    for key in ("y", "dx"):
+        assert_close_to_scale(ours[key].float(), theirs[key].float(), HALF_ULP[dtype])
+    for key in ("dw", "db", "mean", "var"):
+        assert ours[key].dtype == torch.float32
+        assert_close_to_scale(ours[key], theirs[key], TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_16_bit_values_are_read_and_rounded_as_torch_does(dtype: torch.dtype) -> None:
+    """Every 16-bit pattern (normal, subnormal, zero, Inf, NaN) through an eval map
+    y = x * scale + 0: bit for bit torch's float32 arithmetic and rounding to the type,
+    overflow to Inf and gradual underflow included."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = patterns.view(dtype).reshape(4, 1, 128, 128)
+    eps = 2.0**-20
+    mean, var = torch.zeros(1), torch.full((1,), 1 - eps)  # invstd exactly 1
+    for scale in (1.0, 3.7, -0.37, 1e5, 1e-5, 65504.0 / 3):
+        weight, bias = torch.full((1,), scale), torch.zeros(1)
+        result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, eps, None,
+                                    True, True, False)  # fmt: skip
+        assert result is not None
+        expected = (x.float() * scale + 0.0).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(result[0].isnan(), nan)
+        assert torch.equal(result[0].view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+def test_16_bit_layers_take_the_express_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BatchNorm2d with float32 parameters on bfloat16 activations (the usual mixed
+    precision layout) runs the 16-bit loops, in training and in eval."""
+    calls = []
+    original = express.batch_norm
+
+    def spy(*args: Any) -> Any:
+        result = original(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(express, "batch_norm", spy)
+    layer = bnkit.BatchNorm2d(8)
+    x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_(True)
+    layer(x).float().sum().backward()
+    layer.eval()(x)
+    assert calls == [True, True]
+    assert x.grad is not None
+    assert x.grad.dtype == torch.bfloat16
+
+
 def _express_result(**changes: Any) -> Any:
     c = 16
     args: dict[str, Any] = {
@@ -310,7 +404,14 @@ def _express_result(**changes: Any) -> Any:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"x": torch.randn(8, 16, 8, 8, dtype=torch.float16)},
+        {  # 16-bit inputs need float32 per-channel tensors
+            "x": torch.randn(8, 16, 8, 8, dtype=torch.float16),
+            "weight": torch.ones(16, dtype=torch.float16),
+        },
+        {
+            "x": torch.randn(8, 16, 8, 8, dtype=torch.bfloat16),
+            "running_mean": torch.zeros(16, dtype=torch.bfloat16),
+        },
         {"x": torch.randn(8, 16, 8, 8).transpose(2, 3)},  # neither layout
         {"x": torch.randn(2, 16)},  # below the size threshold
         {"x": torch.randn(1, 16, 1, 1).expand(1, 16, 1, 1)},
