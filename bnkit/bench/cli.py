@@ -61,7 +61,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         action="append",
         choices=tuple(DTYPES),
-        help="dtype(s); float32 by default (bfloat16: informational, portable kernel)",
+        help="dtype(s); float32 by default (bfloat16, float16: informational; 16-bit "
+        "activations with float32 parameters)",
     )
     parser.add_argument("--op", action="append", choices=OPERATIONS, help="operation(s)")
     parser.add_argument("--repetitions", type=int, help="interleaved repetitions (default 7)")
@@ -129,12 +130,16 @@ def _header(names: Sequence[str]) -> str:
     return f"{head}{'+new ms':>9s}{'torch ms':>10s}{'floor':>7s}{'+new':>6s}{columns}"
 
 
+#: appended to the shape for the dtypes other than float32
+_DTYPE_TAGS = {"float64": " f64", "bfloat16": " bf16", "float16": " f16"}
+
+
 def format_row(row: dict[str, Any]) -> str:
     """A table line: per implementation its time, speed vs torch (torch time / time), % of
     the floor and % of the floor plus the new outputs' page faults ("+new"); with torch
     compile, bnkit's speed against it and the compile time."""
     results = row["results"]
-    shape = "x".join(str(d) for d in row["shape"])
+    shape = "x".join(str(d) for d in row["shape"]) + _DTYPE_TAGS.get(row["dtype"], "")
     layout = "nchw" if row["layout"] == "nchw" else "cl"
     torch_result = results["torch"]
     line = (

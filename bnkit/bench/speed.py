@@ -78,7 +78,14 @@ OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
 PASSES = {"forward": 3, "fwd+bwd": 8, "eval": 2, "bn+relu fwd+bwd": 8}
 #: new tensor-sized outputs each operation must create (y; y and dx)
 OUTPUTS = {"forward": 1, "fwd+bwd": 2, "eval": 1, "bn+relu fwd+bwd": 2}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+#: 16-bit activations keep float32 parameters and buffers (mixed precision)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -150,7 +157,7 @@ def _candidates(
     """name -> a callable running the operation once."""
     channels = x.shape[1]
     dtype = x.dtype
-    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    param_dtype = torch.float32 if dtype in _HALF else dtype
     weight = torch.ones(channels, dtype=param_dtype)
     bias = torch.zeros(channels, dtype=param_dtype)
     running = {
@@ -254,13 +261,13 @@ def _compile_module(x: torch.Tensor, relu: bool, training: bool) -> tuple[torch.
     (from a reset compiler: no graph or recompilation budget carried over from another
     row)."""
     torch._dynamo.reset()
-    dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    dtype = torch.float32 if x.dtype in _HALF else x.dtype
     layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype)]
     if relu:
         layers.append(torch.nn.ReLU())
     module = torch.nn.Sequential(*layers)
-    if x.dtype == torch.bfloat16:
-        module = module.to(torch.bfloat16)
+    if x.dtype in _HALF:
+        module = module.to(x.dtype)
     module.train(training)
     compiled: torch.nn.Module = torch.compile(module)  # type: ignore[assignment]
     start = time.perf_counter()
