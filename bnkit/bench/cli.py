@@ -126,7 +126,7 @@ def _header(names: Sequence[str]) -> str:
     )
     if "compiled" in names:
         columns += f"{'x comp':>8s}{'compile s':>11s}"
-    head = f"{'shape':<18s}{'layout':<8s}{'operation':<17s}{'MB':>7s}{'floor ms':>10s}"
+    head = f"{'shape':<19s}{'layout':<8s}{'operation':<17s}{'MB':>7s}{'floor ms':>10s}"
     return f"{head}{'+new ms':>9s}{'torch ms':>10s}{'floor':>7s}{'+new':>6s}{columns}"
 
 
@@ -143,7 +143,7 @@ def format_row(row: dict[str, Any]) -> str:
     layout = "nchw" if row["layout"] == "nchw" else "cl"
     torch_result = results["torch"]
     line = (
-        f"{shape:<18s}{layout:<8s}{row['operation']:<17s}{row['megabytes']:7.1f}"
+        f"{shape:<19s}{layout:<8s}{row['operation']:<17s}{row['megabytes']:7.1f}"
         f"{row['floor_ms']:10.3f}{row['floor_with_outputs_ms']:9.3f}"
         f"{torch_result['ms']:10.3f}{torch_result['of_floor']:7.0%}"
         f"{torch_result['of_floor_with_outputs']:6.0%}"
