@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -91,3 +95,35 @@ def test_pipeline_with_explicit_kernel() -> None:
     assert torch.allclose(running_mean, x.mean(0))
     assert torch.allclose(running_var, x.var(0))
     assert select_kernel(x.half()) is portable.KERNEL  # half precision: the portable kernel
+
+
+def test_without_the_c_library_everything_runs_on_the_portable_kernel() -> None:
+    """BNKIT_NATIVE=0 (or no C compiler): no library is loaded, and the layer, its
+    gradients, masks and 16-bit inputs still match torch through the portable kernel."""
+    script = """
+import torch
+import bnkit
+from bnkit.kernels import native, portable, select_kernel
+from bnkit.kernels import express
+x = torch.randn(8, 16, 12, 12, dtype=torch.float64, requires_grad=True)
+assert native.library() is None and "BNKIT_NATIVE=0" in native.load_error()
+assert select_kernel(x) is portable.KERNEL
+assert express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None, True, True,
+                          False) is None
+ours, theirs = bnkit.BatchNorm2d(16).double(), torch.nn.BatchNorm2d(16).double()
+y, y_torch = ours(x), theirs(x)
+g = torch.autograd.grad(y.square().sum(), x)[0]
+g_torch = torch.autograd.grad(y_torch.square().sum(), x)[0]
+assert torch.allclose(y, y_torch, atol=1e-12) and torch.allclose(g, g_torch, atol=1e-10)
+assert torch.allclose(ours.running_var, theirs.running_var, atol=1e-14)
+mask = torch.rand(8, 12, 12) > 0.3
+assert torch.isfinite(ours(x, mask=mask)).all()
+assert ours.float()(torch.randn(4, 16, 5, 5).bfloat16()).dtype == torch.bfloat16
+print("ok")
+"""
+    env = {**os.environ, "BNKIT_NATIVE": "0"}
+    process = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == "ok"
