@@ -27,6 +27,8 @@ typedef int64_t i64;
 #define NC_BLOCK 32768
 /* Rows per block of the nc reductions summed in the element type before double. */
 #define NC_SUM_ROWS 16
+/* Values of an ncl row summed in float before double (short rows, 16-bit data). */
+#define ROW_CHUNK 1024
 /* Independent partial sums per reduction in the ncl loops (4 AVX-512 registers). */
 #define LANES 32
 
@@ -643,19 +645,22 @@ void NAME(bn_backward_reduce_ncl)(const D *g, const D *x, i64 N, i64 C, i64 L, c
             const D *gp = g + row * L, *xp = x + row * L;
             const double sc = (double)s[c];
             double tg = 0.0, tgc = 0.0;
-            if (za && L < 4 * LANES) { /* short rows: sums in T, as below */
+            if (za && (HALF_DATA || L < 4 * LANES)) { /* sums in T, as below */
                 const T ts = s[c], ta = za[c], tb = zb[c], rc = ref[c];
-                T fg = (T)0, fgc = (T)0;
-                _Pragma("omp simd reduction(+ : fg, fgc)")
-                for (i64 i = 0; i < L; ++i) {
-                    const T z = (LD(xp[i]) - ts) * ta + tb;
-                    const T gv = LD(gp[i]); /* loaded unconditionally: a select, no branch */
-                    const T gt = z > (T)0 ? gv : (T)0;
-                    fg += gt;
-                    fgc += gt * (LD(xp[i]) - rc);
+                for (i64 i0 = 0; i0 < L; i0 += ROW_CHUNK) {
+                    const i64 i1 = min64(L, i0 + ROW_CHUNK);
+                    T fg = (T)0, fgc = (T)0;
+                    _Pragma("omp simd reduction(+ : fg, fgc)")
+                    for (i64 i = i0; i < i1; ++i) {
+                        const T z = (LD(xp[i]) - ts) * ta + tb;
+                        const T gv = LD(gp[i]); /* loaded unconditionally: a select */
+                        const T gt = z > (T)0 ? gv : (T)0;
+                        fg += gt;
+                        fgc += gt * (LD(xp[i]) - rc);
+                    }
+                    tg += (double)fg;
+                    tgc += (double)fgc + ((double)rc - sc) * (double)fg;
                 }
-                tg = (double)fg;
-                tgc = (double)fgc + ((double)rc - sc) * (double)fg;
             } else if (za) {
                 const T ts = s[c], ta = za[c], tb = zb[c];
                 _Pragma("omp simd reduction(+ : tg, tgc)")
@@ -667,21 +672,25 @@ void NAME(bn_backward_reduce_ncl)(const D *g, const D *x, i64 N, i64 C, i64 L, c
                     tg += gi;
                     tgc += gi * ((double)LD(xp[i]) - sc);
                 }
-            } else if (L < 4 * LANES) {
-                /* short rows (7x7 maps): a double sum per row would wait on its own adds;
-                 * the row is summed in T, about the batch mean rc = s + m rounded to T
-                 * (terms centred: at most L roundings of g' times the spread), and the
-                 * rounding of rc is put back in double. */
+            } else if (HALF_DATA || L < 4 * LANES) {
+                /* short rows (7x7 maps), and 16-bit data (whose loop double sums would make
+                 * arithmetic-bound): summed in T in chunks of at most ROW_CHUNK values,
+                 * about the batch mean rc = s + m rounded to T (terms centred: at most
+                 * ROW_CHUNK roundings of g' times the spread), each chunk added to double
+                 * with the rounding of rc put back. */
                 const T rc = ref[c];
-                T fg = (T)0, fgc = (T)0;
-                _Pragma("omp simd reduction(+ : fg, fgc)")
-                for (i64 i = 0; i < L; ++i) {
-                    const T gi = LD(gp[i]);
-                    fg += gi;
-                    fgc += gi * (LD(xp[i]) - rc);
+                for (i64 i0 = 0; i0 < L; i0 += ROW_CHUNK) {
+                    const i64 i1 = min64(L, i0 + ROW_CHUNK);
+                    T fg = (T)0, fgc = (T)0;
+                    _Pragma("omp simd reduction(+ : fg, fgc)")
+                    for (i64 i = i0; i < i1; ++i) {
+                        const T gi = LD(gp[i]);
+                        fg += gi;
+                        fgc += gi * (LD(xp[i]) - rc);
+                    }
+                    tg += (double)fg;
+                    tgc += (double)fgc + ((double)rc - sc) * (double)fg;
                 }
-                tg = (double)fg;
-                tgc = (double)fgc + ((double)rc - sc) * (double)fg;
             } else { /* LANES independent sums, so the adds do not wait on each other */
                 double lg[LANES] = {0.0}, lgc[LANES] = {0.0};
                 i64 i = 0;

@@ -292,7 +292,11 @@ HALF = [torch.bfloat16, torch.float16]
 HALF_ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [*LAYOUTS, ((2, 3, 2500), torch.contiguous_format)],  # rows summed in several chunks
+    ids=[*LAYOUT_IDS, "2x3x2500-long-rows"],
+)
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
