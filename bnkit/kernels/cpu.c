@@ -137,7 +137,7 @@ static inline float bf16_load(uint16_t h) {
 static inline uint16_t bf16_store(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    if ((int32_t)(u & 0x7fffffffu) > 0x7f800000) return 0x7fc0; /* NaN (a signed compare) */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -153,7 +153,8 @@ static inline float f16_load(uint16_t h) {
     memcpy(&f, &u, sizeof f);
     f *= 0x1p112f;
     memcpy(&u, &f, sizeof u);
-    if (em >= 0x7c00u) u = (em << 13) | 0x7f800000u; /* Inf, NaN */
+    if ((int32_t)em >= 0x7c00) u = (em << 13) | 0x7f800000u; /* Inf, NaN (signed compares:
+                                                                AVX2 has no unsigned ones) */
     u |= sign;
     memcpy(&f, &u, sizeof f);
     return f;
@@ -164,9 +165,10 @@ static inline uint16_t f16_store(float f) {
     const uint32_t sign = u & 0x80000000u;
     u ^= sign;
     uint32_t o;
-    if (u >= 0x47800000u) { /* >= 65536 before rounding: Inf, or NaN */
-        o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-    } else if (u < 0x38800000u) { /* below 2^-14: subnormal or zero */
+    const int32_t magnitude = (int32_t)u; /* sign cleared: signed compares are exact */
+    if (magnitude >= 0x47800000) { /* >= 65536 before rounding: Inf, or NaN */
+        o = magnitude > 0x7f800000 ? 0x7e00u : 0x7c00u;
+    } else if (magnitude < 0x38800000) { /* below 2^-14: subnormal or zero */
         const uint32_t magic_bits = 0x3f000000u; /* 0.5: its last place is 2^-24 */
         float magic, t;
         memcpy(&magic, &magic_bits, sizeof magic);
