@@ -14,6 +14,11 @@
  */
 #ifndef BN_TEMPLATE
 #define BN_TEMPLATE
+/* BN_PART 1-4 compiles one instantiation (f32 with the shared functions, f64, bf16, f16),
+ * so that a build can compile the four in parallel and link them; 0 (default): all. */
+#ifndef BN_PART
+#define BN_PART 0
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -88,6 +93,7 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
  * S, the suffix; CS, the suffix of T's running-statistics update. HALF_DATA instances (16-bit
  * data, float compute) have the plain layer only: masks and fused activations run on
  * float and double data. */
+#if BN_PART == 0 || BN_PART == 1
 #define T float
 #define D float
 #define S f32
@@ -103,14 +109,22 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef D
 #undef S
 #undef CS
+#undef LD
+#undef STO
+#undef HALF_DATA
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
+#endif
 
+#if BN_PART == 0 || BN_PART == 2
 #define T double
 #define D double
 #define S f64
 #define CS f64
+#define LD(v) (v)
+#define STO(v) (v)
+#define HALF_DATA 0
 #define EXPM1 expm1
 #define LOG1P log1p
 #define SQRT sqrt
@@ -125,6 +139,7 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
+#endif
 
 /* bfloat16: the upper half of a float; stored rounding to nearest even, NaN as 0x7fc0
  * (torch's conversion, bit for bit). */
@@ -183,33 +198,45 @@ static inline uint16_t f16_store(float f) {
     return (uint16_t)(o | (sign >> 16));
 }
 
+#if BN_PART == 0 || BN_PART == 3
 #define T float
+#define D uint16_t
 #define S bf16
 #define CS f32
-#define D uint16_t
 #define LD(v) bf16_load(v)
 #define STO(v) bf16_store(v)
 #define HALF_DATA 1
 #define SQRT sqrtf
 #include __FILE__
-#undef D
-#undef S
-#undef LD
-#undef STO
-
-#define S f16
-#define D uint16_t
-#define LD(v) f16_load(v)
-#define STO(v) f16_store(v)
-#include __FILE__
-#undef D
-#undef S
-#undef LD
-#undef STO
 #undef T
+#undef D
+#undef S
 #undef CS
+#undef LD
+#undef STO
 #undef HALF_DATA
 #undef SQRT
+#endif
+
+#if BN_PART == 0 || BN_PART == 4
+#define T float
+#define D uint16_t
+#define S f16
+#define CS f32
+#define LD(v) f16_load(v)
+#define STO(v) f16_store(v)
+#define HALF_DATA 1
+#define SQRT sqrtf
+#include __FILE__
+#undef T
+#undef D
+#undef S
+#undef CS
+#undef LD
+#undef STO
+#undef HALF_DATA
+#undef SQRT
+#endif
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
  * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);
@@ -250,8 +277,10 @@ static inline uint16_t f16_store(float f) {
         }                                                                                   \
         return 1;                                                                           \
     }
+#if BN_PART == 0 || BN_PART == 1
 BN_UPDATE(float, f32)
 BN_UPDATE(double, f64)
+#endif
 
 #else /* BN_TEMPLATE: the kernels for one element type T, suffix S */
 /* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
