@@ -4,7 +4,8 @@ Most calls are plain: no mask, ghost batches, renorm or synchronization, a float
 float64 CPU tensor in a layout the C loops know, per-channel tensors of the same dtype;
 or a bfloat16 or float16 tensor with float32 per-channel tensors (the mixed-precision
 layout), whose loops read and write 16-bit values and compute in float32 as the portable
-kernel does.
+kernel does. Without autograd, 16-bit parameters (and, in eval, 16-bit population
+statistics: a ``model.to(torch.bfloat16)`` at inference) are read as float32 copies.
 For them the general pipeline (statistics objects, affine terms computed with torch,
 a separate update of the running statistics) costs tens of microseconds of Python and
 small torch operations per call, more than the work itself on a small tensor. Here one
@@ -123,12 +124,18 @@ def batch_norm(
     if training and rows * inner < 2:
         return None  # one value per channel: the general path applies single_sample
     compute = _COMPUTE[dtype]  # per-channel tensors: float32 for 16-bit inputs
-    if weight is not None and not _vector_ok(weight, channels, compute):
-        return None
-    if bias is not None and not _vector_ok(bias, channels, compute):
-        return None
     if not (type(eps) is float or type(eps) is int) or not eps > 0:
         return None
+    if (weight is not None and not _vector_ok(weight, channels, compute)) or (
+        bias is not None and not _vector_ok(bias, channels, compute)
+    ):
+        if compute is dtype or not _grad_free(x, weight, bias):
+            return None
+        # a 16-bit model (model.to(torch.bfloat16)) without gradients: its parameters
+        # are read as float32 copies
+        weight, bias = _widened(weight, channels, dtype), _widened(bias, channels, dtype)
+        if weight is _DECLINE or bias is _DECLINE:
+            return None
     if running_mean is None or running_var is None:
         if not training or running_mean is not running_var:
             return None
@@ -140,6 +147,13 @@ def batch_norm(
         and not running_var.requires_grad
     ):
         update = training
+    elif compute is not dtype and not training and _grad_free(x, weight, bias):
+        # 16-bit population statistics in eval: read as float32 copies (nothing is written)
+        running_mean = _widened(running_mean, channels, dtype)
+        running_var = _widened(running_var, channels, dtype)
+        if running_mean is _DECLINE or running_var is _DECLINE:
+            return None
+        update = False
     else:
         return None
     if momentum is None:
@@ -205,6 +219,28 @@ def batch_norm(
         _threads() if numel >= cpu.PARALLEL_THRESHOLD else 1,
     )
     return output, bool(recorded) if update else None
+
+
+_DECLINE = torch.empty(0)  # _widened's answer for a tensor this path does not take
+
+
+def _grad_free(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether the call builds no autograd graph."""
+    return not _grad_enabled() or not (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+def _widened(t: Tensor | None, channels: int, dtype: torch.dtype) -> Tensor | None:
+    """A per-channel tensor as float32: itself if it is one, a float32 copy of a valid one
+    of the 16-bit ``dtype``, else ``_DECLINE``."""
+    if t is None or _vector_ok(t, channels, torch.float32):
+        return t
+    if _vector_ok(t, channels, dtype):
+        return t.float()
+    return _DECLINE
 
 
 class _Call:

@@ -385,6 +385,54 @@ def test_16_bit_layers_take_the_express_path(monkeypatch: pytest.MonkeyPatch) ->
     assert x.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None:
+    """model.to(torch.bfloat16) for inference: 16-bit parameters and population statistics
+    are read as float32 copies without gradients; training with them (which would write
+    16-bit running statistics or need 16-bit parameter gradients) is left to the pipeline."""
+    g = torch.Generator().manual_seed(5)
+    c = 16
+    weight, bias = (
+        (torch.rand(c, generator=g) + 0.5).to(dtype),
+        torch.randn(c, generator=g).to(dtype),
+    )
+    mean, var = torch.randn(c, generator=g).to(dtype), (torch.rand(c, generator=g) + 0.5).to(dtype)
+    x = torch.randn(8, c, 10, 10, generator=g).to(dtype)
+    with torch.no_grad():
+        result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, None, True,
+                                    True, False)  # fmt: skip
+        assert result is not None
+        theirs = pipeline(x, mean, var, weight, bias, use_batch_stats=False, momentum=0.1,
+                          eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+    assert result[0].dtype == dtype
+    assert_close_to_scale(result[0].float(), theirs.float(), HALF_ULP[dtype])
+    assert express.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, None, True, True,
+                              False) is None  # fmt: skip
+    w = weight.clone().requires_grad_(True)
+    assert express.batch_norm(x, mean.float(), var.float(), w, bias, False, 0.1, 1e-5, None,
+                              True, True, False) is None  # fmt: skip
+    # training without gradients, float32 running statistics: taken, and they match
+    runs = []
+    for use_express in (True, False):
+        rm, rv = torch.zeros(c), torch.ones(c)
+        with torch.no_grad():
+            if use_express:
+                taken = express.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5, None,
+                                           True, True, False)  # fmt: skip
+                assert taken is not None
+                y = taken[0]
+            else:
+                y = pipeline(x, rm, rv, weight, bias, use_batch_stats=True, momentum=0.1,
+                             eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+        runs.append((y, rm, rv))
+    assert_close_to_scale(runs[0][0].float(), runs[1][0].float(), HALF_ULP[dtype])
+    for ours, theirs in zip(runs[0][1:], runs[1][1:], strict=True):
+        assert_close_to_scale(ours, theirs, TOLERANCE[torch.float32])
+    layer = bnkit.BatchNorm2d(c).to(dtype).eval()
+    with torch.no_grad():
+        assert torch.isfinite(layer(x).float()).all()
+
+
 def _express_result(**changes: Any) -> Any:
     c = 16
     args: dict[str, Any] = {
@@ -408,9 +456,9 @@ def _express_result(**changes: Any) -> Any:
 @pytest.mark.parametrize(
     "changes",
     [
-        {  # 16-bit inputs need float32 per-channel tensors
+        {  # 16-bit inputs need float32 per-channel tensors under autograd
             "x": torch.randn(8, 16, 8, 8, dtype=torch.float16),
-            "weight": torch.ones(16, dtype=torch.float16),
+            "weight": torch.ones(16, dtype=torch.float16, requires_grad=True),
         },
         {
             "x": torch.randn(8, 16, 8, 8, dtype=torch.bfloat16),
