@@ -3,11 +3,15 @@
  * Two memory layouts, each a plain contiguous array:
  *   ncl: (N, C, L), L contiguous (NCHW and any contiguous (N, C, *) with L = prod(*)).
  *   nc:  (M, C), C contiguous (2D inputs, and channels-last inputs with M = N * prod(*)).
- * Every function exists for float (suffix _f32) and double (_f64). Per-channel
- * accumulation is in double, relative to a per-channel shift (a sample of the data):
- * float data as shifted sums of d = x - s and d^2 (d is exact in double), double data as
- * exact two-pass statistics of blocks that stay in cache, merged with Chan, Golub and
- * LeVeque's update. One pass over memory, never E[x^2] - E[x]^2 on the raw values.
+ * Every function exists for float (suffix _f32) and double (_f64) data; the plain layer's
+ * (statistics, normalization, backward, bn_forward/bn_backward) also for bfloat16 (_bf16)
+ * and float16 (_f16) data computed in float. Statistics are taken relative to a
+ * per-channel shift (a sample of the data), never as E[x^2] - E[x]^2 on raw values: ncl
+ * float rows as shifted sums of d = x - s and d^2 in double (d is exact in double), ncl
+ * double data as exact two-pass statistics of cache-sized blocks; nc rows, and the
+ * reductions where double sums would make a loop arithmetic-bound, as sums in the compute
+ * type over short blocks about a centre near the mean, flushed to double (Chan, Golub and
+ * LeVeque's update for the statistics). One pass over memory.
  * Work is split over threads by ranges of rows in memory order, or by channels (split
  * further into parts of the batch when channels are few), on `nt`
  * OpenMP threads (the process's libgomp: torch's own when torch is loaded first).
@@ -28,8 +32,6 @@ typedef int64_t i64;
 
 /* Elements per statistics block: small enough to be read twice from L1/L2. */
 #define BLOCK 4096
-/* Elements per thread-local block in the nc layout (rows * C). */
-#define NC_BLOCK 32768
 /* Rows per block of the nc reductions summed in the element type before double. */
 #define NC_SUM_ROWS 16
 /* Values of an ncl row summed in float before double (short rows, 16-bit data). */

@@ -8,12 +8,16 @@ these agree with to rounding.
 
 Passes over memory (a pass reads or writes the tensor once):
 
-- statistics: 1 (read x). Everything is accumulated in double relative to the shift
-  ``x[0, c, 0, ...]`` (the portable kernel's): float32 data as shifted sums of d and d^2
-  (x - shift is exact in double, so the variance loses only about (1 + t^2) * 1e-16
-  relative for a shift t standard deviations from the mean: far below float32 rounding),
-  float64 data as exact two-pass statistics of cache-sized blocks merged with Chan's
-  update. Never E[x^2] - E[x]^2 on raw float32, never a second trip to memory;
+- statistics: 1 (read x), relative to the shift ``x[0, c, 0, ...]`` (the portable
+  kernel's). NCHW-like float32 data as shifted sums of d and d^2 in double (x - shift is
+  exact in double, so the variance loses only about (1 + t^2) * 1e-16 relative for a shift
+  t standard deviations from the mean: far below float32 rounding), float64 data as exact
+  two-pass statistics of cache-sized blocks merged with Chan's update; channels-last and
+  2D data one row of C values at a time, as sums in the element type over blocks of 16
+  rows about the running mean, merged into double with Chan's update (float lanes keep
+  the loop memory-bound; the error stays at float32 rounding, tested 1000 standard
+  deviations from the shift). Never E[x^2] - E[x]^2 on raw float32, never a second trip
+  to memory;
 - training forward: statistics + normalization (read x, write y) = 3;
 - backward: the two reductions sum(dy) and sum(dy * x_hat) in one pass (read dy, x), then
   dx (read dy, x, write dx) = 5; forward + backward = 8;
