@@ -95,14 +95,15 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
  * S, the suffix; CS, the suffix of T's running-statistics update. HALF_DATA instances (16-bit
  * data, float compute) have the plain layer only: masks and fused activations run on
  * float and double data. */
+/* float and double data: read and written as they are */
+#define LD(v) (v)
+#define STO(v) (v)
+#define HALF_DATA 0
 #if BN_PART == 0 || BN_PART == 1
 #define T float
 #define D float
 #define S f32
 #define CS f32
-#define LD(v) (v)
-#define STO(v) (v)
-#define HALF_DATA 0
 #define EXPM1 expm1f
 #define LOG1P log1pf
 #define SQRT sqrtf
@@ -111,22 +112,15 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef D
 #undef S
 #undef CS
-#undef LD
-#undef STO
-#undef HALF_DATA
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
 #endif
-
 #if BN_PART == 0 || BN_PART == 2
 #define T double
 #define D double
 #define S f64
 #define CS f64
-#define LD(v) (v)
-#define STO(v) (v)
-#define HALF_DATA 0
 #define EXPM1 expm1
 #define LOG1P log1p
 #define SQRT sqrt
@@ -135,13 +129,13 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef D
 #undef S
 #undef CS
-#undef LD
-#undef STO
-#undef HALF_DATA
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
 #endif
+#undef LD
+#undef STO
+#undef HALF_DATA
 
 /* bfloat16: the upper half of a float; stored rounding to nearest even, NaN as 0x7fc0
  * (torch's conversion, bit for bit). */
@@ -200,45 +194,35 @@ static inline uint16_t f16_store(float f) {
     return (uint16_t)(o | (sign >> 16));
 }
 
-#if BN_PART == 0 || BN_PART == 3
+/* 16-bit data, computed in float */
 #define T float
 #define D uint16_t
-#define S bf16
 #define CS f32
+#define HALF_DATA 1
+#define SQRT sqrtf
+#if BN_PART == 0 || BN_PART == 3
+#define S bf16
 #define LD(v) bf16_load(v)
 #define STO(v) bf16_store(v)
-#define HALF_DATA 1
-#define SQRT sqrtf
 #include __FILE__
-#undef T
-#undef D
 #undef S
-#undef CS
 #undef LD
 #undef STO
-#undef HALF_DATA
-#undef SQRT
 #endif
-
 #if BN_PART == 0 || BN_PART == 4
-#define T float
-#define D uint16_t
 #define S f16
-#define CS f32
 #define LD(v) f16_load(v)
 #define STO(v) f16_store(v)
-#define HALF_DATA 1
-#define SQRT sqrtf
 #include __FILE__
-#undef T
-#undef D
 #undef S
-#undef CS
 #undef LD
 #undef STO
+#endif
+#undef T
+#undef D
+#undef CS
 #undef HALF_DATA
 #undef SQRT
-#endif
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
  * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);

@@ -53,12 +53,11 @@ _BACKWARD: dict[torch.dtype, Any] = {}
 def _load(dtype: torch.dtype) -> Any:
     """The dtype's ``bn_forward`` (and ``bn_backward``), or None without the library."""
     lib = native.library()
-    forward = None if lib is None else getattr(lib, f"bn_forward_{_SUFFIX[dtype]}", None)
-    if lib is None or forward is None:  # float16 needs a compiler with _Float16
+    if lib is None:
         return None
-    _FORWARD[dtype] = forward
+    _FORWARD[dtype] = getattr(lib, f"bn_forward_{_SUFFIX[dtype]}")
     _BACKWARD[dtype] = getattr(lib, f"bn_backward_{_SUFFIX[dtype]}")
-    return forward
+    return _FORWARD[dtype]
 
 
 def _vector_ok(t: Tensor, channels: int, dtype: torch.dtype) -> bool:

@@ -185,8 +185,7 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(compiler)))
             for name, argtypes in _SIGNATURES.items():
                 for suffix in ("f32", "f64", "bf16", "f16"):
-                    # 16-bit data has the plain layer's loops only; float16 needs a
-                    # compiler with _Float16
+                    # 16-bit data has the plain layer's loops only (no running update)
                     if suffix in ("bf16", "f16") and not hasattr(lib, f"{name}_{suffix}"):
                         continue
                     function = getattr(lib, f"{name}_{suffix}")
