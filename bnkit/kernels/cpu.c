@@ -11,7 +11,8 @@
  * double data as exact two-pass statistics of cache-sized blocks; nc rows, and the
  * reductions where double sums would make a loop arithmetic-bound, as sums in the compute
  * type over short blocks about a centre near the mean, flushed to double (Chan, Golub and
- * LeVeque's update for the statistics). One pass over memory.
+ * LeVeque's update for the statistics). One pass over memory. Outputs larger than the
+ * last-level cache are written with streaming stores (see WRITE_ROW).
  * Work is split over threads by ranges of rows in memory order, or by channels (split
  * further into parts of the batch when channels are few), on `nt`
  * OpenMP threads (the process's libgomp: torch's own when torch is loaded first).
@@ -79,6 +80,89 @@ static i64 parts_for(i64 C, i64 N, int nt) {
     case ACT_IDENTITY * 2 + 1: F(ACT_IDENTITY, 1); break;   \
     default: F(ACT_IDENTITY, 0); break;                     \
     }
+
+/* Streaming (non-temporal) stores. An ordinary store to a line not in the cache first
+ * reads the line (read for ownership), so writing an output costs two passes of memory
+ * traffic where the output is larger than the cache; a non-temporal store writes whole
+ * lines straight to memory: one pass, and the data still to be read stays cached. On a
+ * tensor in cache they are slower (the output is then written to memory and must be read
+ * back from it), so a pass streams only when the bytes it moves reach bn_stream_bytes,
+ * which the loader sets to the last-level cache's size (0: never). Only whole 64-byte
+ * lines are streamed, each from a line-sized buffer; the partial lines at the ends of a
+ * row take ordinary stores, so no line mixes both kinds. The values are the same either
+ * way: the same expression computes them. */
+#define LINE_BYTES 64
+/* Rows shorter than this are written with ordinary stores: their partial lines at the
+ * ends would outnumber the streamed ones. */
+#define STREAM_ROW_BYTES 512
+#if BN_PART == 0 || BN_PART == 1
+i64 bn_stream_bytes = 0;
+void bn_set_stream_bytes(i64 bytes) { bn_stream_bytes = bytes > 0 ? bytes : 0; }
+i64 bn_get_stream_bytes(void) { return bn_stream_bytes; }
+#else
+extern i64 bn_stream_bytes;
+#endif
+#if defined(__SSE2__)
+#include <immintrin.h>
+#define STREAMING 1
+static inline void stream_line(void *q, const void *line) {
+#if defined(__AVX__)
+    const __m256i *v = (const __m256i *)line;
+    _mm256_stream_si256((__m256i *)q, _mm256_load_si256(v));
+    _mm256_stream_si256((__m256i *)q + 1, _mm256_load_si256(v + 1));
+#else
+    const __m128i *v = (const __m128i *)line;
+    for (int k = 0; k < 4; ++k) _mm_stream_si128((__m128i *)q + k, _mm_load_si128(v + k));
+#endif
+}
+/* Non-temporal stores are weakly ordered: each thread fences its own before the loop's
+ * end (the barrier that publishes the output to the other threads and the caller). */
+static inline void stream_fence(int stream) {
+    if (stream) _mm_sfence();
+}
+#else
+#define STREAMING 0
+static inline void stream_line(void *q, const void *line) { memcpy(q, line, LINE_BYTES); }
+static inline void stream_fence(int stream) { (void)stream; }
+#endif
+
+/* Whether a pass moving `bytes` (read and written) streams its output. */
+static inline int stream_pass(i64 bytes) {
+    return STREAMING && bn_stream_bytes > 0 && bytes >= bn_stream_bytes;
+}
+
+/* Elements of `size` bytes from q to its first line boundary (at most n; n when q is not
+ * aligned to its element size, which leaves the whole row to ordinary stores). */
+static inline i64 line_head(const void *q, i64 n, i64 size) {
+    const uintptr_t address = (uintptr_t)q;
+    if (address % (uintptr_t)size) return n;
+    const i64 head = (i64)((LINE_BYTES - address % LINE_BYTES) % LINE_BYTES) / size;
+    return head < n ? head : n;
+}
+
+/* q[j] = (EXPR) for j in [0, n) (EXPR an expression in the i64 j); with `stream`, the
+ * whole lines of q with streaming stores. */
+#define WRITE_ROW(stream, q, n, j, EXPR)                                                  \
+    do {                                                                                  \
+        i64 from_ = 0;                                                                    \
+        if ((stream) && (n) * (i64)sizeof(*(q)) >= STREAM_ROW_BYTES) {                     \
+            enum { LINE_VALUES_ = LINE_BYTES / sizeof(*(q)) };                            \
+            const i64 head_ = line_head((q), (n), (i64)sizeof(*(q)));                     \
+            _Pragma("omp simd")                                                           \
+            for (i64 j = 0; j < head_; ++j) (q)[j] = (EXPR);                              \
+            for (from_ = head_; from_ + LINE_VALUES_ <= (n); from_ += LINE_VALUES_) {     \
+                __typeof__(*(q)) line_[LINE_VALUES_] __attribute__((aligned(LINE_BYTES))); \
+                _Pragma("omp simd")                                                       \
+                for (i64 k_ = 0; k_ < LINE_VALUES_; ++k_) {                               \
+                    const i64 j = from_ + k_;                                             \
+                    line_[k_] = (EXPR);                                                   \
+                }                                                                         \
+                stream_line((q) + from_, line_);                                          \
+            }                                                                             \
+        }                                                                                 \
+        _Pragma("omp simd")                                                               \
+        for (i64 j = from_; j < (n); ++j) (q)[j] = (EXPR);                                \
+    } while (0)
 
 /* The running-statistics update below, declared for the one-call paths of the template. */
 int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,
@@ -269,6 +353,12 @@ BN_UPDATE(double, f64)
 #endif
 
 #else /* BN_TEMPLATE: the kernels for one element type T, suffix S */
+/* max(z, 0) with NaN kept; and g where the pre-activation z is positive, else 0 (the
+ * gradient is loaded unconditionally: a select, no branch). */
+#undef RELU
+#undef RELU_GRAD
+#define RELU(z) ({ const T z_ = (z); z_ < (T)0 ? (T)0 : z_; })
+#define RELU_GRAD(g, z) ({ const T g_ = (g); (z) > (T)0 ? g_ : (T)0; })
 /* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
 void NAME(bn_stats_ncl)(const D *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
                       int nt) {
@@ -601,22 +691,21 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
 /* y = (x - s) * a + b per channel, then max(y, 0) if relu (NaN kept). ncl layout. */
 void NAME(bn_affine_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, const T *a,
                        const T *b, int relu, int nt) {
-    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
-    for (i64 row = 0; row < N * C; ++row) {
-        i64 c = row % C;
-        const T sc = s[c], ac = a[c], bc = b[c];
-        const D *p = x + row * L;
-        D *q = y + row * L;
-        if (relu) {
-            _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) {
-                T z = (LD(p[i]) - sc) * ac + bc;
-                q[i] = STO(z < (T)0 ? (T)0 : z);
-            }
-        } else {
-            _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) q[i] = STO((LD(p[i]) - sc) * ac + bc);
+    const int stream = stream_pass(2 * N * C * L * (i64)sizeof(D));
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (i64 row = 0; row < N * C; ++row) {
+            i64 c = row % C;
+            const T sc = s[c], ac = a[c], bc = b[c];
+            const D *p = x + row * L;
+            D *q = y + row * L;
+            if (relu)
+                WRITE_ROW(stream, q, L, i, STO(RELU((LD(p[i]) - sc) * ac + bc)));
+            else
+                WRITE_ROW(stream, q, L, i, STO((LD(p[i]) - sc) * ac + bc));
         }
+        stream_fence(stream);
     }
 }
 
@@ -624,20 +713,19 @@ void NAME(bn_affine_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, cons
  * several rows measured 1.4x slower, the hardware prefetcher follows one stream best). */
 void NAME(bn_affine_nc)(const D *x, D *y, i64 M, i64 C, const T *s, const T *a, const T *b,
                       int relu, int nt) {
-    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
-    for (i64 r = 0; r < M; ++r) {
-        const D *p = x + r * C;
-        D *q = y + r * C;
-        if (relu) {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) {
-                T z = (LD(p[c]) - s[c]) * a[c] + b[c];
-                q[c] = STO(z < (T)0 ? (T)0 : z);
-            }
-        } else {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) q[c] = STO((LD(p[c]) - s[c]) * a[c] + b[c]);
+    const int stream = stream_pass(2 * M * C * (i64)sizeof(D));
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (i64 r = 0; r < M; ++r) {
+            const D *p = x + r * C;
+            D *q = y + r * C;
+            if (relu)
+                WRITE_ROW(stream, q, C, c, STO(RELU((LD(p[c]) - s[c]) * a[c] + b[c])));
+            else
+                WRITE_ROW(stream, q, C, c, STO((LD(p[c]) - s[c]) * a[c] + b[c]));
         }
+        stream_fence(stream);
     }
 }
 
@@ -807,26 +895,26 @@ void NAME(bn_backward_reduce_nc)(const D *g, const D *x, i64 M, i64 C, const T *
 void NAME(bn_backward_input_ncl)(const D *g, const D *x, D *dx, i64 N, i64 C, i64 L,
                                const T *s, const T *alpha, const T *k1, const T *k0,
                                const T *za, const T *zb, int nt) {
-    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
-    for (i64 row = 0; row < N * C; ++row) {
-        i64 c = row % C;
-        const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
-        const D *gp = g + row * L, *xp = x + row * L;
-        D *dp = dx + row * L;
-        if (za) {
-            const T ta = za[c], tb = zb[c];
-            _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) {
-                T d = LD(xp[i]) - sc;
-                T z = d * ta + tb;
-                const T gv = LD(gp[i]);
-                T gi = z > (T)0 ? gv : (T)0;
-                dp[i] = STO(gi * ac + (d * k1c + k0c));
+    const int stream = stream_pass(3 * N * C * L * (i64)sizeof(D));
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (i64 row = 0; row < N * C; ++row) {
+            i64 c = row % C;
+            const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
+            const D *gp = g + row * L, *xp = x + row * L;
+            D *dp = dx + row * L;
+            if (za) {
+                const T ta = za[c], tb = zb[c];
+                WRITE_ROW(stream, dp, L, i,
+                          STO(RELU_GRAD(LD(gp[i]), (LD(xp[i]) - sc) * ta + tb) * ac +
+                              ((LD(xp[i]) - sc) * k1c + k0c)));
+            } else {
+                WRITE_ROW(stream, dp, L, i,
+                          STO(LD(gp[i]) * ac + ((LD(xp[i]) - sc) * k1c + k0c)));
             }
-        } else {
-            _Pragma("omp simd")
-            for (i64 i = 0; i < L; ++i) dp[i] = STO(LD(gp[i]) * ac + ((LD(xp[i]) - sc) * k1c + k0c));
         }
+        stream_fence(stream);
     }
 }
 
@@ -834,24 +922,23 @@ void NAME(bn_backward_input_ncl)(const D *g, const D *x, D *dx, i64 N, i64 C, i6
 void NAME(bn_backward_input_nc)(const D *g, const D *x, D *dx, i64 M, i64 C, const T *s,
                               const T *alpha, const T *k1, const T *k0, const T *za,
                               const T *zb, int nt) {
-    _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
-    for (i64 r = 0; r < M; ++r) {
-        const D *gp = g + r * C, *xp = x + r * C;
-        D *dp = dx + r * C;
-        if (za) {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) {
-                T d = LD(xp[c]) - s[c];
-                T z = d * za[c] + zb[c];
-                const T gv = LD(gp[c]);
-                T gi = z > (T)0 ? gv : (T)0;
-                dp[c] = STO(gi * alpha[c] + (d * k1[c] + k0[c]));
-            }
-        } else {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c)
-                dp[c] = STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
+    const int stream = stream_pass(3 * M * C * (i64)sizeof(D));
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (i64 r = 0; r < M; ++r) {
+            const D *gp = g + r * C, *xp = x + r * C;
+            D *dp = dx + r * C;
+            if (za)
+                WRITE_ROW(stream, dp, C, c,
+                          STO(RELU_GRAD(LD(gp[c]), (LD(xp[c]) - s[c]) * za[c] + zb[c]) *
+                                  alpha[c] +
+                              ((LD(xp[c]) - s[c]) * k1[c] + k0[c])));
+            else
+                WRITE_ROW(stream, dp, C, c,
+                          STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c])));
         }
+        stream_fence(stream);
     }
 }
 
