@@ -11,7 +11,10 @@ twice as fast; interleaved repetitions, median of per-repetition ratios) and the
 of the bandwidth floor it reaches. The measurements run in a fresh process with
 ``THP_MEM_ALLOC_ENABLE=1`` (torch then backs large CPU allocations with transparent huge
 pages, which saves page faults on fresh buffers); ``--thp both`` measures with torch's
-default (off) too.
+default (off) too. ``--reuse-memory on`` makes the measuring process's allocator keep
+freed memory for new tensors (as jemalloc or tcmalloc do; glibc's returns blocks over
+32 MB to the system, and each new output then faults in fresh, zeroed pages), which
+shows the kernels' speed without that cost; ``both`` measures each way.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         default="on",
         help=f"{THP_VARIABLE}=1 (on, default), torch's default (off), or both",
     )
+    parser.add_argument(
+        "--reuse-memory",
+        choices=("off", "on", "both"),
+        default="off",
+        help="on: the allocator keeps freed memory for new outputs (no fresh pages); "
+        "off (default): glibc's default; both",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure, write JSON
 
 
@@ -116,7 +126,8 @@ def format_machine(info: dict[str, Any]) -> str:
     return (
         f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
         f"{info['torch_threads']} threads, bnkit {info['bnkit']}: {native}{first}; "
-        f"{THP_VARIABLE}={info[THP_VARIABLE]}"
+        f"{THP_VARIABLE}={info[THP_VARIABLE]}, freed memory "
+        f"{info.get('freed_memory', 'returned to the system')}"
     )
 
 
@@ -171,8 +182,9 @@ def _measure_here(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     return speed.run(config, report=lambda row: print(format_row(row), file=out, flush=True))
 
 
-def _measure_in_child(argv: Sequence[str], thp: str, out: TextIO) -> dict[str, Any]:
-    """Measure in a fresh interpreter with THP_MEM_ALLOC_ENABLE set as asked."""
+def _measure_in_child(argv: Sequence[str], thp: str, reuse: str, out: TextIO) -> dict[str, Any]:
+    """Measure in a fresh interpreter with THP_MEM_ALLOC_ENABLE and the allocator set as
+    asked."""
     env = dict(os.environ)
     if thp == "on":
         env[THP_VARIABLE] = "1"
@@ -180,7 +192,8 @@ def _measure_in_child(argv: Sequence[str], thp: str, out: TextIO) -> dict[str, A
         env.pop(THP_VARIABLE, None)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "figures.json")
-        command = [sys.executable, "-m", "bnkit.bench", *argv, "--worker", path]
+        command = [sys.executable, "-m", "bnkit.bench", *argv, "--reuse-memory", reuse]
+        command += ["--worker", path]
         process = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
         out.write(process.stdout)
         if process.returncode != 0:
@@ -198,10 +211,12 @@ def _strip(argv: Sequence[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if item in ("--json", "--thp"):
+        if item in ("--json", "--thp", "--reuse-memory"):
             skip = True
             continue
-        if item in ("--memory", "--sync", "bench") or item.startswith(("--json=", "--thp=")):
+        if item in ("--memory", "--sync", "bench") or item.startswith(
+            ("--json=", "--thp=", "--reuse-memory=")
+        ):
             continue
         kept.append(item)
     return kept
@@ -211,16 +226,27 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     """Run ``bnkit bench`` with parsed arguments; returns the exit status."""
     out = sys.stdout
     if args.worker:
+        if args.reuse_memory == "on":
+            from bnkit.bench import speed
+
+            speed.keep_freed_memory()
         figures = _measure_here(args, out)
         with open(args.worker, "w") as file:
             json.dump(figures, file)
         return 0
     raw = list(sys.argv[1:] if argv is None else argv)
     settings = ("on", "off") if args.thp == "both" else (args.thp,)
+    reuses = ("off", "on") if args.reuse_memory == "both" else (args.reuse_memory,)
     report: dict[str, Any] = {"runs": {}}
-    for thp in settings:
-        print(f"== {THP_VARIABLE}={'1' if thp == 'on' else 'unset (torch default: off)'}", file=out)
-        report["runs"][thp] = _measure_in_child(_strip(raw), thp, out)
+    for reuse in reuses:
+        for thp in settings:
+            heading = f"{THP_VARIABLE}={'1' if thp == 'on' else 'unset (torch default: off)'}"
+            if reuse == "on":
+                heading += ", freed memory kept for new tensors"
+            print(f"== {heading}", file=out)
+            # runs: "on", "off" (THP), "on+reuse", "off+reuse"
+            key = thp if reuse == "off" else f"{thp}+reuse"
+            report["runs"][key] = _measure_in_child(_strip(raw), thp, reuse, out)
     if args.memory:
         from bnkit.bench import memory
 

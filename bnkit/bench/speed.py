@@ -2,8 +2,10 @@
 
 Batch norm does a few flops per value, so its time is the time to move the tensor
 through memory. The floor of an operation is its number of tensor-sized passes (a pass
-reads or writes the tensor once) at the bandwidth this process reaches with a copy and a
-triad into preallocated buffers, measured in the same repetitions:
+reads or writes the tensor once) at the best bandwidth this process reaches with a copy
+and a triad into preallocated buffers (torch's) and a copy with streaming stores (bnkit's
+C library; ordinary stores read each output line before writing it, streaming ones do
+not), measured in the same repetitions:
 
 ================================  ======  =============================================
 operation                          passes  what
@@ -29,12 +31,21 @@ each row after ``torch._dynamo.reset()``, its compile time reported separately, 
 bnkit's speed against it), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default options
 (``activation="relu"`` for the fused row). Running statistics are updated by all of them.
 
+Where the memory of a new output comes from matters as much as the kernel: glibc's
+allocator returns a freed tensor larger than 32 MB to the operating system at once, so
+the next one faults in fresh pages, which the system zeroes (a write pass of its own)
+before the kernel writes them. A caching allocator keeps freed memory and hands it out
+again (jemalloc and tcmalloc do; :func:`keep_freed_memory` makes glibc's do it), and
+then an output costs its pass and no more: the ``+new`` columns fall to the floor.
+
 This module measures in the current process: :mod:`bnkit.bench.cli` runs it in a fresh
-process per ``THP_MEM_ALLOC_ENABLE`` setting (torch reads that variable when it starts).
+process per ``THP_MEM_ALLOC_ENABLE`` setting (torch reads that variable when it starts)
+and allocator setting.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
@@ -57,6 +68,7 @@ __all__ = [
     "QUICK_SHAPES",
     "SHAPES",
     "Config",
+    "keep_freed_memory",
     "machine",
     "measure",
     "run",
@@ -103,6 +115,31 @@ class Config:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+_ALLOCATOR = {"freed_memory": "returned to the system"}
+#: glibc's mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> None:
+    """Make this process's C allocator (glibc's malloc) keep the memory of freed tensors
+    for later ones, as a caching allocator does: every block comes from the heap (no
+    block is given its own mapping, which freeing would unmap) and the heap is never
+    trimmed. New outputs then reuse pages instead of faulting in fresh ones.
+
+    Raises:
+        RuntimeError: the C library is not glibc (no ``mallopt``) or refused a setting.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as error:
+        raise RuntimeError(f"keeping freed memory needs glibc's mallopt: {error}") from None
+    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise RuntimeError("glibc's mallopt refused M_MMAP_MAX=0 or M_TRIM_THRESHOLD")
+    _ALLOCATOR["freed_memory"] = "kept by the allocator"
+
+
 def machine() -> dict[str, Any]:
     """The CPU, thread count and versions the figures were taken with."""
     model = platform.processor() or platform.machine()
@@ -126,6 +163,7 @@ def machine() -> dict[str, Any]:
         "bnkit": bnkit.__version__,
         "python": platform.python_version(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "freed_memory": _ALLOCATOR["freed_memory"],
         "native_kernel": library is not None,
         "native_error": native.load_error(),
         "native_first_call_s": round(load_s, 4),
@@ -238,15 +276,29 @@ def _inner(fn: Callable[[], Any], min_sample_s: float) -> int:
 
 
 def _bandwidth_probes(x: torch.Tensor) -> dict[str, tuple[Callable[[], Any], int]]:
-    """Copy (2 passes) and triad a = b + s * c (3 passes) on buffers of x's size."""
+    """Copy (2 passes) and triad a = b + s * c (3 passes) on buffers of x's size, with
+    torch; and, with bnkit's C library, a copy with streaming stores (2 passes), which
+    skips the read of each output line that an ordinary store makes: with it the floor
+    is the fastest a pass can move the bytes, whichever kind of store a kernel uses."""
+    from bnkit.kernels import native
+
     flat = x.detach().reshape(-1)
     a, b, c = (torch.empty_like(flat) for _ in range(3))
     b.copy_(flat)
     c.copy_(flat)
-    return {
+    probes: dict[str, tuple[Callable[[], Any], int]] = {
         "copy": (lambda: a.copy_(b), 2),
         "triad": (lambda: torch.add(b, c, alpha=0.5, out=a), 3),
     }
+    lib = native.library()
+    if lib is not None:
+        nbytes = flat.numel() * flat.element_size()
+        threads = torch.get_num_threads()
+        probes["streaming copy"] = (
+            lambda: lib.bn_stream_copy(b.data_ptr(), a.data_ptr(), nbytes, threads),
+            2,
+        )
+    return probes
 
 
 def _fresh_output_probes(x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any]]:

@@ -141,15 +141,14 @@ static inline i64 line_head(const void *q, i64 n, i64 size) {
 }
 
 /* q[j] = (EXPR) for j in [0, n) (EXPR an expression in the i64 j); with `stream`, the
- * whole lines of q with streaming stores. */
+ * whole lines of q with streaming stores, the values before the first and after the last
+ * with ordinary ones (one loop serves both ends, and the whole row when not streaming). */
 #define WRITE_ROW(stream, q, n, j, EXPR)                                                  \
     do {                                                                                  \
-        i64 from_ = 0;                                                                    \
-        if ((stream) && (n) * (i64)sizeof(*(q)) >= STREAM_ROW_BYTES) {                     \
+        i64 head_ = (n), from_ = (n); /* ordinary stores on [0, head_) and [from_, n) */  \
+        if ((stream) && (n) * (i64)sizeof(*(q)) >= STREAM_ROW_BYTES) {                    \
             enum { LINE_VALUES_ = LINE_BYTES / sizeof(*(q)) };                            \
-            const i64 head_ = line_head((q), (n), (i64)sizeof(*(q)));                     \
-            _Pragma("omp simd")                                                           \
-            for (i64 j = 0; j < head_; ++j) (q)[j] = (EXPR);                              \
+            head_ = line_head((q), (n), (i64)sizeof(*(q)));                               \
             for (from_ = head_; from_ + LINE_VALUES_ <= (n); from_ += LINE_VALUES_) {     \
                 __typeof__(*(q)) line_[LINE_VALUES_] __attribute__((aligned(LINE_BYTES))); \
                 _Pragma("omp simd")                                                       \
@@ -160,9 +159,30 @@ static inline i64 line_head(const void *q, i64 n, i64 size) {
                 stream_line((q) + from_, line_);                                          \
             }                                                                             \
         }                                                                                 \
-        _Pragma("omp simd")                                                               \
-        for (i64 j = from_; j < (n); ++j) (q)[j] = (EXPR);                                \
+        for (int end_ = 0; end_ < 2; ++end_) {                                            \
+            const i64 lo_ = end_ ? from_ : 0, hi_ = end_ ? (n) : head_;                   \
+            _Pragma("omp simd")                                                           \
+            for (i64 j = lo_; j < hi_; ++j) (q)[j] = (EXPR);                              \
+        }                                                                                 \
     } while (0)
+
+#if BN_PART == 0 || BN_PART == 1
+/* dst = src, n bytes, whole lines with streaming stores: the fastest a pass that reads
+ * one tensor and writes another can go (bnkit.bench's bandwidth floor). */
+void bn_stream_copy(const uint8_t *src, uint8_t *dst, i64 n, int nt) {
+    const i64 block = 1 << 16;
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (i64 start = 0; start < n; start += block) {
+            const uint8_t *from = src + start;
+            uint8_t *to = dst + start;
+            WRITE_ROW(1, to, min64(block, n - start), j, from[j]);
+        }
+        stream_fence(1);
+    }
+}
+#endif
 
 /* The running-statistics update below, declared for the one-call paths of the template. */
 int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,

@@ -203,6 +203,8 @@ def library() -> ctypes.CDLL | None:
                     function = getattr(lib, f"{name}_{suffix}")
                     function.argtypes = argtypes
                     function.restype = _INT if name in _RETURNS_INT else None
+            lib.bn_stream_copy.argtypes = [_PTR, _PTR, _I64, _INT]
+            lib.bn_stream_copy.restype = None
             lib.bn_set_stream_bytes.argtypes = [_I64]
             lib.bn_set_stream_bytes.restype = None
             lib.bn_get_stream_bytes.argtypes = []

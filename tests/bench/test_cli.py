@@ -65,3 +65,22 @@ def test_rows_format_without_running(tmp_path: Path) -> None:
     assert "x" in line
     assert speed.measure((4, 3), "channels_last", "float32", "eval", speed.Config()) is None
     assert "torch" in cli.format_machine(speed.machine())
+
+
+def test_reuse_memory_runs_with_the_allocator_keeping_freed_memory(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "bnkit.bench", *TINY, "--op", "eval", "--reuse-memory", "both",
+         "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "freed memory kept for new tensors" in process.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"on", "on+reuse"}
+    assert runs["on"]["machine"]["freed_memory"] == "returned to the system"
+    assert runs["on+reuse"]["machine"]["freed_memory"] == "kept by the allocator"
+    assert len(runs["on+reuse"]["rows"]) == 3  # eval on 8x16x8x8 (2 layouts) and 64x32

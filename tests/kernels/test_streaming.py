@@ -133,3 +133,18 @@ def test_set_stream_bytes_returns_the_previous_value() -> None:
         assert native.stream_bytes() == 0  # negative: never
     finally:
         native.set_stream_bytes(first)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 63, 64, 1000, (1 << 16) + 77, 3 << 17])
+@pytest.mark.parametrize("offset", [0, 1, 40])
+def test_streaming_copy_copies_every_byte(nbytes: int, offset: int) -> None:
+    """The bandwidth probe of ``bnkit bench``: a copy, whatever the size and alignment."""
+    lib = native.library()
+    assert lib is not None
+    generator = torch.Generator().manual_seed(nbytes)
+    source = torch.randint(0, 256, (nbytes + offset,), dtype=torch.uint8, generator=generator)
+    target = torch.zeros(nbytes + 2 * offset + 1, dtype=torch.uint8)
+    lib.bn_stream_copy(source.data_ptr() + offset, target.data_ptr() + offset, nbytes, 2)
+    assert torch.equal(target[offset : offset + nbytes], source[offset:])
+    assert not bool(target[:offset].any())
+    assert not bool(target[offset + nbytes :].any())
