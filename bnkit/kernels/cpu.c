@@ -92,8 +92,8 @@ static i64 parts_for(i64 C, i64 N, int nt) {
  * row take ordinary stores, so no line mixes both kinds. The values are the same either
  * way: the same expression computes them. */
 #define LINE_BYTES 64
-/* Rows shorter than this are written with ordinary stores: their partial lines at the
- * ends would outnumber the streamed ones. */
+/* Rows shorter than this that do not consist of whole lines are written with ordinary
+ * stores: their partial lines at the ends would be as many as the streamed ones. */
 #define STREAM_ROW_BYTES 512
 #if BN_PART == 0 || BN_PART == 1
 i64 bn_stream_bytes = 0;
@@ -140,15 +140,26 @@ static inline i64 line_head(const void *q, i64 n, i64 size) {
     return head < n ? head : n;
 }
 
+/* Whether a row of n elements of `size` bytes at q streams: when it is whole lines, or
+ * long enough (STREAM_ROW_BYTES) that its partial lines at the ends are few among the
+ * whole ones. Sets *head to the elements before the first line boundary. */
+static inline int stream_row(const void *q, i64 n, i64 size, i64 *head) {
+    const i64 h = line_head(q, n, size);
+    if (h == n) return 0; /* no line boundary in the row (or q is not element-aligned) */
+    const int whole = h == 0 && ((n * size) % LINE_BYTES) == 0;
+    if (!whole && n * size < STREAM_ROW_BYTES) return 0;
+    *head = h;
+    return 1;
+}
+
 /* q[j] = (EXPR) for j in [0, n) (EXPR an expression in the i64 j); with `stream`, the
  * whole lines of q with streaming stores, the values before the first and after the last
  * with ordinary ones (one loop serves both ends, and the whole row when not streaming). */
 #define WRITE_ROW(stream, q, n, j, EXPR)                                                  \
     do {                                                                                  \
         i64 head_ = (n), from_ = (n); /* ordinary stores on [0, head_) and [from_, n) */  \
-        if ((stream) && (n) * (i64)sizeof(*(q)) >= STREAM_ROW_BYTES) {                    \
+        if ((stream) && stream_row((q), (n), (i64)sizeof(*(q)), &head_)) {                \
             enum { LINE_VALUES_ = LINE_BYTES / sizeof(*(q)) };                            \
-            head_ = line_head((q), (n), (i64)sizeof(*(q)));                               \
             for (from_ = head_; from_ + LINE_VALUES_ <= (n); from_ += LINE_VALUES_) {     \
                 __typeof__(*(q)) line_[LINE_VALUES_] __attribute__((aligned(LINE_BYTES))); \
                 _Pragma("omp simd")                                                       \
