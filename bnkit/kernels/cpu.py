@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import BatchStats, native, portable
+from bnkit.kernels import BatchStats, native, outputs, portable
 
 __all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
 
@@ -195,7 +195,7 @@ def _vector(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _empty_like(x: Tensor) -> Tensor:
     """An output with x's memory layout (the one torch's batch norm gives)."""
-    return torch.empty_like(x, memory_format=portable._output_memory_format(x))
+    return outputs.empty_like(x, memory_format=portable._output_memory_format(x))
 
 
 def _as_layout_of(g: Tensor, x: Tensor) -> Tensor:

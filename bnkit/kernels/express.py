@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import cpu, native
+from bnkit.kernels import cpu, native, outputs
 
 __all__ = ["batch_norm"]
 
@@ -44,7 +44,7 @@ _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _threads = torch.get_num_threads
 _empty = torch.empty
-_empty_like = torch.empty_like
+_empty_like = outputs.empty_like  # large outputs reuse kept memory
 _INT64 = torch.int64
 _FORWARD: dict[torch.dtype, Any] = {}
 _BACKWARD: dict[torch.dtype, Any] = {}
