@@ -50,6 +50,24 @@ _FORWARD: dict[torch.dtype, Any] = {}
 _BACKWARD: dict[torch.dtype, Any] = {}
 
 
+#: fast.cpp's batch_norm (this module's, for float and double tensors below the output
+#: pool's size, in C++), once built and loaded; None until then
+_FAST: Any = None
+
+
+_started = False
+
+
+def _start() -> None:
+    """Load the C library and the C++ path (or start building it in the background)."""
+    global _started
+    _started = True
+    if native.library() is not None:
+        from bnkit.kernels import fast
+
+        fast.start()
+
+
 def _load(dtype: torch.dtype) -> Any:
     """The dtype's ``bn_forward`` (and ``bn_backward``), or None without the library."""
     lib = native.library()
@@ -92,6 +110,15 @@ def batch_norm(
     running statistics to update. The arguments have the meaning of
     :func:`bnkit.functional.batch_norm`'s; ``relu`` fuses a ReLU (saving the input).
     """
+    if _FAST is None and not _started:
+        _start()
+    if _FAST is not None and not _compiling() and _transforming() is None:
+        result: tuple[Tensor, bool | None] | None = _FAST(
+            x, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked, unbiased, skip_nonfinite, relu,
+        )  # fmt: skip
+        if result is not None:
+            return result
     # Each check is a few attribute reads: this path exists to be cheap.
     if type(x) not in _PLAIN or not x.is_cpu:
         return None
@@ -337,7 +364,15 @@ class _ExpressBatchNorm(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         call: _Call = ctx.call
         if _grad_enabled():
-            return (*_differentiable_backward(call, x, weight, ctx, grad_output), None)
+            return (
+                *_double_backward(
+                    x, weight, grad_output,
+                    None if call.training else call.running_mean,
+                    None if call.training else call.running_var,
+                    call.eps, call.training, call.relu, *ctx.needs_input_grad[1:3],
+                ),
+                None,
+            )  # fmt: skip
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = x.dtype
         channels = call.channels
@@ -371,13 +406,23 @@ class _ExpressBatchNorm(torch.autograd.Function):
 _apply = super(torch.autograd.Function, _ExpressBatchNorm).apply
 
 
-def _differentiable_backward(
-    call: _Call, x: Tensor, weight: Tensor | None, ctx: Any, grad_output: Tensor
+def _double_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    grad_output: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    training: bool,
+    relu: bool,
+    need_weight: bool,
+    need_bias: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The gradients as functions of the inputs (double backward): the portable kernel's
-    forward recomputed (running statistics left alone) and differentiated. The gradients
-    do not depend on the bias, so a zero stands in for it (it is not saved)."""
-    if call.relu:
+    """The gradients (x, weight, bias) as functions of the inputs (double backward): the
+    portable kernel's forward recomputed (running statistics left alone) and
+    differentiated. The gradients do not depend on the bias, so a zero stands in for it
+    (it is not saved). Also fast.cpp's backward under autograd."""
+    if relu:
         raise RuntimeError(
             "batch_norm: double backward through a fused activation is not supported; "
             "use activation=None and a separate activation module"
@@ -386,18 +431,20 @@ def _differentiable_backward(
     from bnkit.kernels import portable
 
     bias = None
-    if ctx.needs_input_grad[2]:
-        bias = torch.zeros(call.channels, dtype=_COMPUTE[x.dtype], requires_grad=True)
+    if need_bias:
+        bias = torch.zeros(x.shape[1], dtype=_COMPUTE[x.dtype], requires_grad=True)
+    if not need_weight and weight is not None:
+        weight = weight.detach()
     wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     output = kernels.batch_norm(
         x,
-        None if call.training else call.running_mean,
-        None if call.training else call.running_var,
+        running_mean,
+        running_var,
         weight,
         bias,
-        use_batch_stats=call.training,
+        use_batch_stats=training,
         momentum=0.0,
-        eps=call.eps,
+        eps=eps,
         kernel=portable.KERNEL,
     ).output
     grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))

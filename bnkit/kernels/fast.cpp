@@ -1,0 +1,332 @@
+// The express path in C++: plain batch norm on a small float or double CPU tensor with
+// no Python between the call and the C loops, and a native autograd node.
+//
+// bnkit.kernels.express decides in Python (tens of attribute reads), allocates, calls the
+// C loops through ctypes and, under autograd, goes through a Python autograd Function and
+// a Python backward: on a tensor of a few thousand values that costs several times the
+// work itself. This module takes the same decision on the same arguments here, and calls
+// the same loops (bn_forward / bn_backward of cpu.c, whose addresses bnkit.kernels.fast
+// hands over from the loaded library), so the results are the same bit for bit. It
+// answers None for any call it does not take, and express.py carries on as before.
+// Double backward (a backward pass under autograd) calls back into Python.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+typedef int (*forward_fn)(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
+                          const void *, double, int, void *, void *, void *, double,
+                          int64_t *, int, int, int, int);
+typedef void (*backward_fn)(int, const void *, const void *, void *, int64_t, int64_t,
+                            int64_t, const void *, const void *, void *, void *, int, int,
+                            int);
+
+// Set by init(): the loops for float (0) and double (1) data, the types a per-channel
+// tensor may have (torch.Tensor, torch.nn.Parameter), the sizes express.py uses, and
+// the Python function that computes a differentiable backward.
+forward_fn forward_loop[2] = {nullptr, nullptr};
+backward_fn backward_loop[2] = {nullptr, nullptr};
+PyObject *parameter_type = nullptr;
+PyObject *double_backward = nullptr;
+// The sizes are read from their Python modules on each call (tests change them):
+// bnkit.kernels.cpu's SMALL_THRESHOLD and PARALLEL_THRESHOLD, bnkit.kernels.outputs'
+// MIN_BYTES.
+PyObject *cpu_module = nullptr, *outputs_module = nullptr;
+PyObject *small_name = nullptr, *parallel_name = nullptr, *pool_name = nullptr;
+
+// An integer attribute of a module (-1 with a Python error set on failure).
+int64_t module_int(PyObject *module, PyObject *name) {
+    PyObject *value = PyObject_GetAttr(module, name);
+    if (value == nullptr) return -1;
+    const int64_t result = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return result;
+}
+
+// One call's layout and options (what express.py keeps in a _Call).
+struct Call {
+    int kind = 0;  // 0: (N, C, L) rows, 1: (M, C) rows
+    int64_t rows = 0, channels = 0, inner = 0;
+    bool training = false;
+    double eps = 0.0, momentum = 0.0;
+    at::Tensor running_mean, running_var, tracked;  // undefined: none
+    bool unbiased = true, skip_nonfinite = true, relu = false;
+    int threads = 1;
+    int recorded = 1;
+};
+
+bool plain_type(PyObject *obj) {
+    return Py_TYPE(obj) == (PyTypeObject *)THPVariableClass ||
+           (PyObject *)Py_TYPE(obj) == parameter_type;
+}
+
+// A (C,) contiguous CPU tensor of `dtype` (of a plain tensor type), or None: sets *out.
+bool vector_arg(PyObject *obj, int64_t channels, at::ScalarType dtype, at::Tensor *out) {
+    if (obj == Py_None) return true;
+    if (!plain_type(obj)) return false;
+    const at::Tensor &t = THPVariable_Unpack(obj);
+    if (t.scalar_type() != dtype || !t.is_cpu() || t.dim() != 1 || t.size(0) != channels ||
+        !t.is_contiguous())
+        return false;
+    *out = t;
+    return true;
+}
+
+const void *ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+void *mutable_ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+int forward_call(const Call &call, const at::Tensor &x, const at::Tensor &y,
+                 const at::Tensor &weight, const at::Tensor &bias, const at::Tensor &saved) {
+    const int which = x.scalar_type() == at::kDouble;
+    return forward_loop[which](
+        call.kind, x.data_ptr(), y.data_ptr(), call.rows, call.channels, call.inner,
+        ptr(weight), ptr(bias), call.eps, call.training, mutable_ptr(saved),
+        mutable_ptr(call.running_mean), mutable_ptr(call.running_var), call.momentum,
+        call.tracked.defined() ? call.tracked.data_ptr<int64_t>() : nullptr, call.unbiased,
+        call.skip_nonfinite, call.relu, call.threads);
+}
+
+struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
+    // weight and bias are optional: absent ones are no inputs of the node (its edges are
+    // x's, then weight's and bias's where given), but have a (null) gradient slot.
+    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x,
+                              const std::optional<at::Tensor> &weight_arg,
+                              const std::optional<at::Tensor> &bias_arg, Call *call) {
+        const at::Tensor weight = weight_arg.value_or(at::Tensor());
+        const at::Tensor bias = bias_arg.value_or(at::Tensor());
+        at::Tensor y = at::empty_like(x);
+        at::Tensor saved = at::empty({5 * call->channels}, x.options());
+        call->recorded = forward_call(*call, x, y, weight, bias, saved);
+        ctx->save_for_backward({x, weight, saved});
+        ctx->saved_data["has_weight"] = weight.defined();
+        ctx->saved_data["has_bias"] = bias.defined();
+        ctx->saved_data["kind"] = call->kind;
+        ctx->saved_data["rows"] = call->rows;
+        ctx->saved_data["channels"] = call->channels;
+        ctx->saved_data["inner"] = call->inner;
+        ctx->saved_data["training"] = call->training;
+        ctx->saved_data["relu"] = call->relu;
+        ctx->saved_data["threads"] = (int64_t)call->threads;
+        ctx->saved_data["eps"] = call->eps;
+        if (!call->training) {  // the population statistics, for a double backward
+            ctx->saved_data["running_mean"] = call->running_mean;
+            ctx->saved_data["running_var"] = call->running_var;
+        }
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const variable_list saved_vars = ctx->get_saved_variables();
+        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &saved = saved_vars[2];
+        const bool training = ctx->saved_data["training"].toBool();
+        const bool relu = ctx->saved_data["relu"].toBool();
+        at::Tensor g = grads[0];
+        const bool has_weight = ctx->saved_data["has_weight"].toBool();
+        const bool has_bias = ctx->saved_data["has_bias"].toBool();
+        const bool need_x = ctx->needs_input_grad(0);
+        const bool need_w = has_weight && ctx->needs_input_grad(1);
+        const bool need_b = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        if (at::GradMode::is_enabled())
+            return differentiable(ctx, x, weight, g, training, relu, need_w, need_b);
+        const int64_t channels = ctx->saved_data["channels"].toInt();
+        if (g.scalar_type() != x.scalar_type() || !g.strides().equals(x.strides())) {
+            g = g.to(x.scalar_type());  // in x's layout, as the loops read it
+            g = x.is_contiguous() ? g.contiguous()
+                                  : g.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::ChannelsLast3d);
+        }
+        at::Tensor dx, dw, db;
+        if (need_x) dx = at::empty_like(x);
+        if (need_w) dw = at::empty({channels}, saved.options());
+        if (need_b) db = at::empty({channels}, saved.options());
+        const int which = x.scalar_type() == at::kDouble;
+        backward_loop[which](
+            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), x.data_ptr(), mutable_ptr(dx),
+            ctx->saved_data["rows"].toInt(), channels, ctx->saved_data["inner"].toInt(),
+            saved.data_ptr(), ptr(weight), mutable_ptr(dw), mutable_ptr(db), training, relu,
+            (int)ctx->saved_data["threads"].toInt());
+        return {dx, dw, db, at::Tensor()};
+    }
+
+    // Gradients that are themselves differentiable: Python's express._double_backward.
+    static variable_list differentiable(AutogradContext *ctx, const at::Tensor &x,
+                                        const at::Tensor &weight, const at::Tensor &g,
+                                        bool training, bool relu, bool need_w, bool need_b) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        variable_list result;
+        PyObject *mean = Py_None, *var = Py_None;
+        if (!training) {
+            mean = THPVariable_Wrap(ctx->saved_data["running_mean"].toTensor());
+            var = THPVariable_Wrap(ctx->saved_data["running_var"].toTensor());
+        } else {
+            Py_INCREF(mean);
+            Py_INCREF(var);
+        }
+        PyObject *w = weight.defined() ? THPVariable_Wrap(weight) : (Py_INCREF(Py_None), Py_None);
+        PyObject *out = PyObject_CallFunction(
+            double_backward, "NNNNNdOOOO", THPVariable_Wrap(x), w, THPVariable_Wrap(g), mean,
+            var, ctx->saved_data["eps"].toDouble(), training ? Py_True : Py_False,
+            relu ? Py_True : Py_False, need_w ? Py_True : Py_False, need_b ? Py_True : Py_False);
+        if (out == nullptr) {
+            python_error error;
+            error.persist();
+            PyGILState_Release(gil);
+            throw error;
+        }
+        for (Py_ssize_t i = 0; i < 3; ++i) {
+            PyObject *item = PyTuple_GET_ITEM(out, i);
+            result.push_back(item == Py_None ? at::Tensor() : THPVariable_Unpack(item));
+        }
+        Py_DECREF(out);
+        PyGILState_Release(gil);
+        result.push_back(at::Tensor());
+        return result;
+    }
+};
+
+// batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+//            num_batches_tracked, unbiased, skip_nonfinite, relu)
+//   -> (output, recorded) or None (express.batch_norm's contract).
+PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12 || forward_loop[0] == nullptr) Py_RETURN_NONE;
+    HANDLE_TH_ERRORS
+    PyObject *x_obj = args[0];
+    if (!plain_type(x_obj)) Py_RETURN_NONE;
+    const at::Tensor &x = THPVariable_Unpack(x_obj);
+    const at::ScalarType dtype = x.scalar_type();
+    if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || x.dim() < 2)
+        Py_RETURN_NONE;
+    const int64_t numel = x.numel();
+    const int64_t small_threshold = module_int(cpu_module, small_name);
+    const int64_t pool_bytes = module_int(outputs_module, pool_name);
+    const int64_t parallel_threshold = module_int(cpu_module, parallel_name);
+    if (PyErr_Occurred()) return nullptr;
+    if (numel < small_threshold || numel * (int64_t)x.element_size() >= pool_bytes)
+        Py_RETURN_NONE;  // tiny: the general path; large: the output pool's
+    Call call;
+    call.channels = x.size(1);
+    call.rows = x.size(0);
+    if (x.is_contiguous()) {
+        call.kind = x.dim() == 2 ? 1 : 0;
+        call.inner = x.dim() == 2 ? 1 : numel / (call.rows * call.channels);
+    } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+               (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+        call.kind = 1;
+        call.inner = 1;
+        call.rows = numel / call.channels;
+    } else {
+        Py_RETURN_NONE;
+    }
+    call.training = args[5] == Py_True;
+    if (!call.training && args[5] != Py_False) Py_RETURN_NONE;
+    if (call.training && call.rows * call.inner < 2) Py_RETURN_NONE;
+    PyObject *eps = args[7];
+    if (!(PyFloat_CheckExact(eps) || PyLong_CheckExact(eps))) Py_RETURN_NONE;
+    call.eps = PyFloat_AsDouble(eps);
+    if (!(call.eps > 0)) Py_RETURN_NONE;
+    at::Tensor weight, bias;
+    if (!vector_arg(args[3], call.channels, dtype, &weight) ||
+        !vector_arg(args[4], call.channels, dtype, &bias))
+        Py_RETURN_NONE;
+    bool update = false;
+    if (args[1] == Py_None || args[2] == Py_None) {
+        if (!call.training || args[1] != args[2]) Py_RETURN_NONE;
+    } else {
+        if (!vector_arg(args[1], call.channels, dtype, &call.running_mean) ||
+            !vector_arg(args[2], call.channels, dtype, &call.running_var) ||
+            call.running_mean.requires_grad() || call.running_var.requires_grad())
+            Py_RETURN_NONE;
+        update = call.training;
+    }
+    PyObject *momentum = args[6];
+    if (momentum == Py_None) {
+        if (update && args[8] == Py_None) Py_RETURN_NONE;
+        call.momentum = -1.0;  // the cumulative average
+    } else if (PyFloat_CheckExact(momentum) || PyLong_CheckExact(momentum)) {
+        call.momentum = PyFloat_AsDouble(momentum);
+        if (!(call.momentum >= 0.0 && call.momentum <= 1.0)) Py_RETURN_NONE;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (update && args[8] != Py_None) {
+        if (Py_TYPE(args[8]) != (PyTypeObject *)THPVariableClass) Py_RETURN_NONE;
+        const at::Tensor &tracked = THPVariable_Unpack(args[8]);
+        if (tracked.scalar_type() != at::kLong || !tracked.is_cpu() || tracked.numel() != 1)
+            Py_RETURN_NONE;
+        call.tracked = tracked;
+    }
+    for (int i = 9; i < 12; ++i)
+        if (args[i] != Py_True && args[i] != Py_False) Py_RETURN_NONE;
+    call.unbiased = args[9] == Py_True;
+    call.skip_nonfinite = args[10] == Py_True;
+    call.relu = args[11] == Py_True;
+    call.threads = numel >= parallel_threshold ? at::get_num_threads() : 1;
+
+    at::Tensor output;
+    const bool grad = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || (weight.defined() && weight.requires_grad()) ||
+                       (bias.defined() && bias.requires_grad()));
+    if (grad) {
+        std::optional<at::Tensor> w, b;
+        if (weight.defined()) w = weight;
+        if (bias.defined()) b = bias;
+        output = ExpressFunction::apply(x, w, b, &call);
+    } else {
+        output = at::empty_like(x);
+        call.recorded = forward_call(call, x, output, weight, bias, at::Tensor());
+    }
+    PyObject *recorded = update ? (call.recorded ? Py_True : Py_False) : Py_None;
+    Py_INCREF(recorded);
+    return Py_BuildValue("(NN)", THPVariable_Wrap(output), recorded);
+    END_HANDLE_TH_ERRORS
+}
+
+// init(forward_f32, forward_f64, backward_f32, backward_f64, Parameter, double_backward,
+//      cpu_module, outputs_module)
+PyObject *init(PyObject *, PyObject *args) {
+    unsigned long long f32, f64, b32, b64;
+    PyObject *parameter, *fallback, *cpu, *outputs;
+    if (!PyArg_ParseTuple(args, "KKKKOOOO", &f32, &f64, &b32, &b64, &parameter, &fallback,
+                          &cpu, &outputs))
+        return nullptr;
+    forward_loop[0] = (forward_fn)(uintptr_t)f32;
+    forward_loop[1] = (forward_fn)(uintptr_t)f64;
+    backward_loop[0] = (backward_fn)(uintptr_t)b32;
+    backward_loop[1] = (backward_fn)(uintptr_t)b64;
+    Py_XINCREF(parameter);
+    Py_XSETREF(parameter_type, parameter);
+    Py_XINCREF(fallback);
+    Py_XSETREF(double_backward, fallback);
+    Py_INCREF(cpu);
+    Py_XSETREF(cpu_module, cpu);
+    Py_INCREF(outputs);
+    Py_XSETREF(outputs_module, outputs);
+    if (small_name == nullptr) {
+        small_name = PyUnicode_InternFromString("SMALL_THRESHOLD");
+        parallel_name = PyUnicode_InternFromString("PARALLEL_THRESHOLD");
+        pool_name = PyUnicode_InternFromString("MIN_BYTES");
+    }
+    Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"batch_norm", (PyCFunction)(void (*)(void))batch_norm, METH_FASTCALL,
+     "express.batch_norm for float and double tensors, or None"},
+    {"init", (PyCFunction)init, METH_VARARGS, "the loops and settings"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnkit_fast", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__bnkit_fast(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,219 @@
+"""Build and load ``fast.cpp``: the express path for small tensors without Python.
+
+On a tensor of a few thousand values the express path's Python (checks, a ctypes call
+each way, a Python autograd Function) costs more than the work. ``fast.cpp`` takes the
+same decisions in C++ on the same arguments, calls the same C loops and gives autograd a
+native node, for float and double CPU tensors up to :data:`bnkit.kernels.outputs.MIN_BYTES`
+(larger ones keep the Python path and its output pool). It is compiled against the
+installed torch's headers, which takes about a minute, so the build runs in a background
+thread on first use (one process builds at a time; the others keep the ctypes path) and
+the result is cached beside the C library (keyed by the source, compiler, torch and
+Python). Until it is ready, and wherever it cannot be built, nothing changes but speed.
+``BNKIT_NATIVE=0`` or ``BNKIT_NATIVE_CXX=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = ["build_seconds", "load_error", "module", "start", "wait"]
+
+_SOURCE = Path(__file__).with_name("fast.cpp")
+_NAME = "_bnkit_fast"
+FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-w")
+_state: dict[str, Any] = {}
+_LOCK = threading.Lock()
+_READY = threading.Event()
+
+
+def module() -> ModuleType | None:
+    """The loaded extension, or None (not built yet, building, or unavailable)."""
+    return _state.get("module")
+
+
+def load_error() -> str | None:
+    """Why the extension is unavailable (None: loaded, building or not tried)."""
+    return _state.get("error")
+
+
+def build_seconds() -> float | None:
+    """Seconds this process spent compiling the extension (None: cached or not built)."""
+    return _state.get("build_seconds")
+
+
+def start() -> None:
+    """Load the extension from the cache, or start building it in the background."""
+    if _state.get("started"):
+        return
+    with _LOCK:
+        if _state.get("started"):
+            return
+        _state["started"] = True
+    if os.environ.get("BNKIT_NATIVE", "1") == "0" or os.environ.get("BNKIT_NATIVE_CXX") == "0":
+        _state["error"] = "disabled by BNKIT_NATIVE=0 or BNKIT_NATIVE_CXX=0"
+        _READY.set()
+        return
+    target = _target()
+    if target is not None and target.exists():
+        _load(target)
+        _READY.set()
+        return
+    threading.Thread(target=_build_and_load, args=(target,), daemon=True).start()
+
+
+def wait(timeout: float | None = None) -> ModuleType | None:
+    """Start the extension if needed and wait (up to ``timeout`` seconds) until it is
+    loaded or known to be unavailable; returns :func:`module`."""
+    start()
+    _READY.wait(timeout)
+    return module()
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _command(compiler: str, output: Path) -> list[str]:
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    libraries = cpp_extension.library_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        compiler,
+        *FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *[f"-I{path}" for path in includes],
+        str(_SOURCE),
+        "-o",
+        str(output),
+        *[f"-L{path}" for path in libraries],
+        *[f"-Wl,-rpath,{path}" for path in libraries],
+        "-lc10",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-ltorch_python",
+    ]
+
+
+def _target() -> Path | None:
+    """Where the built extension is cached (None: no C++ compiler)."""
+    from bnkit.kernels import native
+
+    compiler = _compiler()
+    if compiler is None:
+        _state["error"] = "no C++ compiler found ($CXX, c++, g++)"
+        return None
+    import torch
+
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            part.encode() if isinstance(part, str) else part
+            for part in (
+                _SOURCE.read_bytes(),
+                version,
+                " ".join(FLAGS),
+                torch.__version__,
+                str(Path(torch.__file__).parent),
+                sys.version,
+            )
+        )
+    ).hexdigest()[:16]
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    _state["compiler"] = compiler
+    return native.cache_dir() / f"{_NAME}_{key}{suffix}"
+
+
+def _build_and_load(target: Path | None) -> None:
+    try:
+        if target is None:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = target.with_suffix(".lock")
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                _state["error"] = "another process is building it"
+                return
+            if not target.exists():
+                start = time.perf_counter()
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    partial = Path(tmp) / target.name
+                    result = subprocess.run(
+                        _command(_state["compiler"], partial),
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                    if result.returncode != 0:
+                        _state["error"] = f"build failed: {result.stderr.strip()[-2000:]}"
+                        return
+                    os.replace(partial, target)
+                _state["build_seconds"] = time.perf_counter() - start
+        _load(target)
+    except (OSError, subprocess.SubprocessError) as error:
+        _state["error"] = str(error)
+    finally:
+        _READY.set()
+
+
+def _load(target: Path) -> None:
+    """Import the built extension and hand it the C loops and settings."""
+    from bnkit.kernels import cpu, express, native, outputs
+
+    lib = native.library()
+    if lib is None:
+        _state["error"] = "no C library"
+        return
+    try:
+        spec = importlib.util.spec_from_file_location(_NAME, target)
+        if spec is None or spec.loader is None:
+            raise ImportError("no loader")
+        extension = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(extension)
+    except ImportError as error:
+        _state["error"] = f"could not load {target.name}: {error}"
+        return
+    import torch
+
+    def address(name: str) -> int:
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+
+    extension.init(
+        address("bn_forward_f32"),
+        address("bn_forward_f64"),
+        address("bn_backward_f32"),
+        address("bn_backward_f64"),
+        torch.nn.Parameter,
+        express._double_backward,
+        cpu,
+        outputs,
+    )
+    with contextlib.suppress(KeyError):
+        del _state["error"]
+    _state["module"] = extension
+    express._FAST = extension.batch_norm

@@ -1,0 +1,246 @@
+"""The express path in C++ (fast.cpp) against the express path in Python, bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from bnkit.errors import NonFiniteStatsWarning
+from bnkit.functional import batch_norm
+from bnkit.kernels import express, fast, native
+
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason=f"no native CPU kernel: {native.load_error()}"
+)
+
+
+@pytest.fixture(scope="module")
+def fast_call() -> Any:
+    """The C++ batch_norm (built if need be: about a minute on a fresh machine)."""
+    module = fast.wait(timeout=600)
+    if module is None:
+        pytest.skip(f"no C++ extension: {fast.load_error()}")
+    return module.batch_norm
+
+
+LAYOUTS = [
+    ((64, 24), torch.contiguous_format),
+    ((8, 16, 8, 8), torch.contiguous_format),
+    ((8, 16, 8, 8), torch.channels_last),
+    ((3, 4, 5, 6, 7), torch.channels_last_3d),
+    ((16, 8, 32, 32), torch.channels_last),  # threaded
+]
+
+
+def _run(
+    use_fast: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dy: torch.Tensor,
+    training: bool,
+    momentum: float | None,
+    relu: bool,
+    skip_nonfinite: bool = True,
+    unbiased: bool = True,
+    grad_of: str = "xwb",
+) -> list[Any]:
+    """Outputs, gradients, running statistics and the recorded flag of one call."""
+    saved = express._FAST
+    with monkeypatch.context() as patch:
+        if not use_fast:
+            patch.setattr(express, "_FAST", None)
+        x = x.detach().clone().requires_grad_("x" in grad_of)
+        w = None if weight is None else weight.detach().clone().requires_grad_("w" in grad_of)
+        b = None if bias is None else bias.detach().clone().requires_grad_("b" in grad_of)
+        c = x.shape[1]
+        mean = torch.linspace(-1, 1, c, dtype=x.dtype)
+        var = torch.linspace(0.5, 2, c, dtype=x.dtype)
+        tracked = torch.tensor(3)
+        result = express.batch_norm(
+            x, mean, var, w, b, training, momentum, 1e-5, tracked, unbiased, skip_nonfinite, relu
+        )
+        assert result is not None
+        y, recorded = result
+        name = "" if y.grad_fn is None else y.grad_fn.name()
+        assert ("ExpressFunction" in name) == (use_fast and y.requires_grad)
+        grads: list[Any] = []
+        if y.requires_grad:
+            wanted = [t for t in (x, w, b) if t is not None and t.requires_grad]
+            grads = list(torch.autograd.grad(y, wanted, dy))
+    assert express._FAST is saved
+    return [y, *grads, mean, var, int(tracked), recorded]
+
+
+def _equal(ours: list[Any], theirs: list[Any]) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert a.stride() == b.stride()
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        else:
+            assert a == b
+
+
+@pytest.mark.usefixtures("fast_call")
+@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_same_results_as_the_python_path(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    fmt: torch.memory_format,
+    dtype: torch.dtype,
+    training: bool,
+    relu: bool,
+) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = (3 + 2 * torch.randn(shape, generator=g, dtype=dtype)).contiguous(memory_format=fmt)
+    weight, bias = torch.randn(2, shape[1], generator=g, dtype=dtype)
+    dy = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt)
+    args = (x, weight, bias, dy, training, 0.1, relu)
+    _equal(_run(True, monkeypatch, *args), _run(False, monkeypatch, *args))
+
+
+OPTIONS = list(
+    itertools.product(
+        ["both", "weight", "bias", "none"],  # affine parameters given
+        ["xwb", "x", "w", ""],  # which inputs require gradients
+        [0.1, None, 0.0, 1.0],  # momentum
+    )
+)
+
+
+@pytest.mark.usefixtures("fast_call")
+@pytest.mark.parametrize(("affine", "grad_of", "momentum"), OPTIONS, ids=str)
+def test_options_give_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, affine: str, grad_of: str, momentum: float | None
+) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 5, 40, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    w = weight if affine in ("both", "weight") else None
+    b = bias if affine in ("both", "bias") else None
+    for training, unbiased in ((True, True), (True, False), (False, True)):
+        args = (x, w, b, dy, training, momentum, False)
+        kw = {"unbiased": unbiased, "grad_of": grad_of}
+        _equal(_run(True, monkeypatch, *args, **kw), _run(False, monkeypatch, *args, **kw))
+
+
+@pytest.mark.usefixtures("fast_call")
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_a_non_finite_batch_is_handled_alike(
+    monkeypatch: pytest.MonkeyPatch, skip_nonfinite: bool
+) -> None:
+    x = torch.randn(4, 3, 50, dtype=torch.float64)
+    x[1, 2, 7] = float("nan")
+    dy = torch.randn_like(x)
+    args = (x, None, None, dy, True, 0.1, False, skip_nonfinite)
+    ours = _run(True, monkeypatch, *args)
+    _equal(ours, _run(False, monkeypatch, *args))
+    assert ours[-1] is (not skip_nonfinite)  # recorded
+    with pytest.warns(NonFiniteStatsWarning):
+        batch_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                   training=True)  # fmt: skip
+
+
+@pytest.mark.usefixtures("fast_call")
+def test_gradients_of_any_layout_and_double_backward() -> None:
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = batch_norm(x, None, None, w, b, training=True)
+    assert "ExpressFunction" in y.grad_fn.name()  # type: ignore[union-attr]
+    y.sum().backward()  # a gradient with zero strides
+    assert x.grad is not None
+    assert float(x.grad.abs().max()) < 1e-12  # normalized: the sum does not depend on x
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for training, weight, bias in ((True, w, None), (True, None, b), (False, w, b)):
+
+        def f(x: torch.Tensor, *p: torch.Tensor, training: bool = training) -> torch.Tensor:
+            return batch_norm(x, mean, var, *p, training=training)
+
+        params = (weight, bias) if weight is not None else (None, bias)
+        inputs = (x.detach().requires_grad_(), *[t for t in params if t is not None])
+
+        def g(x: torch.Tensor, *rest: torch.Tensor, params: Any = params) -> torch.Tensor:
+            it = iter(rest)
+            full = [next(it) if t is not None else None for t in params]
+            return f(x, *full)
+
+        torch.autograd.gradcheck(g, inputs)
+        torch.autograd.gradgradcheck(g, inputs)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+DECLINED: list[tuple[str, dict[str, Any]]] = [
+    ("bfloat16 input", {"x": torch.randn(8, 4, 16).bfloat16()}),
+    ("float weight for double input", {"weight": torch.ones(4)}),
+    ("non-contiguous input", {"x": torch.randn(8, 16, 4).transpose(1, 2)}),
+    ("tiny input", {"x": torch.randn(2, 4, 3, dtype=torch.float64)}),
+    ("subclass", {"x": torch.randn(8, 4, 16, dtype=torch.float64).as_subclass(_Sub)}),
+    ("running stats with gradients", {"running_mean": torch.zeros(4, dtype=torch.float64,
+                                                                  requires_grad=True)}),
+    ("one value per channel", {"x": torch.randn(1, 4, dtype=torch.float64)}),
+    ("momentum out of range", {"momentum": 1.5}),
+    ("eps zero", {"eps": 0.0}),
+    ("eps a bool", {"eps": True}),
+    ("cumulative average without a counter", {"momentum": None, "tracked": None}),
+    ("wrong channels", {"weight": torch.ones(5, dtype=torch.float64)}),
+    ("training not a bool", {"training": 1}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change"), DECLINED, ids=[c for c, _ in DECLINED])
+def test_declines_what_the_python_path_must_decide(
+    fast_call: Any, case: str, change: dict[str, Any]
+) -> None:
+    args: dict[str, Any] = {
+        "x": torch.randn(8, 4, 16, dtype=torch.float64),
+        "running_mean": torch.zeros(4, dtype=torch.float64),
+        "running_var": torch.ones(4, dtype=torch.float64),
+        "weight": None,
+        "bias": None,
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+        "tracked": torch.tensor(0),
+    }
+    assert fast_call(*args.values(), True, True, False) is not None
+    args.update(change)
+    assert fast_call(*args.values(), True, True, False) is None, case
+
+
+def test_large_outputs_are_left_to_the_output_pool(fast_call: Any) -> None:
+    from bnkit.kernels import outputs
+
+    x = torch.empty(outputs.MIN_BYTES // 4 // 8 + 1, 8)
+    assert fast_call(x, None, None, None, None, True, 0.1, 1e-5, None, True, True, False) is None
+
+
+def test_can_be_turned_off() -> None:
+    code = (
+        "import torch; from bnkit.kernels import fast, express; "
+        "from bnkit.functional import batch_norm; "
+        "batch_norm(torch.randn(8, 4, 16), None, None, training=True); "
+        "print(fast.module(), fast.load_error())"
+    )
+    env = {**os.environ, "BNKIT_NATIVE_CXX": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("None disabled")
