@@ -361,12 +361,12 @@ def measure(
     fresh_inner = _inner(fresh, config.min_sample_s)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     bandwidth: list[float] = []
+    by_probe: dict[str, list[float]] = {name: [] for name in probes}
     new_output: list[float] = []
     for _ in range(config.repetitions):
-        best = 0.0
         for name, (fn, passes) in probes.items():
-            best = max(best, passes * nbytes / _time(fn, probe_inner[name]))
-        bandwidth.append(best)
+            by_probe[name].append(passes * nbytes / _time(fn, probe_inner[name]))
+        bandwidth.append(max(values[-1] for values in by_probe.values()))
         new_output.append(max(0.0, _time(fresh, fresh_inner) - _time(kept, fresh_inner)))
         for name, fn in candidates.items():
             times[name].append(_time(fn, inner[name]))
@@ -379,6 +379,9 @@ def measure(
         "operation": operation,
         "megabytes": nbytes / 1e6,
         "bandwidth_gbs": statistics.median(bandwidth) / 1e9,
+        "probe_bandwidth_gbs": {
+            name: statistics.median(values) / 1e9 for name, values in by_probe.items()
+        },
         "floor_ms": statistics.median(floor) * 1e3,
         "new_output_ms": statistics.median(new_output) * 1e3,
         "floor_with_outputs_ms": statistics.median(with_outputs) * 1e3,

@@ -37,6 +37,9 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     for row in rows:
         assert row["floor_ms"] > 0
         assert row["bandwidth_gbs"] > 0
+        probes = row["probe_bandwidth_gbs"]
+        assert {"copy", "triad"} <= set(probes)
+        assert max(probes.values()) >= row["bandwidth_gbs"] * 0.999
         assert row["floor_with_outputs_ms"] >= row["floor_ms"]
         assert row["new_output_ms"] >= 0
         for name in ("torch", "bnkit"):
