@@ -244,3 +244,12 @@ def test_can_be_turned_off() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("None disabled")
+
+
+def test_a_failed_build_is_reported_and_changes_nothing(tmp_path: Any) -> None:
+    code = "from bnkit.kernels import fast; fast.start(); print(fast.wait(120), fast.load_error())"
+    env = {**os.environ, "CXX": "false", "BNKIT_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("None build failed")
