@@ -5,10 +5,11 @@ each way, a Python autograd Function) costs more than the work. ``fast.cpp`` tak
 same decisions in C++ on the same arguments, calls the same C loops and gives autograd a
 native node, for float and double CPU tensors up to :data:`bnkit.kernels.outputs.MIN_BYTES`
 (larger ones keep the Python path and its output pool). It is compiled against the
-installed torch's headers, which takes about a minute, so the build runs in a background
-thread on first use (one process builds at a time; the others keep the ctypes path) and
-the result is cached beside the C library (keyed by the source, compiler, torch and
-Python). Until it is ready, and wherever it cannot be built, nothing changes but speed.
+installed torch's headers, which takes about a minute, so on first use a process of its
+own builds it (one per cache entry at a time; it finishes and fills the cache even when
+the process that started it exits first) while a thread waits to load it, and the
+result is cached beside the C library (keyed by the source, compiler, torch and Python).
+Until it is ready, and wherever it cannot be built, nothing changes but speed.
 ``BNKIT_NATIVE=0`` or ``BNKIT_NATIVE_CXX=0`` turns it off.
 """
 
@@ -74,7 +75,22 @@ def start() -> None:
         _load(target)
         _READY.set()
         return
-    threading.Thread(target=_build_and_load, args=(target,), daemon=True).start()
+    if target is None:
+        _READY.set()
+        return
+    try:  # spawned now, not by the thread: an exiting interpreter stops its threads
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bnkit.kernels.fast", str(target), _state["compiler"]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    except OSError as error:
+        _state["error"] = str(error)
+        _READY.set()
+        return
+    threading.Thread(target=_wait_and_load, args=(process, target), daemon=True).start()
 
 
 def wait(timeout: float | None = None) -> ModuleType | None:
@@ -147,33 +163,38 @@ def _target() -> Path | None:
     return native.cache_dir() / f"{_NAME}_{key}{suffix}"
 
 
-def _build_and_load(target: Path | None) -> None:
-    try:
-        if target is None:
+def _build(target: Path, compiler: str) -> None:
+    """Compile fast.cpp into ``target`` unless it exists (one build per target at a time:
+    a concurrent one is waited for).
+
+    Raises:
+        RuntimeError: the compiler failed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = target.with_suffix(".lock")
-        with open(lock_path, "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                _state["error"] = "another process is building it"
-                return
-            if not target.exists():
-                start = time.perf_counter()
-                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                    partial = Path(tmp) / target.name
-                    result = subprocess.run(
-                        _command(_state["compiler"], partial),
-                        capture_output=True,
-                        text=True,
-                        check=False,
-                    )
-                    if result.returncode != 0:
-                        _state["error"] = f"build failed: {result.stderr.strip()[-2000:]}"
-                        return
-                    os.replace(partial, target)
-                _state["build_seconds"] = time.perf_counter() - start
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            result = subprocess.run(
+                _command(compiler, partial), capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"build failed: {result.stderr.strip()[-2000:]}")
+            os.replace(partial, target)
+
+
+def _wait_and_load(process: subprocess.Popen[str], target: Path) -> None:
+    """Wait for the build process (which finishes, and leaves its result in the cache,
+    even if this process exits first), then load."""
+    try:
+        start = time.perf_counter()
+        _, errors = process.communicate()
+        if process.returncode != 0 or not target.exists():
+            _state["error"] = errors.strip()[-2000:] or "build failed"
+            return
+        _state["build_seconds"] = time.perf_counter() - start
         _load(target)
     except (OSError, subprocess.SubprocessError) as error:
         _state["error"] = str(error)
@@ -217,3 +238,11 @@ def _load(target: Path) -> None:
         del _state["error"]
     _state["module"] = extension
     express._FAST = extension.batch_norm
+
+
+if __name__ == "__main__":  # the build process: python -m bnkit.kernels.fast TARGET CXX
+    try:
+        _build(Path(sys.argv[1]), sys.argv[2])
+    except (RuntimeError, OSError) as failure:
+        print(failure, file=sys.stderr)
+        sys.exit(1)
