@@ -31,9 +31,9 @@ typedef void (*backward_fn)(int, const void *, const void *, void *, int64_t, in
                             int64_t, const void *, const void *, void *, void *, int, int,
                             int);
 
-// Set by init(): the loops for float (0) and double (1) data, the types a per-channel
-// tensor may have (torch.Tensor, torch.nn.Parameter), the sizes express.py uses, and
-// the Python function that computes a differentiable backward.
+// Set by init(): the loops for float (0) and double (1) data, the type besides
+// torch.Tensor that a tensor argument may have (torch.nn.Parameter), and the Python
+// function that computes a differentiable backward (express._double_backward).
 forward_fn forward_loop[2] = {nullptr, nullptr};
 backward_fn backward_loop[2] = {nullptr, nullptr};
 PyObject *parameter_type = nullptr;
