@@ -455,6 +455,8 @@ void NAME(bn_stats_ncl)(const D *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
         return;
     }
 
+    /* double data (float compute types returned above): per channel, split into parts of
+     * the batch when channels are few, Chan-merged blocks of exact two-pass statistics. */
     i64 P = parts_for(C, N, nt);
     double *pc = (double *)malloc(sizeof(double) * 3 * C * P);
     double *pm = pc + C * P, *pq = pm + C * P;
@@ -468,61 +470,21 @@ void NAME(bn_stats_ncl)(const D *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *
         for (i64 n0 = n_begin; n0 < n_end; n0 += rows) {
             i64 n1 = min64(n_end, n0 + rows);
             double nb = (double)((n1 - n0) * L);
-            double mb, q;
-            if (sizeof(T) == sizeof(float)) {
-                /* float input: one pass of shifted sums in double (x - s is exact in
-                 * double; M2 = sum d^2 - (sum d)^2 / n loses about (1 + t^2) * 1e-16
-                 * relative for a shift t standard deviations from the block's mean), in
-                 * LANES independent accumulators so the adds do not wait on each other. */
-                double as[LANES] = {0.0}, aq[LANES] = {0.0};
-                double sum = 0.0, sq = 0.0;
-                for (i64 n = n0; n < n1; ++n) {
-                    const D *p = x + (n * C + c) * L;
-                    i64 i = 0;
-                    if (L < 4 * LANES) { /* short rows: one vector accumulator each */
-                        _Pragma("omp simd reduction(+ : sum, sq)")
-                        for (i64 k = 0; k < L; ++k) {
-                            double d = (double)LD(p[k]) - s;
-                            sum += d;
-                            sq += d * d;
-                        }
-                        continue;
-                    }
-                    for (; i + LANES <= L; i += LANES) {
-                        _Pragma("omp simd")
-                        for (int j = 0; j < LANES; ++j) {
-                            double d = (double)LD(p[i + j]) - s;
-                            as[j] += d;
-                            aq[j] += d * d;
-                        }
-                    }
-                    for (; i < L; ++i) {
-                        double d = (double)LD(p[i]) - s;
-                        sum += d;
-                        sq += d * d;
-                    }
-                }
-                for (int j = 0; j < LANES; ++j) sum += as[j], sq += aq[j];
-                mb = sum / nb;
-                q = sq - sum * mb;
-                if (q < 0.0) q = 0.0;
-            } else {
-                /* double input: exact two-pass on the block (cache-resident). */
-                double sum = 0.0;
-                for (i64 n = n0; n < n1; ++n) {
-                    const D *p = x + (n * C + c) * L;
-                    _Pragma("omp simd reduction(+ : sum)")
-                    for (i64 i = 0; i < L; ++i) sum += (double)LD(p[i]) - s;
-                }
-                mb = sum / nb;
-                q = 0.0;
-                for (i64 n = n0; n < n1; ++n) {
-                    const D *p = x + (n * C + c) * L;
-                    _Pragma("omp simd reduction(+ : q)")
-                    for (i64 i = 0; i < L; ++i) {
-                        double d = ((double)LD(p[i]) - s) - mb;
-                        q += d * d;
-                    }
+            /* exact two-pass on the block (cache-resident) */
+            double sum = 0.0;
+            for (i64 n = n0; n < n1; ++n) {
+                const D *p = x + (n * C + c) * L;
+                _Pragma("omp simd reduction(+ : sum)")
+                for (i64 i = 0; i < L; ++i) sum += (double)LD(p[i]) - s;
+            }
+            const double mb = sum / nb;
+            double q = 0.0;
+            for (i64 n = n0; n < n1; ++n) {
+                const D *p = x + (n * C + c) * L;
+                _Pragma("omp simd reduction(+ : q)")
+                for (i64 i = 0; i < L; ++i) {
+                    double d = ((double)LD(p[i]) - s) - mb;
+                    q += d * d;
                 }
             }
             CHAN_MERGE(cnt, mean, m2, nb, mb, q);
