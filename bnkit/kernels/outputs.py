@@ -62,7 +62,7 @@ class _Mapping:
 
 @dataclass
 class _Pool:
-    mappings: dict[int, list[_Mapping]] = field(default_factory=dict)
+    mappings: list[_Mapping] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     enabled: bool = os.environ.get("BNKIT_OUTPUT_POOL", "1") != "0"
     requests: int = 0
@@ -77,6 +77,11 @@ _POOL = _Pool()
 def _references(mapping: _Mapping) -> int:
     """The buffer's reference count, always taken the same way (the baseline is too)."""
     return _refcount(mapping.buffer)
+
+
+def _is_free(mapping: _Mapping) -> bool:
+    """Whether no storage holds the mapping."""
+    return _references(mapping) == mapping.free_count
 
 
 def _new_mapping(nbytes: int) -> _Mapping:
@@ -95,27 +100,23 @@ def _take(nbytes: int, now: float) -> _Mapping:
     """A free mapping of ``nbytes`` (a new one if none is), unmapping the long-idle ones."""
     pool = _POOL
     chosen = None
-    for size in list(pool.mappings):
-        kept = []
-        for mapping in pool.mappings[size]:
-            if _references(mapping) != mapping.free_count:
-                mapping.idle_since = None
-            elif chosen is None and size == nbytes:
-                chosen = mapping
-            elif mapping.idle_since is None:
-                mapping.idle_since = now
-            elif now - mapping.idle_since > IDLE_SECONDS:
-                mapping.buffer.close()
-                continue
-            kept.append(mapping)
-        if kept:
-            pool.mappings[size] = kept
-        else:
-            del pool.mappings[size]
+    kept = []
+    for mapping in pool.mappings:
+        if not _is_free(mapping):
+            mapping.idle_since = None
+        elif chosen is None and mapping.nbytes == nbytes:
+            chosen = mapping
+        elif mapping.idle_since is None:
+            mapping.idle_since = now
+        elif now - mapping.idle_since > IDLE_SECONDS:
+            mapping.buffer.close()
+            continue
+        kept.append(mapping)
+    pool.mappings = kept
     pool.requests += 1
     if chosen is None:
         chosen = _new_mapping(nbytes)
-        pool.mappings.setdefault(nbytes, []).append(chosen)
+        pool.mappings.append(chosen)
     else:
         pool.reuses += 1
     chosen.idle_since = None
@@ -130,7 +131,7 @@ def _holds_its_buffer() -> bool:
         view = _frombuffer(mapping.buffer, dtype=torch.uint8)[1:]
         held = _references(mapping) == mapping.free_count + 1
         del view
-        return held and _references(mapping) == mapping.free_count
+        return held and _is_free(mapping)
     finally:
         mapping.buffer.close()
 
@@ -155,34 +156,20 @@ def empty_like(x: Tensor, memory_format: torch.memory_format = torch.preserve_fo
 
 def release() -> int:
     """Unmap every free mapping now; returns the bytes given back to the system."""
-    released = 0
     with _POOL.lock:
-        for size in list(_POOL.mappings):
-            kept = []
-            for mapping in _POOL.mappings[size]:
-                if _references(mapping) == mapping.free_count:
-                    mapping.buffer.close()
-                    released += mapping.nbytes
-                else:
-                    kept.append(mapping)
-            if kept:
-                _POOL.mappings[size] = kept
-            else:
-                del _POOL.mappings[size]
-    return released
+        free = [mapping for mapping in _POOL.mappings if _is_free(mapping)]
+        _POOL.mappings = [mapping for mapping in _POOL.mappings if mapping not in free]
+        for mapping in free:
+            mapping.buffer.close()
+    return sum(mapping.nbytes for mapping in free)
 
 
 def stats() -> dict[str, int]:
     """Bytes held in use and free, and the requests served and reused so far."""
-    in_use = free = 0
     with _POOL.lock:
-        for mappings in _POOL.mappings.values():
-            for mapping in mappings:
-                if _references(mapping) == mapping.free_count:
-                    free += mapping.nbytes
-                else:
-                    in_use += mapping.nbytes
-        return {"in_use_bytes": in_use, "free_bytes": free, "requests": _POOL.requests,
+        free = sum(mapping.nbytes for mapping in _POOL.mappings if _is_free(mapping))
+        held = sum(mapping.nbytes for mapping in _POOL.mappings)
+        return {"in_use_bytes": held - free, "free_bytes": free, "requests": _POOL.requests,
                 "reuses": _POOL.reuses}  # fmt: skip
 
 
