@@ -199,11 +199,7 @@ def batch_norm(
     ):
         return None
 
-    if _grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if not _grad_free(x, weight, bias):
         call = _Call(
             kind,
             rows,

@@ -15,7 +15,6 @@ Until it is ready, and wherever it cannot be built, nothing changes but speed.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -234,8 +233,6 @@ def _load(target: Path) -> None:
         cpu,
         outputs,
     )
-    with contextlib.suppress(KeyError):
-        del _state["error"]
     _state["module"] = extension
     express._FAST = extension.batch_norm
 
