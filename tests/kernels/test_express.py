@@ -364,23 +364,29 @@ def test_16_bit_values_are_read_and_rounded_as_torch_does(dtype: torch.dtype) ->
         assert torch.equal(result[0].view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
 
 
-def test_16_bit_layers_take_the_express_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A BatchNorm2d with float32 parameters on bfloat16 activations (the usual mixed
-    precision layout) runs the 16-bit loops, in training and in eval."""
-    calls = []
+@pytest.fixture
+def express_taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each express.batch_norm call from here on took its call."""
+    taken: list[bool] = []
     original = express.batch_norm
 
     def spy(*args: Any) -> Any:
         result = original(*args)
-        calls.append(result is not None)
+        taken.append(result is not None)
         return result
 
     monkeypatch.setattr(express, "batch_norm", spy)
+    return taken
+
+
+def test_16_bit_layers_take_the_express_path(express_taken: list[bool]) -> None:
+    """A BatchNorm2d with float32 parameters on bfloat16 activations (the usual mixed
+    precision layout) runs the 16-bit loops, in training and in eval."""
     layer = bnkit.BatchNorm2d(8)
     x = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_(True)
     layer(x).float().sum().backward()
     layer.eval()(x)
-    assert calls == [True, True]
+    assert express_taken == [True, True]
     assert x.grad is not None
     assert x.grad.dtype == torch.bfloat16
 
@@ -504,16 +510,8 @@ def test_leaves_torch_func_transforms_to_the_general_path() -> None:
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_functional_and_modules_take_the_express_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    taken: list[bool] = []
-    original = express.batch_norm
-
-    def spy(*args: Any) -> Any:
-        result = original(*args)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(express, "batch_norm", spy)
+def test_functional_and_modules_take_the_express_path(express_taken: list[bool]) -> None:
+    taken = express_taken
     x = torch.randn(8, 16, 8, 8)
     batch_norm(x, torch.zeros(16), torch.ones(16), training=True)
     bnkit.BatchNorm2d(16)(x)
