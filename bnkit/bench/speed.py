@@ -16,12 +16,12 @@ operation                          passes  what
 ``bn+relu fwd+bwd`` (training)      8       as fwd+bwd, the ReLU folded in
 ================================  ======  =============================================
 
-A new tensor costs more than its pass: the operating system maps and zeroes its pages on
-first touch, which no kernel can avoid when the caller asks for a new output (a forward
-makes y, a backward dx). Each repetition also times that cost (writing a fresh tensor
-against writing a preallocated one) and the table shows, beside the floor, the floor plus
-the fresh outputs the operation must create (one for forward and eval, two for the
-training step: y and dx) and each implementation's fraction of it.
+A new tensor can cost more than its pass: the operating system maps and zeroes fresh
+pages on first touch (bnkit's large outputs avoid that by reusing memory it keeps,
+:mod:`bnkit.kernels.outputs`; torch's do not). Each repetition also times that cost
+(writing a fresh tensor against writing a preallocated one) and the table shows, beside
+the floor, the floor plus the fresh outputs the operation must create (one for forward
+and eval, two for the training step: y and dx) and each implementation's fraction of it.
 
 Implementations, timed interleaved (each repetition runs every one once, so load from
 other processes hits them alike; the figures are medians over repetitions of per-repetition
@@ -155,6 +155,13 @@ def machine() -> dict[str, Any]:
     start = time.perf_counter()
     library = native.library()
     load_s = time.perf_counter() - start
+    # the C++ path for small tensors builds in the background on first use: wait for it,
+    # so that no row is measured half on one path and half on the other
+    from bnkit.kernels import fast
+
+    start = time.perf_counter()
+    extension = fast.wait(timeout=600) if library is not None else None
+    extension_s = time.perf_counter() - start
     return {
         "cpu": model,
         "logical_cpus": os.cpu_count(),
@@ -168,6 +175,9 @@ def machine() -> dict[str, Any]:
         "native_error": native.load_error(),
         "native_first_call_s": round(load_s, 4),
         "native_compile_s": native.build_seconds(),
+        "cxx_path": extension is not None,
+        "cxx_error": fast.load_error(),
+        "cxx_wait_s": round(extension_s, 2),
     }
 
 
