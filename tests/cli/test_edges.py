@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnkit import _cli
+from bnkit.__main__ import main
 from bnkit.bench import cli as bench_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,21 +71,26 @@ def test_bench_choices_match_the_benchmark() -> None:
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "many"])
-def test_bench_rejects_bad_repetitions_in_one_line(value: str) -> None:
-    result = python("-m", "bnkit", "bench", "--repetitions", value)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "argument --repetitions: expected" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("bnkit bench: error:")
+def test_bench_rejects_bad_repetitions_in_one_line(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--repetitions", value])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --repetitions: expected" in error
+    assert error.strip().splitlines()[-1].startswith("bnkit bench: error:")
 
 
-def test_bench_refuses_an_unwritable_json_path_before_measuring(tmp_path: Path) -> None:
+def test_bench_refuses_an_unwritable_json_path_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for path in (tmp_path / "missing" / "bench.json", tmp_path):
-        result = python("-m", "bnkit", "bench", "--quick", "--json", str(path))
-        assert result.returncode == 1
-        assert result.stdout == ""  # nothing was measured
-        assert result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith(f"bnkit bench: cannot write --json {path}: ")
+        assert main(["bench", "--quick", "--json", str(path)]) == 1
+        out, error = capsys.readouterr()
+        assert out == ""  # nothing was measured
+        assert error.count("\n") == 1, error
+        assert error.startswith(f"bnkit bench: cannot write --json {path}: ")
 
 
 def test_unwritable_reasons(tmp_path: Path) -> None:
@@ -94,6 +100,7 @@ def test_unwritable_reasons(tmp_path: Path) -> None:
     assert bench_cli._unwritable(str(tmp_path)) == "it is a folder"
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_one_line_naming_the_install(tmp_path: Path) -> None:
     # tqdm draws the lab's progress bars; None in sys.modules makes its import fail as if
     # it were not installed.
@@ -130,9 +137,12 @@ def test_other_missing_modules_keep_their_traceback() -> None:
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
-    # The report command, replaced by one that receives SIGINT as Ctrl-C sends it.
+    # The report command, replaced by one that receives SIGINT as Ctrl-C sends it. Python
+    # keeps SIGINT ignored when it starts ignored (a background job), so the program
+    # restores the handler a terminal's Python has.
     program = (
         "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import bnkit.lab.cli\n"
         "def interrupted(args):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -147,6 +157,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     assert result.stderr == "bnkit: interrupted\n"
 
 
+@pytest.mark.slow
 def test_sync_example_says_it_needs_torchrun() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     result = python("examples/sync_cpu.py", env=env)

@@ -51,6 +51,7 @@ def test_an_output_block_belongs_to_the_code_before_it() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
+@pytest.mark.slow
 def test_page_examples_run_and_print_what_the_page_shows(page: Path, tmp_path: Path) -> None:
     blocks = examples(page)
     program = "\n".join(f"print({MARK!r}, flush=True)\n{code}" for code, _ in blocks)

@@ -66,6 +66,7 @@ def test_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixt
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> None:
     out, stdout, _ = lab_run
     names = list(DEFAULT)  # no names: the paper's four
@@ -103,6 +104,7 @@ def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> 
     assert "claims held on fashion-mnist" in stdout
 
 
+@pytest.mark.slow
 def test_second_run_skips_and_force_reruns(
     tmp_path: Path, lab_run: tuple[Path, str, str], tiny_data_dir: Path
 ) -> None:
@@ -136,6 +138,7 @@ def test_second_run_skips_and_force_reruns(
     assert stdout.splitlines()[1].split()[:2] == ["test-process", "ran"]
 
 
+@pytest.mark.slow
 def test_report_rerenders_from_saved_results(
     tmp_path: Path, lab_run: tuple[Path, str, str]
 ) -> None:
