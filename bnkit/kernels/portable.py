@@ -260,11 +260,6 @@ def _gradients(
     return grad_input, grad_w, grad_b
 
 
-#: A channel whose |beta| is this many times its |gamma| (gamma = 0 included) makes
-#: x_hat = (z - beta) / gamma lose more than 3 digits: the fused layer keeps its input.
-INVERSION_LIMIT = 1e3
-
-
 class _NormalizeActivate(torch.autograd.Function):
     """y = act(z), z = (x - shift - shifted_mean) * invstd * weight + bias, in one node.
 
@@ -311,6 +306,8 @@ class _NormalizeActivate(torch.autograd.Function):
             param,
             save_input,
         ) = inputs
+        if not save_input and act.saves_output(activation):
+            save_input = not act.invertible(output, weight, bias, activation, param)
         if save_input:
             saved = x
         elif act.saves_output(activation):
@@ -405,14 +402,7 @@ class PortableKernel:
         memory_efficient: bool,
     ) -> Tensor:
         invstd = torch.rsqrt(stats.var + eps)
-        save_input = not memory_efficient
-        if not save_input and weight is not None:
-            # gamma = 0 (or tiny next to beta): x_hat cannot be recovered from the output
-            # to working precision; keep the input for this call instead (exact). One
-            # host synchronization on accelerators.
-            limit = INVERSION_LIMIT * weight.detach().abs()
-            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
-            save_input = bool((limit <= magnitude).any())
+        save_input = not memory_efficient  # or, decided from the output: not invertible
         output: Tensor = _NormalizeActivate.apply(  # type: ignore[no-untyped-call]
             x,
             weight,
