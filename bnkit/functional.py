@@ -767,6 +767,8 @@ class NonFiniteMonitor:
         if isinstance(recorded, bool):  # known on the host already
             if not recorded:
                 self._warn(shape)
+        elif not _holds_values(recorded):  # meta / fake tensors: nothing to read
+            return
         elif recorded.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(recorded, non_blocking=True)
@@ -813,6 +815,14 @@ class NonFiniteMonitor:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pending = []
+
+
+def _holds_values(t: Tensor) -> bool:
+    """Whether ``t`` has data to read: not a meta tensor (a model built before its weights
+    are loaded), not a fake one (tracing by torch.export and torch.compile)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
 
 
 _FUNCTIONAL_MONITOR = NonFiniteMonitor("batch_norm", once=False)
