@@ -44,8 +44,8 @@ def _experiment_name(text: str) -> str:
     return text
 
 
-# The largest --steps-scale: 1000 times the published step counts is weeks of training,
-# and far below where a step count stops being a finite number.
+# The largest --steps-scale: 1000 times the step counts is already far longer than any
+# useful run, and far below where a scaled step count overflows to infinity.
 _MAX_STEPS_SCALE = 1000.0
 
 
