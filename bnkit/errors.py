@@ -18,6 +18,8 @@ __all__ = [
     "BatchNormError",
     "ConfigError",
     "DTypeError",
+    "DamagedResultWarning",
+    "DatasetError",
     "EmptyBatchError",
     "MissingStatsError",
     "NonFiniteStatsWarning",
@@ -74,6 +76,16 @@ class SingleValueError(BatchNormError):
 
 class NonFiniteStatsWarning(RuntimeWarning):
     """A training batch produced NaN or Inf statistics and they were not recorded."""
+
+
+class DatasetError(BatchNormError):
+    """A dataset's files are damaged or hold data the lab cannot train on (a bad header,
+    too few bytes, labels out of range, no samples, NaN or Inf values...)."""
+
+
+class DamagedResultWarning(UserWarning):
+    """A saved lab result is unreadable or has the wrong structure; it is treated as
+    missing (``bnkit lab`` runs the experiment again, ``bnkit report`` leaves it out)."""
 
 
 def format_shape(shape: Iterable[int]) -> str:

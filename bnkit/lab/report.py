@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnkit.lab.storage import read_json, write_text_atomic
+from bnkit.lab.storage import read_result, write_text_atomic
 
 __all__ = ["SECTIONS", "Section", "load_results", "render_html", "render_report"]
 
@@ -149,14 +149,14 @@ pre { background: #f3f4f6; padding: 8px 10px; overflow-x: auto; font-size: 12px;
 
 
 def load_results(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every lab result (a JSON object with ``experiment`` and ``claims``) in ``directory``,
+    """Every usable lab result (see :func:`bnkit.lab.storage.read_result`) in ``directory``,
     in the registry's order, unknown experiments last by name."""
     from bnkit.lab.experiments import experiment_names
 
     found = []
     for path in sorted(Path(directory).glob("*.json")):
-        data = read_json(path)
-        if data is not None and isinstance(data.get("experiment"), str) and "claims" in data:
+        data = read_result(path)
+        if data is not None:
             found.append(data)
     order = {name: index for index, name in enumerate(experiment_names())}
     found.sort(key=lambda d: (order.get(d["experiment"], len(order)), d["experiment"]))

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from bnkit.lab.experiment import ProgressBar, ProgressFactory, RunContext, no_progress
 from bnkit.lab.experiments import expand_names, get_experiment
-from bnkit.lab.storage import read_json, same_config, write_json_atomic
+from bnkit.lab.storage import read_result, same_config, write_json_atomic
 
 __all__ = ["ExperimentOutcome", "run_lab", "summary_table"]
 
@@ -189,7 +189,7 @@ def run_lab(
         for experiment in chosen:
             config = experiment_config(experiment.name, dataset, seed, full, steps_scale)
             path = out_dir / f"{experiment.name}.json"
-            stored = read_json(path)
+            stored = read_result(path)
             start = time.perf_counter()
             if not force and _complete(stored, config, out_dir):
                 assert stored is not None
