@@ -66,6 +66,18 @@ class DTypeError(BatchNormError, TypeError):
     """
 
 
+class DeviceMismatchError(BatchNormError, RuntimeError):
+    """The tensors of one call are on different devices.
+
+    Also a :class:`RuntimeError`, which is what torch raises for it.
+    """
+
+
+class ConfigWarning(UserWarning):
+    """An option that is accepted, as torch accepts it, but makes little sense (a momentum
+    outside [0, 1])."""
+
+
 class EmptyBatchError(BatchNormError):
     """Batch statistics were asked of a batch with no values at all."""
 
