@@ -220,8 +220,9 @@ class Kernel(Protocol):
 def select_kernel(x: Tensor) -> Kernel:
     """The kernel for this input: the fast CPU kernel (:mod:`.cpu`) for CPU float32 and
     float64 tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`),
-    else the portable kernel. The CPU kernel hands masks and process groups to the
-    portable one itself.
+    else the portable kernel, whose autograd functions have vmap and forward-mode rules
+    (every call inside a torch.func transform takes it). The CPU kernel hands masks and
+    process groups to the portable one itself.
 
     Example:
         >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__

@@ -66,11 +66,11 @@ def check_activation(where: str, name: str | None, param: float | None) -> float
         return None
     value = default_param(name) if param is None else param
     assert value is not None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         what = "negative slope" if name == "leaky_relu" else "alpha"
         raise ConfigError(
-            f"{where}: expected activation_param (the {what} of {name}) > 0, got {value!r}; "
-            f"a positive value keeps the activation invertible"
+            f"{where}: expected activation_param (the {what} of {name}) > 0 and finite, "
+            f"got {value!r}; a positive value keeps the activation invertible"
         )
     return float(value)
 

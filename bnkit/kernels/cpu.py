@@ -95,7 +95,9 @@ def supports(x: Tensor) -> bool:
         return False
     if x.numel() < SMALL_THRESHOLD or torch.compiler.is_compiling():
         return False
-    if _is_functorch_wrapped(x):
+    # Inside a torch.func transform any of the call's tensors may be a wrapper (a weight
+    # stacked for model ensembling, say), which the C loops cannot read.
+    if _is_functorch_wrapped(x) or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     if x.is_contiguous():
         # layout(x) is not None for any contiguous tensor of rank >= 2
