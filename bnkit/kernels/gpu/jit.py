@@ -27,7 +27,6 @@ from a two-element tensor in the compute dtype, so float64 keeps its precision.
 """
 
 # Triton kernels are untyped by nature: mypy skips this module's bodies (see pyproject).
-# ruff: noqa: N803, N806
 
 from __future__ import annotations
 
@@ -125,19 +124,13 @@ def _vec(ptr, g, k_lo, k_hi, CL: tl.constexpr, BLOCK_K: tl.constexpr):
 
 def _csum(v, CL: tl.constexpr):
     """Per-channel sum of a tile: over its rows (CL) or over all of it."""
-    if CL:
-        s = tl.sum(v, axis=0)
-    else:
-        s = tl.sum(tl.sum(v, axis=1), axis=0)
+    s = tl.sum(v, axis=0) if CL else tl.sum(tl.sum(v, axis=1), axis=0)
     return s
 
 
 def _cb(v, CL: tl.constexpr):
     """A per-channel value of :func:`_csum`'s shape, broadcastable against a tile."""
-    if CL:
-        out = v[None, :]
-    else:
-        out = v
+    out = v[None, :] if CL else v
     return out
 
 
@@ -235,10 +228,7 @@ def stats_kernel(
     if CL:
         base = 0
         cols = k_lo + tl.arange(0, BLOCK_K)
-        if HAS_MASK:
-            s_off = tl.load(first_ptr) * stride_r
-        else:
-            s_off = 0
+        s_off = tl.load(first_ptr) * stride_r if HAS_MASK else 0
         s = tl.load(x_ptr + s_off + cols, mask=cols < k_hi, other=0.0).to(acc_t)
         tl.store(shift_ptr + cols, s, mask=(cols < k_hi) & (cols * 0 + b == 0))
         s = s[None, :]
@@ -259,10 +249,7 @@ def stats_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             off, inb, rows, cols = _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R, BLOCK_K)
             x = tl.load(x_ptr + off, mask=inb, other=0.0).to(acc_t)
-            if HAS_MASK:
-                ok = _valid(mask_ptr, rows, cols, inb, r_hi, L, CL)
-            else:
-                ok = inb
+            ok = _valid(mask_ptr, rows, cols, inb, r_hi, L, CL) if HAS_MASK else inb
             d = tl.where(ok, x - s, 0.0)
             n_t = _csum(ok.to(acc_t), CL)
             mean_t = _csum(d, CL) / tl.maximum(n_t, 1.0)
@@ -299,19 +286,16 @@ def affine_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """y = act((x - s) * a + b) per channel: one read of x, one write of y."""
-    g, b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    g, _b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
-    if CL:
-        base = 0
-    else:
-        base = g.to(tl.int64) * L
+    base = 0 if CL else g.to(tl.int64) * L
     s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     a = _vec(a_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     c = _vec(b_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     p = tl.load(prm_ptr)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            off, inb, rows, cols = _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R, BLOCK_K)
+            off, inb, _rows, _cols = _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R, BLOCK_K)
             x = tl.load(x_ptr + off, mask=inb, other=0.0).to(acc_t)
             y = _act((x - s) * a + c, p, ACT)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=inb)
@@ -347,10 +331,7 @@ def reduce_kernel(
     """
     g, b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
-    if CL:
-        base = 0
-    else:
-        base = g.to(tl.int64) * L
+    base = 0 if CL else g.to(tl.int64) * L
     s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     m = _vec(m_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     za = _vec(za_ptr, g, k_lo, k_hi, CL, BLOCK_K)
@@ -361,7 +342,7 @@ def reduce_kernel(
     acc_gc = tl.zeros([BLOCK_R, BLOCK_K], acc_t)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            off, inb, rows, cols = _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R, BLOCK_K)
+            off, inb, _rows, _cols = _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R, BLOCK_K)
             gv = tl.load(g_ptr + off, mask=inb, other=0.0).to(acc_t)
             sv = tl.load(src_ptr + off, mask=inb, other=0.0).to(acc_t)
             gp, v = _grad(gv, sv, s, za, zb, p, zfloor, ACT, FROM_Y)
@@ -400,12 +381,9 @@ def input_kernel(
 ):
     """dx = g' * a + ((v - s) * k1 + k0), the second term at valid positions only: one
     read of g and src, one write of dx."""
-    g, b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    g, _b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
-    if CL:
-        base = 0
-    else:
-        base = g.to(tl.int64) * L
+    base = 0 if CL else g.to(tl.int64) * L
     s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     a = _vec(a_ptr, g, k_lo, k_hi, CL, BLOCK_K)
     k1 = _vec(k1_ptr, g, k_lo, k_hi, CL, BLOCK_K)

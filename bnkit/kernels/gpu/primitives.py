@@ -329,8 +329,8 @@ def _backward_reduce_op(
             BLOCK_R=p.block_r,
             BLOCK_K=p.block_k,
         )
-    sums = parts.to(torch.float64).sum(2).to(dtype)
-    return sums[0], sums[1]
+    sum_g, sum_gc = parts.to(torch.float64).sum(2).unbind(0)
+    return sum_g.to(dtype, copy=True), sum_gc.to(dtype, copy=True)
 
 
 def backward_reduce(
