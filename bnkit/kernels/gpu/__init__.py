@@ -50,11 +50,14 @@ the output's scale (not of tiny values themselves, as expm1/log1p would be).
 Use :func:`available` (Triton importable and a CUDA device, or the interpreter) and
 :func:`forced` (``BNKIT_KERNEL=triton``) to decide on dispatch. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter (slow:
-for tests). This package imports without Triton; the kernels are built on first use.
+for tests); Triton reads that variable once, when it is first imported, so set it
+before anything imports Triton. This package imports without Triton (and does not import
+it): the kernels are built, and the custom ops registered, on first use.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from bnkit.kernels.gpu.kernel import KERNEL, TritonKernel, supports
@@ -81,11 +84,10 @@ __all__ = [
 
 
 def import_error() -> str | None:
-    """Why Triton cannot be imported (None when it can)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"{type(error).__name__}: {error}"
+    """Why Triton cannot be used (None when it is installed). Does not import it: Triton
+    reads ``TRITON_INTERPRET`` once, when it is first imported."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install 'bnkit[gpu]')"
     return None
 
 

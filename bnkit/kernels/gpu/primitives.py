@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -154,19 +154,32 @@ def _launch(kernel: Any, p: Plan) -> Any:
     return fn[(p.groups, p.blocks)]
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+class _Op:
+    """A function registered as the custom op ``bnkit_triton::name`` on its first call, with
+    ``torch.library.triton_op`` where torch has it (as it is otherwise). Registering
+    imports Triton, which must not happen at import: Triton reads ``TRITON_INTERPRET``
+    when it is first imported."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self.op: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.op is None:
+            triton_op = getattr(torch.library, "triton_op", None)
+            if triton_op is None:
+                self.op = self.fn
+            else:
+                self.op = triton_op(f"bnkit_triton::{self.name}", mutates_args=())(self.fn)
+        return self.op(*args)
 
 
-def _op(name: str) -> Callable[[_F], _F]:
-    """Register as ``bnkit_triton::name`` with ``torch.library.triton_op`` where torch has
-    it; otherwise leave the function as it is."""
-    triton_op = getattr(torch.library, "triton_op", None)
+def _op(name: str) -> Callable[[Callable[..., Any]], _Op]:
+    """Decorator: ``fn`` as the lazily registered op ``bnkit_triton::name``."""
 
-    def register(fn: _F) -> _F:
-        if triton_op is None:
-            return fn
-        registered: _F = triton_op(f"bnkit_triton::{name}", mutates_args=())(fn)
-        return registered
+    def register(fn: Callable[..., Any]) -> _Op:
+        return _Op(name, fn)
 
     return register
 
@@ -232,6 +245,7 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     CPU kernel). ``mask``: (N, *spatial), nonzero bytes valid.
     """
     count, shift, shifted_mean, var = _batch_stats_op(x.detach(), mask)
+    assert isinstance(var, Tensor)
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
@@ -273,7 +287,7 @@ def affine(
 ) -> Tensor:
     """y = act((x - shift) * alpha + beta) per channel, in x's dtype and memory format;
     computed in float32 (float64 for float64 x). One read of x, one write of y."""
-    return _affine_op(
+    y: Tensor = _affine_op(
         x.detach(),
         shift.detach(),
         alpha.detach(),
@@ -281,6 +295,7 @@ def affine(
         ACTIVATION_CODES[activation],
         0.0 if param is None else float(param),
     )
+    return y
 
 
 def _vectors(dtype: torch.dtype, first: Tensor, *rest: Tensor | None) -> list[Tensor]:
@@ -354,7 +369,7 @@ def backward_reduce(
     sum g' * (z - bias) = gamma * sum g' * x_hat). Where an ELU output saturated, g' = 0
     exactly (no contribution).
     """
-    return _backward_reduce_op(
+    sums: tuple[Tensor, Tensor] = _backward_reduce_op(
         g.detach(),
         src.detach(),
         shift.detach(),
@@ -365,6 +380,7 @@ def backward_reduce(
         0.0 if param is None else float(param),
         from_output,
     )
+    return sums
 
 
 @_op("backward_input")
@@ -432,7 +448,7 @@ def backward_input(
     """dx = g' * alpha + (v - shift) * k1 + k0 per channel (g' * alpha where ``mask`` is
     False), in src's dtype and memory format; g', v as in :func:`backward_reduce`. One
     read of g and src, one write of dx."""
-    return _backward_input_op(
+    dx: Tensor = _backward_input_op(
         g.detach(),
         src.detach(),
         shift.detach(),
@@ -446,3 +462,4 @@ def backward_input(
         from_output,
         mask,
     )
+    return dx
