@@ -570,3 +570,19 @@ def test_availability_and_unsupported_inputs() -> None:
     x = _tensor((3, 2, 4), torch.float32, seed=43)
     strided = x[:, :, ::2]  # copied, then the kernel
     _close(gpu.KERNEL.batch_stats(strided).var, portable.batch_stats(strided).var, 1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile needs compiled Triton (a GPU)")
+def test_compile_traces_into_the_kernels() -> None:
+    """The primitives are triton_ops: a full graph compiles with them and agrees with eager."""
+    prim.register_ops()
+    x = _tensor((4, 3, 5, 6), torch.float32, seed=44)
+    shift, alpha, beta, _ = _vectors(3, seed=45)
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = gpu.batch_stats(x)
+        return gpu.affine(x, shift, alpha, beta, "elu", 0.5) * 2, stats.var
+
+    compiled = torch.compile(step, fullgraph=True)
+    for ours, theirs in zip(compiled(x), step(x), strict=True):
+        _close(ours, theirs, 1e-6)

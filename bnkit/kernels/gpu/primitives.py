@@ -32,6 +32,7 @@ __all__ = [
     "backward_reduce",
     "batch_stats",
     "plan",
+    "register_ops",
 ]
 
 #: Activation names and their codes in the kernels (None: no activation).
@@ -165,21 +166,35 @@ class _Op:
         self.fn = fn
         self.op: Callable[..., Any] | None = None
 
-    def __call__(self, *args: Any) -> Any:
+    def register(self) -> Callable[..., Any]:
         if self.op is None:
             triton_op = getattr(torch.library, "triton_op", None)
             if triton_op is None:
                 self.op = self.fn
             else:
                 self.op = triton_op(f"bnkit_triton::{self.name}", mutates_args=())(self.fn)
-        return self.op(*args)
+        return self.op
+
+    def __call__(self, *args: Any) -> Any:
+        return self.register()(*args)
+
+
+_OPS: list[_Op] = []
+
+
+def register_ops() -> None:
+    """Register the custom ops (and import Triton) now. ``torch.compile`` cannot trace the
+    first call's registration: call this before compiling code that uses the kernels."""
+    for op in _OPS:
+        op.register()
 
 
 def _op(name: str) -> Callable[[Callable[..., Any]], _Op]:
     """Decorator: ``fn`` as the lazily registered op ``bnkit_triton::name``."""
 
     def register(fn: Callable[..., Any]) -> _Op:
-        return _Op(name, fn)
+        _OPS.append(_Op(name, fn))
+        return _OPS[-1]
 
     return register
 
