@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnkit import reference as ref
 from bnkit.kernels import Activation, Chunk, batch_norm, ghost_chunks, gpu, portable
@@ -121,6 +123,28 @@ def test_batch_stats_match_float64(shape: tuple[int, ...], layout: str, dtype: t
     tolerance = TOLERANCE[compute]
     _close(stats.mean, mean, tolerance)
     _close(stats.var, var, tolerance)
+
+
+@settings(max_examples=10)
+@given(
+    dims=st.lists(st.integers(1, 7), min_size=2, max_size=4),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    loc=st.sampled_from([0.0, 7.0, -300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_stats_random_shapes(
+    dims: list[int], channels_last: bool, dtype: torch.dtype, loc: float, seed: int
+) -> None:
+    """Any (N, C, *) shape, either layout: the float64 statistics of the same values."""
+    shape = (max(dims[0], 2), *dims[1:])
+    x = _tensor(shape, dtype, seed=seed, loc=loc)
+    if channels_last and x.dim() == 4:
+        x = _in_layout(x, "channels_last")
+    stats = gpu.batch_stats(x)
+    _, mean, var = _float64_stats(x)
+    _close(stats.mean, mean, TOLERANCE[dtype])
+    _close(stats.var, var, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize(("shape", "layout"), [SHAPES[0], SHAPES[2], SHAPES[3]], ids=str)
@@ -241,6 +265,8 @@ def test_backward_primitives_from_input(
     if masked:
         valid = torch.rand(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(1)) > 0.5
         valid = valid.to(DEVICE)
+    # bytes of 2 viewed as bool: any nonzero byte is valid
+    mask = None if valid is None else (valid.to(torch.uint8) * 2).view(torch.bool)
     view = [1, -1] + [1] * (x.dim() - 2)
     d = x.double() - shift.double().view(view)
     z = d * za.double().view(view) + zb.double().view(view)
@@ -249,7 +275,7 @@ def test_backward_primitives_from_input(
     sum_g, sum_gc = gpu.backward_reduce(g, x, shift, mean, name, param, False, za, zb)
     _close(sum_g, gp.sum(dims), 1e-5)
     _close(sum_gc, (gp * (d - mean.double().view(view))).sum(dims), 1e-5)
-    dx = gpu.backward_input(g, x, shift, alpha, k1, k0, name, param, False, valid, za, zb)
+    dx = gpu.backward_input(g, x, shift, alpha, k1, k0, name, param, False, mask, za, zb)
     through = d * k1.double().view(view) + k0.double().view(view)
     if valid is not None:
         through = torch.where(valid.unsqueeze(1), through, 0.0)
