@@ -11,17 +11,18 @@ that ``torch.compile`` can trace into:
   ``x - shift`` and the biased variance; float32 for float16/bfloat16/float32 input,
   float64 for float64. Each program reduces its tiles exactly in registers (tile mean,
   then squared deviations from it) and merges them into a running (count, mean, M2) with
-  Chan's update; the partials of all blocks are merged the same way by torch in float64
-  on (C, blocks) values. Never E[x^2] - E[x]^2, never a second read.
+  Chan's update; a second, tiny kernel merges the (C, blocks) partials the same way (two
+  passes over the partials, not over x). Never E[x^2] - E[x]^2, never a second read.
 - :func:`affine` ``(x, shift, alpha, beta, activation=None, param=None) -> y``: reads x,
   writes y = act((x - shift) * alpha + beta) in x's dtype and memory format.
 - :func:`backward_reduce` ``(g, src, shift, shifted_mean, ...) -> (sum g', sum g' (v -
   mean))``: reads g and src (x, or the saved output y of a memory-efficient fused
-  activation), writes (C, blocks) partials summed by torch in float64.
+  activation), writes (C, blocks) partials, which the tiny kernel sums.
 - :func:`backward_input` ``(g, src, shift, alpha, k1, k0, ...) -> dx``: reads g and src,
   writes dx = g' alpha + (v - shift) k1 + k0 (g' alpha where the mask is False).
 
-A training step is then 3 passes forward (statistics, normalization) and 5 backward
+Each primitive is one launch over the tensor (plus the tiny merge for the two
+reductions), and a training step is 3 passes forward (statistics, normalization) and 5 backward
 (reductions, dx), as the CPU kernel; inference is 2. The per-channel coefficients
 (alpha, beta', k1, k0) are torch operations on (C,) vectors, and the running statistics
 are updated by :class:`bnkit.kernels.portable.PortableKernel`'s torch operations: no host

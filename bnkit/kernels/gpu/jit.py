@@ -49,6 +49,7 @@ _NAMES = (
     "affine_kernel",
     "reduce_kernel",
     "input_kernel",
+    "merge_kernel",
 )
 _BUILT = False
 
@@ -404,3 +405,58 @@ def input_kernel(
                 through = tl.where(ok, through, 0.0)
             dx = gp * a + through
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=inb)
+
+
+def merge_kernel(
+    part_a,
+    part_b,
+    part_c,
+    out_a,
+    out_b,
+    out_c,
+    C,
+    B,
+    CHAN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Merge (C, B) per-block partials into (C,) results, BLOCK_C channels per program.
+
+    CHAN: (count, mean, M2) partials into (count, mean, biased variance) by Chan's
+    parallel update, two passes over the partials: count = sum n_b, mean = sum n_b mean_b /
+    count, M2 = sum M2_b + sum n_b (mean_b - mean)^2. Otherwise: the sums of a and of b.
+    """
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < C
+    acc_t = out_a.dtype.element_ty
+    sa = tl.zeros([BLOCK_C, BLOCK_B], acc_t)
+    sb = tl.zeros([BLOCK_C, BLOCK_B], acc_t)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        m = cm[:, None] & (bs < B)[None, :]
+        off = ch.to(tl.int64)[:, None] * B + bs[None, :]
+        a = tl.load(part_a + off, mask=m, other=0.0)
+        b = tl.load(part_b + off, mask=m, other=0.0)
+        sa += a
+        sb += a * b if CHAN else b
+    n = tl.sum(sa, axis=1)
+    s = tl.sum(sb, axis=1)
+    if CHAN:
+        mean = s / n
+        sq = tl.zeros([BLOCK_C, BLOCK_B], acc_t)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            m = cm[:, None] & (bs < B)[None, :]
+            off = ch.to(tl.int64)[:, None] * B + bs[None, :]
+            a = tl.load(part_a + off, mask=m, other=0.0)
+            b = tl.load(part_b + off, mask=m, other=0.0)
+            c = tl.load(part_c + off, mask=m, other=0.0)
+            e = b - mean[:, None]
+            sq += tl.where(m, c + a * e * e, 0.0)
+        m2 = tl.sum(sq, axis=1)
+        tl.store(out_a + ch, n, mask=cm)
+        tl.store(out_b + ch, mean, mask=cm)
+        tl.store(out_c + ch, m2 / n, mask=cm)
+    else:
+        tl.store(out_a + ch, n, mask=cm)
+        tl.store(out_b + ch, s, mask=cm)

@@ -148,11 +148,38 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch(kernel: Any, p: Plan) -> Any:
-    """``kernel[grid]`` through ``wrap_triton`` (when torch has it), for plan p."""
+def _launch(kernel: Any, p: Plan | tuple[int, ...]) -> Any:
+    """``kernel[grid]`` through ``wrap_triton`` (when torch has it), for plan p (or a grid)."""
     wrap = getattr(torch.library, "wrap_triton", None)
     fn = kernel if wrap is None else wrap(kernel)
-    return fn[(p.groups, p.blocks)]
+    return fn[(p.groups, p.blocks) if isinstance(p, Plan) else p]
+
+
+#: Channels per program of the merge kernel.
+MERGE_CHANNELS = 16
+
+
+def _merge(parts: Tensor, outputs: list[Tensor], chan: bool) -> None:
+    """Merge (2 or 3, C, B) partials into ``outputs`` ((C,) each): Chan's update of
+    (count, mean, M2) into (count, mean, var), or sums of two partials. One launch."""
+    c, blocks = parts.shape[1], parts.shape[2]
+    block_b = min(_pow2(blocks), max(1, TILE // MERGE_CHANNELS))
+    a, b, *rest = parts.unbind(0)
+    third = rest[0] if rest else b
+    out_c = outputs[2] if chan else outputs[1]
+    _launch(jit.merge_kernel, (_cdiv(c, MERGE_CHANNELS),))(
+        a,
+        b,
+        third,
+        outputs[0],
+        outputs[1],
+        out_c,
+        c,
+        blocks,
+        CHAN=chan,
+        BLOCK_C=MERGE_CHANNELS,
+        BLOCK_B=block_b,
+    )
 
 
 class _Op:
@@ -244,13 +271,9 @@ def _batch_stats_op(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
             BLOCK_R=p.block_r,
             BLOCK_K=p.block_k,
         )
-    # Chan's merge of the (C, blocks) partials, in float64 (tiny).
-    n, mean, m2 = parts.to(torch.float64).unbind(0)
-    count = n.sum(1)
-    merged_mean = (n * mean).sum(1) / count
-    merged_m2 = m2.sum(1) + (n * (mean - merged_mean[:, None]) ** 2).sum(1)
-    var = merged_m2 / count
-    return count.to(dtype), shift, merged_mean.to(dtype), var.to(dtype)
+        count, shifted_mean, var = (torch.empty_like(shift) for _ in range(3))
+        _merge(parts, [count, shifted_mean, var], chan=True)
+    return count, shift, shifted_mean, var
 
 
 def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
@@ -359,8 +382,9 @@ def _backward_reduce_op(
             BLOCK_R=p.block_r,
             BLOCK_K=p.block_k,
         )
-    sum_g, sum_gc = parts.to(torch.float64).sum(2).unbind(0)
-    return sum_g.to(dtype, copy=True), sum_gc.to(dtype, copy=True)
+        sum_g, sum_gc = (torch.empty_like(s) for _ in range(2))
+        _merge(parts, [sum_g, sum_gc], chan=False)
+    return sum_g, sum_gc
 
 
 def backward_reduce(
