@@ -30,6 +30,7 @@ from a two-element tensor in the compute dtype, so float64 keeps its precision.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 tl: Any = None
@@ -52,6 +53,10 @@ _NAMES = (
     "merge_kernel",
 )
 _BUILT = False
+#: Sizes a kernel is not recompiled for (Triton specializes integer arguments on being
+#: 1 or a multiple of 16 otherwise). L and stride_r stay specialized: they decide whether
+#: the loads along a row can be vectorized.
+_NOT_SPECIALIZED = ("R", "K", "C", "B", "KB", "ROWS_PER", "COLS_PER")
 
 
 def build() -> None:
@@ -65,7 +70,10 @@ def build() -> None:
     tl = language
     namespace = globals()
     for name in _NAMES:
-        namespace[name] = triton.jit(namespace[name])
+        fn = namespace[name]
+        params = inspect.signature(fn).parameters
+        fixed = [p for p in _NOT_SPECIALIZED if p in params] if name.endswith("_kernel") else []
+        namespace[name] = triton.jit(fn, do_not_specialize=fixed)
     _BUILT = True
 
 
