@@ -11,7 +11,7 @@
 #      3 forward and 5 backward), with the peak memory of each.
 #
 # Usage: bash benchmarks/gpu.sh [> gpu-report.txt]
-# Environment: VENV (default .venv-gpu), PYTHON (use this interpreter, skip the install),
+# Environment: VENV (default $TMPDIR/bnkit-gpu-venv), PYTHON (use this interpreter, skip the install),
 #   SKIP_TESTS=1, BENCH_DEVICE (default cuda), BENCH_TINY=1 (one tiny shape: a dry run,
 #   e.g. BENCH_DEVICE=cpu TRITON_INTERPRET=1), BENCH_BUDGET_S (default 200).
 # Exit status: the tests' (the timings run either way).
@@ -24,7 +24,7 @@ say() { echo "== [$(($(date +%s) - started))s] $*"; }
 if [ -n "${PYTHON:-}" ]; then
     PY=$PYTHON
 else
-    VENV=${VENV:-.venv-gpu}
+    VENV=${VENV:-${TMPDIR:-/tmp}/bnkit-gpu-venv}
     say "installing into $VENV"
     # --system-site-packages: a preinstalled CUDA torch/triton is used if pip cannot fetch one
     python3 -m venv --system-site-packages "$VENV" || exit 1
