@@ -584,11 +584,15 @@ def test_double_backward_goes_through_the_portable_backward() -> None:
         _close(ours, theirs, 1e-10)
 
 
-def test_availability_and_unsupported_inputs() -> None:
+def test_availability_and_unsupported_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """available() is true where these tests run; forced() reads BNKIT_KERNEL; what the
     kernels do not take (integer or empty inputs, masks of another shape) goes to the
     portable kernel."""
     assert gpu.available()
+    monkeypatch.setenv("BNKIT_KERNEL", "triton")
+    assert gpu.forced()
+    monkeypatch.setenv("BNKIT_KERNEL", "portable")
+    assert not gpu.forced()
     assert gpu.supports(torch.zeros(2, 3, device=DEVICE))
     assert not gpu.supports(torch.zeros(2, 3, dtype=torch.int64, device=DEVICE))
     assert not gpu.supports(torch.zeros(0, 3, device=DEVICE))
