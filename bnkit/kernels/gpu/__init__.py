@@ -26,8 +26,9 @@ reductions), and a training step is 3 passes forward (statistics, normalization)
 (reductions, dx), as the CPU kernel; inference is 2. The per-channel coefficients
 (alpha, beta', k1, k0) are torch operations on (C,) vectors, and the running statistics
 are updated by :class:`bnkit.kernels.portable.PortableKernel`'s torch operations: no host
-synchronization anywhere, except the memory-efficient fused activation's check of
-``INVERSION_LIMIT`` (as in the portable kernel).
+synchronization anywhere, except the memory-efficient fused activation's check that its
+output can be inverted (:func:`bnkit.kernels.activation.invertible`, as in the portable
+kernel).
 
 Layout: a tensor is walked as rows of a 2-D array in its own memory order. NCHW-like
 input (contiguous (N, C, *)) as N rows of L = H * W values per channel: program axis 0
@@ -44,7 +45,9 @@ fused into :func:`affine` and, as g' = g act'(z), into both backward primitives.
 output y: leaky_relu z = y / slope where y < 0; elu z = log1p(y / alpha) and act'(z) =
 y + alpha where y <= 0. Where an ELU output saturated (y = -alpha exactly: log1p(-1) =
 -inf), the slope is 0 and g' is set to exactly 0, and z takes the finite value at which
-the output saturates: no NaN reaches the sums or dx. The exp and log in the kernels are
+the output saturates: no NaN reaches the sums or dx. (:class:`TritonKernel` does not get
+there: like the portable kernel it keeps the input for a call whose ELU output comes
+near -alpha; the rule matters to callers of the primitives.) The exp and log in the kernels are
 Triton's ``tl.exp``/``tl.log`` on exp(z) - 1 and log(1 + q): accurate to about an ulp of
 the output's scale (not of tiny values themselves, as expm1/log1p would be).
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from bnkit.kernels import BatchStats, compute_dtype, portable
+from bnkit.kernels import activation as act
 from bnkit.kernels.gpu import primitives as prim
 
 __all__ = ["KERNEL", "TritonKernel", "supports"]
@@ -100,10 +101,12 @@ class _NormalizeActivate(torch.autograd.Function):
     """y = act((x - shift) * alpha + beta') with batch statistics, in one node, as
     :class:`portable._NormalizeActivate`.
 
-    ``save_input`` True (always for relu): saves x and recomputes z = (x - shift) *
-    alpha + beta' bit for bit for the slope. Otherwise (identity, leaky_relu, elu) saves
-    only y and O(C) values; the backward recovers z = act^-1(y) and act'(z) from y, and
-    x_hat = (z - bias) / weight, the division folded into per-channel coefficients.
+    ``save_input`` True (always for relu, and where
+    :func:`bnkit.kernels.activation.invertible` says the output does not give x_hat back):
+    saves x and recomputes z = (x - shift) * alpha + beta' bit for bit for the slope.
+    Otherwise (identity, leaky_relu, elu) saves only y and O(C) values; the backward
+    recovers z = act^-1(y) and act'(z) from y, and x_hat = (z - bias) / weight, the
+    division folded into per-channel coefficients.
     Double backward is not supported.
     """
 
@@ -124,6 +127,11 @@ class _NormalizeActivate(torch.autograd.Function):
     ) -> Tensor:
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         y = prim.affine(x, shift, alpha, beta, activation, param)
+        if not save_input:
+            # The portable kernel's rule: gamma = 0, |beta| >> |gamma| or a saturated elu
+            # output make x_hat = (act^-1(y) - beta) / gamma inexact; this call then keeps
+            # its input. One host synchronization.
+            save_input = not act.invertible(y, weight, bias, activation, param)
         if save_input:
             ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
         else:
@@ -225,14 +233,8 @@ class TritonKernel(portable.PortableKernel):
                 x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
             )
         invstd = torch.rsqrt(stats.var + eps)
+        # or, decided from the output: not invertible (see _NormalizeActivate.forward)
         save_input = activation == "relu" or not memory_efficient
-        if not save_input and weight is not None:
-            # The portable kernel's rule: gamma = 0, or tiny next to beta, makes
-            # x_hat = (z - beta) / gamma inexact; this call then keeps its input. One
-            # host synchronization.
-            limit = portable.INVERSION_LIMIT * weight.detach().abs()
-            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
-            save_input = bool((limit <= magnitude).any())
         output: Tensor = _NormalizeActivate.apply(  # type: ignore[no-untyped-call]
             x,
             weight,
