@@ -35,7 +35,7 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
-from bnkit.kernels import express
+from bnkit.kernels import express, gpu
 from bnkit.kernels.activation import check_activation
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
@@ -346,6 +346,7 @@ def try_express(
     every option valid."""
     if not (
         mask is None
+        and not gpu.forced()  # the Triton kernels asked for, CPU tensors included
         and ghost_batch_size is None
         and renorm is None
         and sync is False

@@ -615,3 +615,32 @@ def test_compile_traces_into_the_kernels() -> None:
     compiled = torch.compile(step, fullgraph=True)
     for ours, theirs in zip(compiled(x), step(x), strict=True):
         _close(ours, theirs, 1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_dispatches_to_triton_when_asked(
+    monkeypatch: pytest.MonkeyPatch, training: bool
+) -> None:
+    """``BNKIT_KERNEL=triton`` routes the layer itself (not only the kernel API) to the
+    Triton kernels, and the result matches torch's layer: outputs, input and parameter
+    gradients, running statistics."""
+    from bnkit import BatchNorm2d
+    from bnkit.kernels import select_kernel
+
+    monkeypatch.setenv("BNKIT_KERNEL", "triton")
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    assert isinstance(select_kernel(x), gpu.TritonKernel)
+    ours = BatchNorm2d(3, dtype=torch.float64, device=DEVICE).train(training)
+    theirs = torch.nn.BatchNorm2d(3, dtype=torch.float64, device=DEVICE).train(training)
+    x_ours, x_theirs = (x.clone().requires_grad_() for _ in range(2))
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    if training:  # the output's node is the Triton kernel's autograd Function
+        assert type(y_ours.grad_fn).__name__ == "_NormalizeBackward"
+    dy = torch.randn_like(x)
+    y_ours.backward(dy)
+    y_theirs.backward(dy)
+    torch.testing.assert_close(y_ours, y_theirs)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
