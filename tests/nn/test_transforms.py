@@ -153,3 +153,14 @@ def test_empty_one_dimensional_input_as_torch() -> None:
     expected = torch.nn.functional.batch_norm(empty, torch.zeros(0), torch.ones(0))
     got = bnkit.functional.batch_norm(empty, torch.zeros(0), torch.ones(0))
     assert got.shape == expected.shape == (0,)
+
+
+def test_quantization_fuser_refuses_bnkit_layers() -> None:
+    """torch.ao's fuser matches exact types: it refuses a bnkit layer (fused activation
+    or not) rather than fusing it wrongly; bnkit.tools.to_torch is the way in."""
+    from torch.ao.quantization import fuse_modules
+
+    for layer in (bnkit.BatchNorm2d(3), bnkit.BatchNorm2d(3, activation="relu")):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), layer).eval()
+        with pytest.raises(AssertionError, match="did not find fuser method"):
+            fuse_modules(model, [["0", "1"]])
