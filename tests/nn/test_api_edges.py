@@ -118,3 +118,22 @@ def test_numpy_integers_are_integers() -> None:
     torch.testing.assert_close(functional, reference(X))
     renorm = Renorm(warmup_steps=np.int64(0), r_max_steps=np.int64(0), d_max_steps=np.int64(0))
     assert renorm == Renorm(warmup_steps=0, r_max_steps=0, d_max_steps=0)
+
+
+def test_layer_settings_are_validated_again_when_set() -> None:
+    """A layer's extras are one Options object, made again after a setting changes."""
+    import dataclasses
+
+    from bnkit.functional import Options
+    from bnkit.nn import OPTION_NAMES
+
+    assert tuple(f.name for f in dataclasses.fields(Options))[1:] == OPTION_NAMES
+    layer = _layer(ghost_batch_size=4)
+    first = layer.options
+    assert first is layer.options  # kept while nothing changes
+    assert first.where == "BatchNorm1d(3)"
+    layer.ghost_batch_size = 2
+    assert layer.options.ghost_batch_size == 2
+    layer.activation = "swish"
+    with pytest.raises(errors.ConfigError, match=r"^BatchNorm1d\(3\): unknown activation"):
+        layer(X)
