@@ -77,6 +77,14 @@ def start() -> None:
     if target is None:
         _READY.set()
         return
+    # Announced, since it may outlive this process (it finishes and fills the cache).
+    print(
+        f"bnkit: building the C++ express path with {_state['compiler']} in the background "
+        f"into {target.parent} (about a minute, once; the Python path serves meanwhile; "
+        f"`bnkit build` does it ahead of time, BNKIT_NATIVE_CXX=0 turns it off)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:  # spawned now, not by the thread: an exiting interpreter stops its threads
         process = subprocess.Popen(
             [sys.executable, "-m", "bnkit.kernels.fast", str(target), _state["compiler"]],
