@@ -238,7 +238,8 @@ class Experiment(Generic[ConfigT]):
             return found
         text = verdict(self.curves(results))
         return [
-            claim if claim.holds or claim.training is not None or text is None
+            claim
+            if claim.holds or claim.training is not None or text is None
             else dataclasses.replace(claim, training=text)
             for claim in found
         ]
