@@ -491,7 +491,7 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
         if points:
             ax.plot(
                 [math.log2(b) for b, _ in points],
-                [100 * float(e) for _, e in points],
+                [100 * float(e or 0.0) for _, e in points],
                 marker="s",
                 linestyle="--",
                 color=_ARM_COLORS[arm],
