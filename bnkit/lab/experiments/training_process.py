@@ -69,7 +69,7 @@ class TrainingProcessConfig:
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "sigmoid"
     batch_sizes: tuple[int, ...] = (4, 16, 60)
-    draws: int = 40
+    draws: int = 30
     nodes: int = 3
 
 
