@@ -393,18 +393,6 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             holds=degrades,
         ),
         Claim(
-            claim=f"At an equal number of steps too, batch norm's test error at batch {small} "
-            f"is more than {100 * DEGRADATION:g} points above its lowest over the batch sizes "
-            "(the statistics, not only the fewer updates, cost accuracy).",
-            anchor=gn_paper + "compared at equal epochs; at equal steps the small batches also "
-            "see fewer examples, so this comparison is the stricter one for BN.",
-            measured=f"{results['equal_steps']} steps at every batch size: BN error "
-            f"{fixed_row}; GroupNorm "
-            + ", ".join(f"{b}: {_pct(fixed_gn.get(b))}" for b in sizes)
-            + ".",
-            holds=fixed_degrades,
-        ),
-        Claim(
             claim=f"Against GroupNorm, whose error does not depend on the batch, BN loses "
             f"ground as the batch shrinks: BN's error minus GN's grows by more than "
             f"{100 * DEGRADATION:g} points from batch {large} to {small}.",
@@ -455,6 +443,18 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
                 else "The sync arm did not run."
             ),
             holds=_less(sync_small, bn_at_sync),
+        ),
+        Claim(
+            claim=f"At an equal number of steps too, batch norm's test error at batch {small} "
+            f"is more than {100 * DEGRADATION:g} points above its lowest over the batch sizes "
+            "(the statistics, not only the fewer updates, cost accuracy).",
+            anchor=gn_paper + "compared at equal epochs; at equal steps the small batches also "
+            "see fewer examples, so this comparison is the stricter one for BN.",
+            measured=f"{results['equal_steps']} steps at every batch size: BN error "
+            f"{fixed_row}; GroupNorm "
+            + ", ".join(f"{b}: {_pct(fixed_gn.get(b))}" for b in sizes)
+            + ".",
+            holds=fixed_degrades,
         ),
     ]
 

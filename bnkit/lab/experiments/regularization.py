@@ -137,8 +137,8 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             claim="Batch normalization regularizes: the gap between training and test accuracy "
             "is smaller with BN.",
             anchor="Ioffe & Szegedy 2015, Section 3.4: a training example is seen with the "
-            "others of its mini-batch, which was advantageous to generalization; the seed "
-            "note: a regularization effect.",
+            "others of its mini-batch, which was advantageous to generalization: a "
+            "regularization effect.",
             measured=f"On {subset}: with BN {_describe(bn)}; without {_describe(plain)}.",
             holds=narrower,
         ),

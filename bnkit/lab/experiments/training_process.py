@@ -107,7 +107,7 @@ def _input_gradient(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor)
     inputs = batch.clone().requires_grad_(True)
     loss = nn.functional.cross_entropy(model(inputs), labels)
     (gradient,) = torch.autograd.grad(loss, inputs)
-    return gradient[0].double()
+    return gradient[0].double().reshape(-1)
 
 
 def _measure(
