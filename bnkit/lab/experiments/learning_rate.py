@@ -303,7 +303,7 @@ EXPERIMENT = Experiment(
         "initial weights and batch order. A loss that is NaN, infinite or above ten times that "
         "of a uniform guess stops a run and is reported as divergence."
     ),
-    quick=LearningRateConfig(steps=2500),
+    quick=LearningRateConfig(steps=2000),
     full=LearningRateConfig(steps=20_000),
     step_fields=("steps",),
     run=run,
