@@ -316,3 +316,26 @@ def test_saved_failed_claims_say_why(lab_run: tuple[Path, str, str]) -> None:
                 assert experiment.curves is not None
                 assert not claim["holds"]
                 assert claim["training"].startswith(("too short", "trained to")), claim
+
+
+def test_batch_size_claims_judge_only_the_runs_they_compare(
+    lab_run: tuple[Path, str, str],
+) -> None:
+    results: dict[str, Any] = json.loads((lab_run[0] / "batch-size.json").read_text())["results"]
+    steps = list(range(0, 101, 10))
+    flat = {"steps": steps, "test_accuracy": [0.5] * len(steps), "diverged_at": None}
+    rising = {"steps": steps, "test_accuracy": [0.01 * s for s in steps], "diverged_at": None}
+    for arm in results["runs"]:
+        for batch in results["runs"][arm]:
+            results["runs"][arm][batch] = rising
+    results["runs"]["gn"]["2"] = results["runs"]["bn"]["2"] = flat
+    results["errors"]["gn"]["2"], results["errors"]["bn"]["2"] = 0.4, 0.3  # GN does not win
+    claim = get_experiment("batch-size").claims(results)[2]
+    assert not claim.holds
+    assert claim.training is not None
+    assert claim.training.startswith("trained to a plateau")
+    results["runs"]["gn"]["2"] = rising
+    claim = get_experiment("batch-size").claims(results)[2]
+    assert claim.training is not None
+    assert claim.training.startswith("too short to decide: 1 of 2 runs")
+    assert "GroupNorm at batch 2" in claim.training

@@ -28,6 +28,7 @@ the epochs above), and a claim compares BN's error there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,7 @@ from bnkit.lab.training import (
     evaluation_steps,
     subsample,
     train,
+    verdict,
 )
 
 __all__ = ["EXPERIMENT", "BatchSizeConfig", "claims", "run", "scaled_renorm"]
@@ -382,7 +384,7 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         f" (equal epochs, as the anchor: {results['epochs']} epochs, so batch {small} takes "
         f"{large // small}x the steps of batch {large})"
     )
-    return [
+    found = [
         Claim(
             claim=f"Batch norm's test error rises as the batch shrinks: at batch {small} it "
             f"is more than {100 * DEGRADATION:g} points above its lowest error over the batch "
@@ -457,6 +459,32 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             holds=fixed_degrades,
         ),
     ]
+    every = [(arm, b, False) for arm in ("bn",) for b in sizes]
+    relevant: list[list[tuple[str, int, bool]]] = [
+        every,
+        [("bn", large, False), ("bn", small, False), ("gn", large, False), ("gn", small, False)],
+        [("gn", small, False), ("bn", small, False)],
+        [("bn", large, False), ("gn", large, False)],
+        [("renorm", small, False), ("bn", small, False)],
+        [("micro", small, False), ("bn", large, False)],
+        [("sync", min(sync_sizes), False), ("bn", min(sync_sizes), False)] if sync_sizes else [],
+        [("bn", b, True) for b in sizes],
+    ]
+    return [
+        claim if claim.holds else dataclasses.replace(claim, training=_runs_verdict(results, runs))
+        for claim, runs in zip(found, relevant, strict=True)
+    ]
+
+
+def _runs_verdict(results: Mapping[str, Any], runs: list[tuple[str, int, bool]]) -> str | None:
+    """The training verdict of the runs a claim compares."""
+    curves = {}
+    for arm, batch, fixed in runs:
+        history = results["runs_equal_steps" if fixed else "runs"].get(arm, {}).get(str(batch))
+        if history is not None:
+            label = f"{ARMS[arm]} at batch {batch}{' (equal steps)' if fixed else ''}"
+            curves[label] = history
+    return verdict(curves)
 
 
 def headline(results: Mapping[str, Any]) -> str:
