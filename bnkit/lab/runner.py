@@ -116,7 +116,7 @@ def experiment_config(
     Example:
         >>> config = experiment_config("ics", "digits", 0, False, 1.0)
         >>> config["dataset"], config["mode"], config["steps"]
-        ('digits', 'quick', 8000)
+        ('digits', 'quick', 6000)
     """
     experiment = get_experiment(name)
     parameters = dataclasses.asdict(experiment.config(full=full, steps_scale=steps_scale))
