@@ -119,6 +119,7 @@ class Table:
         header: the column headings.
         rows: the cells, as text, one list per row.
         section: the report section to show it in, if not its experiment's.
+        numbers: the cells are numbers (aligned right, never wrapped); False for text.
 
     Example:
         >>> Table("two numbers", ["i", "o_i"], [["1", "2.0"], ["2", "5.0"]]).rows[1]
@@ -129,6 +130,7 @@ class Table:
     header: list[str]
     rows: list[list[str]]
     section: str | None = None
+    numbers: bool = True
 
 
 class ProgressBar(Protocol):

@@ -361,8 +361,9 @@ def _table_html(table: Any) -> str:
         "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
         for row in table.rows
     )
+    kind = "numbers" if getattr(table, "numbers", True) else "text"
     return _scroll(
-        f'<table class="numbers"><caption>{html.escape(table.caption)}</caption>'
+        f'<table class="{kind}"><caption>{html.escape(table.caption)}</caption>'
         f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     )
 

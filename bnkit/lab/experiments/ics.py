@@ -849,6 +849,7 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
             "Two views of internal covariate shift, decided by the claims below. " + both,
             ["view", "prediction", "measured here", "verdict"],
             view_rows,
+            numbers=False,
         ),
     ]
 
@@ -866,7 +867,7 @@ EXPERIMENT = Experiment(
         "A fully connected network with 3 hidden layers of 100 sigmoids, SGD on mini-batches "
         "of 60, with and without batch norm after each hidden linear layer (no bias before "
         "BN), weights initialized from N(0, 0.05^2) (the paper: small random Gaussian values). "
-        "Test accuracy is measured at 100 evenly spaced steps; the input to each sigmoid "
+        "Test accuracy is measured at evenly spaced steps; the input to each sigmoid "
         "of the last hidden layer is recorded on a fixed probe set of test examples "
         "(eval mode) and summarized by its 15th, 50th and 85th percentiles."
     ),

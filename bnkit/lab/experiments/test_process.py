@@ -607,6 +607,7 @@ def tables(results: Mapping[str, Any]) -> list[Table]:
                 "of which BN layers (ms)",
             ],
             rows,
+            numbers=False,
         )
     ]
 
