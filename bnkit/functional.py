@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from bnkit import distributed, kernels
 from bnkit.errors import (
     ConfigError,
+    ConfigWarning,
+    DeviceMismatchError,
     DTypeError,
     MissingStatsError,
     NonFiniteStatsWarning,
@@ -30,7 +35,7 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
-from bnkit.kernels import express
+from bnkit.kernels import express, gpu
 from bnkit.kernels.activation import check_activation
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
@@ -84,6 +89,10 @@ class Renorm:
     d_max_steps: int = 25000
 
     def __post_init__(self) -> None:
+        for name in ("r_max", "d_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ConfigError(f"Renorm: expected {name} to be a finite number, got {value!r}")
         if not self.r_max >= 1.0:
             raise ConfigError(
                 f"Renorm: expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got {self.r_max}"
@@ -94,8 +103,10 @@ class Renorm:
             )
         for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            count = _integer(value)
+            if count is None or count < 0:
                 raise ConfigError(f"Renorm: expected {name} to be an integer >= 0, got {value!r}")
+            object.__setattr__(self, name, count)
 
     @property
     def scheduled(self) -> bool:
@@ -335,6 +346,7 @@ def try_express(
     every option valid."""
     if not (
         mask is None
+        and not gpu.forced()  # the Triton kernels asked for, CPU tensors included
         and ghost_batch_size is None
         and renorm is None
         and sync is False
@@ -376,20 +388,41 @@ def check_options(
     skip_nonfinite: bool,
 ) -> None:
     """Raise :class:`ConfigError` for an option outside its allowed values."""
-    if momentum is not None and (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum <= 1
-    ):
+    if momentum is not None and (not _is_real(momentum) or not math.isfinite(momentum)):
         raise ConfigError(
-            f"{where}: expected momentum in [0, 1] (the weight of each new batch in the running "
-            f"statistics) or None (cumulative average), got {momentum!r}"
+            f"{where}: expected momentum to be a number in [0, 1] (the weight of each new "
+            f"batch in the running statistics) or None (cumulative average), got {momentum!r}"
         )
     _check_choice(where, "running_var_estimator", running_var_estimator, RUNNING_VAR_ESTIMATORS)
     _check_choice(where, "single_sample", single_sample, SINGLE_SAMPLE_MODES)
     if not isinstance(skip_nonfinite, bool):
         raise ConfigError(
             f"{where}: expected skip_nonfinite to be True or False, got {skip_nonfinite!r}"
+        )
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (Python's or NumPy's), not a bool; else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
+def warn_unusual_momentum(where: str, momentum: float | None) -> None:
+    """torch accepts any momentum; one outside [0, 1] extrapolates the running statistics
+    past the batch's, which is almost certainly not meant: say so (each time it is used)."""
+    if momentum is not None and not 0 <= momentum <= 1:
+        warnings.warn(
+            f"{where}: momentum={momentum!r} is outside [0, 1]; the running statistics "
+            f"become (1 - momentum) * running + momentum * batch, which extrapolates past "
+            f"the batch's statistics",
+            ConfigWarning,
+            stacklevel=4,
         )
 
 
@@ -415,8 +448,9 @@ def _check_choice(where: str, name: str, value: object, choices: tuple[str, ...]
 
 def _check_input(where: str, input: Tensor, per_channel: dict[str, Tensor | None]) -> None:
     if not isinstance(input, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
-    if input.dim() < 2:
+        raise DTypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    if input.dim() < 2 and not (input.dim() == 1 and input.numel() == 0):
+        # (torch accepts an empty 1D input with empty per-channel tensors: no channels)
         raise ShapeError(
             f"{where}: expected input of shape (N, C) or (N, C, *spatial), "
             f"got {input.dim()}D input of shape {format_shape(input.shape)}"
@@ -426,14 +460,55 @@ def _check_input(where: str, input: Tensor, per_channel: dict[str, Tensor | None
             f"{where}: expected a floating-point input (float16, bfloat16, float32, float64), "
             f"got dtype {input.dtype}"
         )
-    channels = input.shape[1]
+    channels = input.shape[1] if input.dim() > 1 else 0
     for name, tensor in per_channel.items():
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise DTypeError(
+                f"{where}: expected {name} to be a torch.Tensor of shape ({channels},) or None, "
+                f"got {type(tensor).__name__}"
+            )
+        if tensor is not None and not tensor.is_floating_point():
+            raise DTypeError(
+                f"{where}: expected a floating-point {name} (float16, bfloat16, float32, "
+                f"float64), got dtype {tensor.dtype}"
+            )
+        if tensor is not None and tensor.device != input.device:
+            raise DeviceMismatchError(
+                f"{where}: expected {name} on the input's device {input.device}, "
+                f"got {tensor.device}"
+            )
         if tensor is not None and tuple(tensor.shape) != (channels,):
             raise SizeMismatchError(
                 f"{where}: expected {name} of shape ({channels},) to match the {channels} "
                 f"channels of the input of shape {format_shape(input.shape)}, "
                 f"got shape {format_shape(tensor.shape)}"
             )
+
+
+def _check_counter(where: str, input: Tensor, num_batches_tracked: object) -> None:
+    """num_batches_tracked: None, or a one-element integer tensor on the input's device."""
+    if num_batches_tracked is None:
+        return
+    if not isinstance(num_batches_tracked, Tensor):
+        raise DTypeError(
+            f"{where}: expected num_batches_tracked to be a 0-d integer tensor or None, "
+            f"got {type(num_batches_tracked).__name__}"
+        )
+    if num_batches_tracked.is_floating_point() or num_batches_tracked.is_complex():
+        raise DTypeError(
+            f"{where}: expected an integer num_batches_tracked, got dtype "
+            f"{num_batches_tracked.dtype}"
+        )
+    if num_batches_tracked.numel() != 1:
+        raise ShapeError(
+            f"{where}: expected num_batches_tracked to hold one count (shape ()), got shape "
+            f"{format_shape(num_batches_tracked.shape)}"
+        )
+    if num_batches_tracked.device != input.device:
+        raise DeviceMismatchError(
+            f"{where}: expected num_batches_tracked on the input's device {input.device}, "
+            f"got {num_batches_tracked.device}"
+        )
 
 
 def _given(tensor: Tensor | None) -> str:
@@ -483,6 +558,7 @@ def _batch_norm(
         input,
         {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
     )
+    _check_counter(where, input, num_batches_tracked)
     check_options(
         where,
         momentum=momentum,
@@ -495,7 +571,9 @@ def _batch_norm(
             f"{where}: expected running_mean and running_var both given or both None, got "
             f"running_mean={_given(running_mean)}, running_var={_given(running_var)}"
         )
-    check_ghost_batch_size(where, ghost_batch_size)
+    ghost_batch_size = check_ghost_batch_size(where, ghost_batch_size)
+    if not isinstance(sync, bool):
+        raise ConfigError(f"{where}: expected sync to be True or False, got {sync!r}")
     if mask is not None:
         _check_mask(where, input, mask)
     fused = fused_activation(where, activation, activation_param, memory_efficient)
@@ -529,6 +607,8 @@ def _batch_norm(
             f"{where}: expected running_mean and running_var when normalizing with population "
             f"statistics (training=False), got None"
         )
+    if update and deferred is None:
+        warn_unusual_momentum(where, momentum)
     if update and momentum is None and num_batches_tracked is None:
         raise ConfigError(
             f"{where}: momentum=None (cumulative average) needs num_batches_tracked to know "
@@ -542,8 +622,10 @@ def _batch_norm(
         if update and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        view = [1, shape[1]] + [1] * (input.dim() - 2)
         output = input.clone()
+        if input.dim() < 2:  # no channels: nothing to scale
+            return kernels.BatchNormResult(output, None)
+        view = [1, shape[1]] + [1] * (input.dim() - 2)
         if weight is not None:
             output = output * weight.to(input.dtype).view(view)
         if bias is not None:
@@ -624,17 +706,20 @@ def _global_mode(
     return single_sample
 
 
-def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> None:
-    """Raise :class:`ConfigError` unless ghost_batch_size is None or an integer >= 1."""
+def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> int | None:
+    """ghost_batch_size as an int (NumPy integers accepted) or None; :class:`ConfigError`
+    unless it is None or an integer >= 1."""
     if ghost_batch_size is None:
-        return
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+        return None
+    size = _integer(ghost_batch_size)
+    if size is None:
         raise ConfigError(
             f"{where}: expected ghost_batch_size to be an integer >= 1 or None, "
             f"got {ghost_batch_size!r}"
         )
-    if ghost_batch_size < 1:
-        raise ConfigError(f"{where}: expected ghost_batch_size >= 1, got {ghost_batch_size}")
+    if size < 1:
+        raise ConfigError(f"{where}: expected ghost_batch_size >= 1, got {size}")
+    return size
 
 
 def _check_mask(where: str, input: Tensor, mask: Tensor) -> None:
@@ -767,6 +852,8 @@ class NonFiniteMonitor:
         if isinstance(recorded, bool):  # known on the host already
             if not recorded:
                 self._warn(shape)
+        elif not _holds_values(recorded):  # meta / fake tensors: nothing to read
+            return
         elif recorded.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(recorded, non_blocking=True)
@@ -813,6 +900,14 @@ class NonFiniteMonitor:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pending = []
+
+
+def _holds_values(t: Tensor) -> bool:
+    """Whether ``t`` has data to read: not a meta tensor (a model built before its weights
+    are loaded), not a fake one (tracing by torch.export and torch.compile)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
 
 
 _FUNCTIONAL_MONITOR = NonFiniteMonitor("batch_norm", once=False)

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import kernels
-from bnkit.errors import ConfigError, ShapeError, SizeMismatchError, format_shape
+from bnkit.errors import ConfigError, DTypeError, ShapeError, SizeMismatchError, format_shape
 from bnkit.functional import (
     NonFiniteMonitor,
     Renorm,
@@ -212,7 +212,14 @@ class BatchNormNd(_BatchNorm):
             single_sample=single_sample,
             skip_nonfinite=skip_nonfinite,
         )
-        check_ghost_batch_size(where, ghost_batch_size)
+        ghost_batch_size = check_ghost_batch_size(where, ghost_batch_size)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise DTypeError(
+                f"{where}: expected a floating-point dtype for the parameters and running "
+                f"statistics (float16, bfloat16, float32, float64), got {dtype!r}"
+            )
+        if not isinstance(frozen, bool):
+            raise ConfigError(f"{where}: expected frozen to be True or False, got {frozen!r}")
         if renorm is not None and not isinstance(renorm, Renorm):
             raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
         if renorm is not None and not track_running_stats:
@@ -287,6 +294,10 @@ class BatchNormNd(_BatchNorm):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise DTypeError(
+                f"{self._where()}: expected a torch.Tensor input, got {type(input).__name__}"
+            )
         if input.dim() not in self.input_layouts:
             expected = " or ".join(
                 f"{rank}D input {layout}" for rank, layout in self.input_layouts.items()

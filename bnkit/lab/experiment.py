@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from bnkit.lab.datasets import Dataset
 
 __all__ = [
+    "TIMINGS_SUFFIX",
     "Claim",
     "Experiment",
     "Figure",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT")
+
+#: The file name ending of an experiment's timings, kept apart from its results JSON
+#: (``<experiment>.timings.json``) because they differ from run to run.
+TIMINGS_SUFFIX = ".timings.json"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ of an experiment the registry does not know, or with a section not in :data:`SEC
 still appear, in a final section.
 
 The report trusts nothing in the results directory: a figure is embedded only if it is a
-PNG file inside the directory (a name like ``/etc/hostname`` or ``../x.png`` is skipped
-with a :class:`ReportWarning`), and a results file with the wrong structure (claims that
-are not a list of objects, say) is left out with a warning instead of stopping the
-report.
+PNG file inside the directory (a link leading out, or a file that is not a PNG, is
+skipped with a :class:`ReportWarning`; a figure named with a directory, like
+``/etc/hostname`` or ``../x.png``, makes the whole result unusable), and a results file
+with the wrong structure (claims that are not a list of objects, say) is left out with a
+warning instead of stopping the report (:func:`bnkit.lab.storage.read_result`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnkit.lab.storage import read_json, write_text_atomic
+from bnkit.lab.experiment import TIMINGS_SUFFIX
+from bnkit.lab.storage import read_json, read_result, write_text_atomic
 
 __all__ = [
     "SECTIONS",
@@ -41,7 +43,6 @@ __all__ = [
     "load_results",
     "render_html",
     "render_report",
-    "result_problem",
 ]
 
 
@@ -210,68 +211,24 @@ def _warn(message: str) -> None:
     warnings.warn(message, ReportWarning, stacklevel=3)
 
 
-def _is_str_map(value: Any, required: Sequence[str] = ()) -> bool:
-    return isinstance(value, Mapping) and all(isinstance(value.get(k), str) for k in required)
-
-
-def result_problem(data: Mapping[str, Any]) -> str | None:
-    """What is wrong with the structure of a results object, or None if the report can
-    show it.
-
-    Example:
-        >>> result_problem({"experiment": "x", "claims": "x"})
-        'claims is a str, expected a list of objects'
-        >>> result_problem({"experiment": "x", "claims": [], "figures": ["a.png"]})
-        'figures[0] is a str, expected an object with a file name'
-        >>> result_problem({"experiment": "x", "claims": []}) is None
-        True
-    """
-    claims = data.get("claims")
-    if not isinstance(claims, list):
-        return f"claims is a {type(claims).__name__}, expected a list of objects"
-    for index, claim in enumerate(claims):
-        if not isinstance(claim, Mapping):
-            return f"claims[{index}] is a {type(claim).__name__}, expected an object"
-        if "holds" in claim and not isinstance(claim["holds"], bool):
-            return f"claims[{index}].holds is a {type(claim['holds']).__name__}, expected a bool"
-    figures = data.get("figures", [])
-    if not isinstance(figures, list):
-        return f"figures is a {type(figures).__name__}, expected a list of objects"
-    for index, figure in enumerate(figures):
-        if not _is_str_map(figure, ("file",)):
-            return (
-                f"figures[{index}] is a {type(figure).__name__}, expected an object with a "
-                "file name"
-            )
-    for key in ("results", "config", "environment"):
-        if key in data and not isinstance(data[key], Mapping):
-            return f"{key} is a {type(data[key]).__name__}, expected an object"
-    for key in ("title", "section", "description", "dataset", "headline"):
-        if key in data and not isinstance(data[key], str):
-            return f"{key} is a {type(data[key]).__name__}, expected a string"
-    return None
-
-
 def load_results(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every lab result (a JSON object with ``experiment`` and ``claims``) in ``directory``,
+    """Every usable lab result (see :func:`bnkit.lab.storage.read_result`) in ``directory``,
     in the registry's order, unknown experiments last by name.
 
-    A result whose structure the report cannot show (see :func:`result_problem`) is left
-    out with a :class:`ReportWarning`. A result's ``<experiment>.timings.json`` (the
+    A file that is not a usable result is left out with a warning (by
+    :func:`~bnkit.lab.storage.read_result`). A result's ``<experiment>.timings.json`` (the
     measurements that vary from run to run), if there, is attached as ``"volatile"``.
     """
     from bnkit.lab.experiments import experiment_names
 
     found = []
     for path in sorted(Path(directory).glob("*.json")):
-        data = read_json(path)
-        if data is None or not isinstance(data.get("experiment"), str) or "claims" not in data:
+        if path.name.endswith(TIMINGS_SUFFIX):
             continue
-        problem = result_problem(data)
-        if problem is not None:
-            _warn(f"bnkit report: {path.name} skipped: {problem}")
+        data = read_result(path)
+        if data is None:
             continue
-        volatile = read_json(path.with_name(f"{data['experiment']}.timings.json"))
+        volatile = read_json(path.with_name(f"{data['experiment']}{TIMINGS_SUFFIX}"))
         if volatile is not None:
             data["volatile"] = volatile
         found.append(data)

@@ -32,9 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bnkit.lab.experiment import ProgressBar, ProgressFactory, RunContext, no_progress
+from bnkit.lab.experiment import (
+    TIMINGS_SUFFIX,
+    ProgressBar,
+    ProgressFactory,
+    RunContext,
+    no_progress,
+)
 from bnkit.lab.experiments import expand_names, get_experiment
-from bnkit.lab.storage import read_json, same_config, write_json_atomic
+from bnkit.lab.storage import read_result, same_config, write_json_atomic
 
 __all__ = ["ExperimentOutcome", "run_lab", "summary_table"]
 
@@ -191,7 +197,7 @@ def run_lab(
         for experiment in chosen:
             config = experiment_config(experiment.name, dataset, seed, full, steps_scale)
             path = out_dir / f"{experiment.name}.json"
-            stored = read_json(path)
+            stored = read_result(path)
             start = time.perf_counter()
             if not force and _complete(stored, config, out_dir):
                 assert stored is not None
@@ -214,7 +220,7 @@ def run_lab(
                 claims = [claim.to_json() for claim in experiment.decided_claims(results)]
                 with lab_style():
                     figures = experiment.plot(measured, out_dir, f"{experiment.name}-")
-                timings_path = out_dir / f"{experiment.name}.timings.json"
+                timings_path = out_dir / f"{experiment.name}{TIMINGS_SUFFIX}"
                 if volatile:
                     write_json_atomic(timings_path, volatile)
                 else:

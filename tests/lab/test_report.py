@@ -4,6 +4,7 @@ structure), the timings kept out of the results, and the training verdict's rule
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from bnkit.errors import DamagedResultWarning
 from bnkit.lab.experiment import Claim, Experiment
 from bnkit.lab.experiments import DEFAULT, get_experiment
 from bnkit.lab.experiments.ics import views
-from bnkit.lab.report import SECTIONS, ReportWarning, load_results, render_report
+from bnkit.lab.report import SECTIONS, ReportWarning, figure_path, load_results, render_report
 from bnkit.lab.training import TAIL_RISE, tail_rise, verdict
 from tests.lab.conftest import lab_argv, run_cli
 
@@ -176,6 +178,8 @@ def write_result(directory: Path, name: str, **changes: Any) -> None:
         "figures": [],
     }
     result.update(changes)
+    if "results" not in changes:
+        result["results"] = {}
     (directory / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -191,39 +195,49 @@ def test_figures_outside_the_results_directory_are_never_embedded(tmp_path: Path
         results,
         "probe",
         figures=[
-            {"file": "/etc/hostname", "caption": "absolute"},
-            {"file": "../x.png", "caption": "parent"},
             {"file": "link.png", "caption": "a link leading out"},
             {"file": "fake.png", "caption": "not a PNG"},
             {"file": "good.png", "caption": "fine"},
         ],
     )
-    with pytest.warns(ReportWarning) as caught:
+    for name, file in (("absolute", "/etc/hostname"), ("parent", "../x.png")):
+        write_result(results, name, figures=[{"file": file, "caption": "outside"}])
+    with pytest.warns((ReportWarning, DamagedResultWarning)) as caught:
         render_report(results)
     messages = " ".join(str(w.message) for w in caught)
     for name in ("/etc/hostname", "../x.png", "link.png", "fake.png"):
         assert name in messages
+    assert {type(w.message) for w in caught} == {ReportWarning, DamagedResultWarning}
     page = (results / "index.html").read_text()
-    import base64
-
     assert page.count("data:image/png;base64,") == 1
     assert base64.b64encode(PNG + b"GOOD-INSIDE").decode() in page
     assert base64.b64encode(PNG + b"SECRET-OUTSIDE").decode() not in page
-    assert page.count("outside the results directory") == 3
-    assert "1 of 1" in page
+    assert page.count("outside the results directory") == 1  # the link
+    assert "is not a PNG file" in page
+    assert "1 of 1" in page  # the results naming files outside were skipped whole
+    for name in ("absolute", "parent"):
+        assert f'id="{name}"' not in page
+
+
+def test_figure_path_accepts_only_files_inside(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "out.png").symlink_to("/etc/hostname")
+    assert figure_path(tmp_path, "a.png") == tmp_path / "a.png"
+    for file in ("/etc/hostname", "../a.png", "sub/../../a.png", "out.png", "", "a\0.png"):
+        assert figure_path(tmp_path, file) is None, file
 
 
 @pytest.mark.parametrize(
     ("changes", "problem"),
     [
-        ({"claims": "x"}, "claims is a str"),
-        ({"figures": ["a.png"]}, "figures[0] is a str"),
-        ({"figures": {"file": "a.png"}}, "figures is a dict"),
-        ({"claims": [["not", "a", "mapping"]]}, "claims[0] is a list"),
-        ({"claims": [{"claim": "c", "holds": "yes"}]}, "claims[0].holds is a str"),
-        ({"results": [1, 2]}, "results is a list"),
-        ({"config": "quick"}, "config is a str"),
-        ({"title": 3}, "title is a int"),
+        ({"claims": "x"}, "'claims' is a string"),
+        ({"figures": ["a.png"]}, "figures[0] is a string"),
+        ({"figures": {"file": "a.png"}}, "'figures' is an object"),
+        ({"claims": [["not", "a", "mapping"]]}, "claims[0] is an array"),
+        ({"claims": [{"claim": "c", "anchor": "a", "measured": "m", "holds": "yes"}]}, "'holds'"),
+        ({"results": [1, 2]}, "'results' is an array"),
+        ({"config": "quick"}, "'config' is a string"),
+        ({"title": 3}, "'title' is a number"),
     ],
 )
 def test_results_of_the_wrong_structure_are_skipped(
@@ -231,11 +245,11 @@ def test_results_of_the_wrong_structure_are_skipped(
 ) -> None:
     write_result(tmp_path, "broken", **changes)
     write_result(tmp_path, "fine")
-    with pytest.warns(ReportWarning, match=re.escape(problem)):
+    with pytest.warns(DamagedResultWarning, match=re.escape(problem)):
         assert [r["experiment"] for r in load_results(tmp_path)] == ["fine"]
-    with pytest.warns(ReportWarning, match="broken.json skipped"):
-        status, stdout, _ = run_cli(["report", str(tmp_path)])
+    status, stdout, stderr = run_cli(["report", str(tmp_path)])
     assert status == 0
+    assert "broken.json" in stderr  # the command says which file it left out
     assert "1 experiment" in stdout
     page = (tmp_path / "index.html").read_text()
     assert "1 of 1" in page
