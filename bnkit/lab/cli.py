@@ -84,8 +84,8 @@ def add_commands(subparsers: Any) -> None:
             "their remedies (the 'disadvantages' group): memory, small and non-i.i.d. "
             "batches, population statistics, covariate shift at test time. Writes "
             "OUT/<experiment>.json, PNG plots and OUT/index.html; prints a summary. With no "
-            "EXPERIMENT, the paper's four run (about two minutes on a laptop CPU, quick "
-            "configuration); 'disadvantages' takes about three more, 'all' runs every one."
+            "EXPERIMENT, every one runs (under five minutes on 2 CPU cores, quick "
+            "configuration); 'paper' runs the original paper's, 'disadvantages' the rest."
         ),
     )
     lab.add_argument(

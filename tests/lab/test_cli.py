@@ -49,7 +49,9 @@ def test_defaults_and_hidden_options(capsys: pytest.CaptureFixture[str]) -> None
         parser().parse_args(["lab", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--full" in help_text
-    assert "ics, learning-rate, regularization, test-process" in help_text
+    # The default is every experiment.
+    assert "Default: ics, learning-rate, regularization," in help_text
+    assert "inference-stats, covariate-shift" in help_text
     assert "--steps-scale" not in help_text
 
 
@@ -155,8 +157,7 @@ def test_help_is_plain_text_and_imports_nothing_heavy(command: str) -> None:
 
 def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> None:
     out, stdout, _ = lab_run
-    names = list(DEFAULT)  # no names: the paper's four
-    assert not (out / "memory.json").exists()
+    names = list(DEFAULT)  # no names: every experiment
     for name in names:
         data = json.loads((out / f"{name}.json").read_text())
         assert set(data) == TOP_LEVEL
@@ -178,7 +179,7 @@ def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> 
     for section in SECTIONS:
         assert f'id="{section.key}"' in page
     order = [page.index(f'id="{section.key}"') for section in SECTIONS]
-    assert order == sorted(order)  # the seed note's order
+    assert order == sorted(order)  # the story's order
     assert "data:image/png;base64," in page
     assert "http://" not in page
     assert "https://" not in page
@@ -331,4 +332,4 @@ def test_full_configuration_uses_the_published_steps() -> None:
     assert get_experiment("ics").config(full=True).steps == 50_000
     assert get_experiment("ics").config(full=False).batch_size == 60
     scaled = get_experiment("test-process").config(steps_scale=0.001)
-    assert (scaled.steps, scaled.recalibration_batches) == (3, 2)  # 3000, 100 steps scaled
+    assert (scaled.steps, scaled.recalibration_batches) == (2, 2)  # 2000, 100 steps scaled
