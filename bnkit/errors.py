@@ -18,6 +18,8 @@ __all__ = [
     "BatchNormError",
     "ConfigError",
     "DTypeError",
+    "DamagedResultWarning",
+    "DatasetError",
     "EmptyBatchError",
     "MissingStatsError",
     "NonFiniteStatsWarning",
@@ -64,6 +66,18 @@ class DTypeError(BatchNormError, TypeError):
     """
 
 
+class DeviceMismatchError(BatchNormError, RuntimeError):
+    """The tensors of one call are on different devices.
+
+    Also a :class:`RuntimeError`, which is what torch raises for it.
+    """
+
+
+class ConfigWarning(UserWarning):
+    """An option that is accepted, as torch accepts it, but makes little sense (a momentum
+    outside [0, 1])."""
+
+
 class EmptyBatchError(BatchNormError):
     """Batch statistics were asked of a batch with no values at all."""
 
@@ -74,6 +88,16 @@ class SingleValueError(BatchNormError):
 
 class NonFiniteStatsWarning(RuntimeWarning):
     """A training batch produced NaN or Inf statistics and they were not recorded."""
+
+
+class DatasetError(BatchNormError):
+    """A dataset's files are damaged or hold data the lab cannot train on (a bad header,
+    too few bytes, labels out of range, no samples, NaN or Inf values...)."""
+
+
+class DamagedResultWarning(UserWarning):
+    """A saved lab result is unreadable or has the wrong structure; it is treated as
+    missing (``bnkit lab`` runs the experiment again, ``bnkit report`` leaves it out)."""
 
 
 def format_shape(shape: Iterable[int]) -> str:

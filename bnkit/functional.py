@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from bnkit import distributed, kernels
 from bnkit.errors import (
     ConfigError,
+    ConfigWarning,
+    DeviceMismatchError,
     DTypeError,
     MissingStatsError,
     NonFiniteStatsWarning,
@@ -30,7 +35,7 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
-from bnkit.kernels import express
+from bnkit.kernels import express, gpu
 from bnkit.kernels.activation import check_activation
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
@@ -84,6 +89,10 @@ class Renorm:
     d_max_steps: int = 25000
 
     def __post_init__(self) -> None:
+        for name in ("r_max", "d_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ConfigError(f"Renorm: expected {name} to be a finite number, got {value!r}")
         if not self.r_max >= 1.0:
             raise ConfigError(
                 f"Renorm: expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got {self.r_max}"
@@ -94,8 +103,10 @@ class Renorm:
             )
         for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            count = _integer(value)
+            if count is None or count < 0:
                 raise ConfigError(f"Renorm: expected {name} to be an integer >= 0, got {value!r}")
+            object.__setattr__(self, name, count)
 
     @property
     def scheduled(self) -> bool:
@@ -118,6 +129,70 @@ class Renorm:
 
         r_max = 1.0 + (self.r_max - 1.0) * progress(self.r_max_steps)
         return r_max, self.d_max * progress(self.d_max_steps)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The extras of a batch-norm call, validated once when made: a layer keeps one and
+    makes a new one when a setting changes; :func:`batch_norm` makes one per call.
+
+    The fields are :func:`batch_norm`'s keyword arguments of the same names (see there);
+    ``where`` names the caller in error messages (``"batch_norm"``, ``"BatchNorm2d(64)"``).
+    ``ghost_batch_size`` is stored as an int and ``activation_param`` with its default
+    filled in.
+
+    Raises:
+        ConfigError: an option outside its allowed values.
+    """
+
+    where: str = "batch_norm"
+    running_var_estimator: str = "unbiased"
+    single_sample: str = "raise"
+    skip_nonfinite: bool = True
+    ghost_batch_size: int | None = None
+    renorm: Renorm | None = None
+    sync: bool = False
+    process_group: Any = None
+    activation: str | None = None
+    activation_param: float | None = None
+    memory_efficient: bool = True
+
+    def __post_init__(self) -> None:
+        where = self.where
+        _check_choice(where, "running_var_estimator", self.running_var_estimator,
+                      RUNNING_VAR_ESTIMATORS)  # fmt: skip
+        _check_choice(where, "single_sample", self.single_sample, SINGLE_SAMPLE_MODES)
+        for name in ("skip_nonfinite", "sync", "memory_efficient"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{where}: expected {name} to be True or False, got {getattr(self, name)!r}"
+                )
+        size = check_ghost_batch_size(where, self.ghost_batch_size)
+        object.__setattr__(self, "ghost_batch_size", size)
+        if self.renorm is not None and not isinstance(self.renorm, Renorm):
+            raise ConfigError(
+                f"{where}: expected renorm=bnkit.Renorm(...) or None, got {self.renorm!r}"
+            )
+        param = check_activation(where, self.activation, self.activation_param)
+        object.__setattr__(self, "activation_param", param)
+
+    @property
+    def fused(self) -> kernels.Activation | None:
+        """The activation fused with the normalization, or None."""
+        if self.activation is None:
+            return None
+        return kernels.Activation(self.activation, self.activation_param, self.memory_efficient)
+
+    @property
+    def plain(self) -> bool:
+        """No ghost batches, renorm or sync, and no activation but a plain ReLU: what the
+        express path takes (masks aside, which are per call)."""
+        return (
+            self.ghost_batch_size is None
+            and self.renorm is None
+            and not self.sync
+            and self.activation in (None, "relu")
+        )
 
 
 def batch_norm(
@@ -254,142 +329,111 @@ def batch_norm(
         the unbiased one by default, so eval-mode outputs on the training batch differ
         slightly from training-mode outputs.
     """
-    express_output = try_express(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked,
+    options = Options(
+        "batch_norm",
         running_var_estimator,
         single_sample,
         skip_nonfinite,
-        mask,
         ghost_batch_size,
         renorm,
         sync,
+        process_group,
         activation,
         activation_param,
         memory_efficient,
-        _FUNCTIONAL_MONITOR,
     )
+    call = Call(input, running_mean, running_var, weight, bias, num_batches_tracked, mask)
+    express_output = try_express(call, training, momentum, eps, options, _FUNCTIONAL_MONITOR)
     if express_output is not None:
         return express_output
-    output, recorded = _batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked=num_batches_tracked,
-        running_var_estimator=running_var_estimator,
-        single_sample=single_sample,
-        skip_nonfinite=skip_nonfinite,
-        mask=mask,
-        ghost_batch_size=ghost_batch_size,
-        renorm=renorm,
-        sync=sync,
-        process_group=process_group,
-        activation=activation,
-        activation_param=activation_param,
-        memory_efficient=memory_efficient,
-        where="batch_norm",
-    )
+    output, recorded = _batch_norm(call, training, momentum, eps, options)
     if recorded is not None and not torch.compiler.is_compiling():
         _FUNCTIONAL_MONITOR.observe(recorded, tuple(input.shape))
     return output
 
 
+class Call(NamedTuple):
+    """The tensors of one call: the input, the population statistics and their counter,
+    the affine parameters, and the mask (each but the input may be None)."""
+
+    input: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    num_batches_tracked: Tensor | None
+    mask: Tensor | None
+
+
 def try_express(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
+    call: Call,
     training: bool,
     momentum: float | None,
     eps: float,
-    num_batches_tracked: Tensor | None,
-    running_var_estimator: str,
-    single_sample: str,
-    skip_nonfinite: bool,
-    mask: Tensor | None,
-    ghost_batch_size: int | None,
-    renorm: Renorm | None,
-    sync: bool,
-    activation: str | None,
-    activation_param: float | None,
-    memory_efficient: bool,
+    options: Options,
     monitor: NonFiniteMonitor,
 ) -> Tensor | None:
     """The output of a plain call on a CPU tensor by :mod:`bnkit.kernels.express` (one C
     call each way; a batch the running statistics skipped is reported to ``monitor``), or
     None: then :func:`_batch_norm` runs the general pipeline, which also reports invalid
-    arguments. Plain: no mask, ghost batches, renorm or sync, no activation but ReLU,
-    every option valid."""
-    if not (
-        mask is None
-        and ghost_batch_size is None
-        and renorm is None
-        and sync is False
-        and (activation is None or (activation == "relu" and activation_param is None))
-        and (running_var_estimator == "unbiased" or running_var_estimator == "biased")
-        and single_sample in SINGLE_SAMPLE_MODES
-        and (skip_nonfinite is True or skip_nonfinite is False)
-        and (memory_efficient is True or memory_efficient is False)
-    ):
+    arguments. Plain: no mask (:attr:`Options.plain` for the rest), and the Triton kernels
+    not asked for."""
+    if call.mask is not None or not options.plain or gpu.forced():
         return None
     result = express.batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
+        call.input,
+        call.running_mean,
+        call.running_var,
+        call.weight,
+        call.bias,
         training,
         momentum,
         eps,
-        num_batches_tracked,
-        running_var_estimator == "unbiased",
-        skip_nonfinite,
-        activation == "relu",
+        call.num_batches_tracked,
+        options.running_var_estimator == "unbiased",
+        options.skip_nonfinite,
+        options.activation == "relu",
     )
     if result is None:
         return None
     output, recorded = result
     if recorded is False:
-        monitor.observe(False, tuple(input.shape))
+        monitor.observe(False, tuple(call.input.shape))
     return output
 
 
-def check_options(
-    where: str,
-    *,
-    momentum: float | None,
-    running_var_estimator: str,
-    single_sample: str,
-    skip_nonfinite: bool,
-) -> None:
-    """Raise :class:`ConfigError` for an option outside its allowed values."""
-    if momentum is not None and (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum <= 1
-    ):
+def check_momentum(where: str, momentum: float | None) -> None:
+    """Raise :class:`ConfigError` unless momentum is None or a finite number (torch takes
+    any; :func:`warn_unusual_momentum` says when one outside [0, 1] is used)."""
+    if momentum is not None and (not _is_real(momentum) or not math.isfinite(momentum)):
         raise ConfigError(
-            f"{where}: expected momentum in [0, 1] (the weight of each new batch in the running "
-            f"statistics) or None (cumulative average), got {momentum!r}"
+            f"{where}: expected momentum to be a number in [0, 1] (the weight of each new "
+            f"batch in the running statistics) or None (cumulative average), got {momentum!r}"
         )
-    _check_choice(where, "running_var_estimator", running_var_estimator, RUNNING_VAR_ESTIMATORS)
-    _check_choice(where, "single_sample", single_sample, SINGLE_SAMPLE_MODES)
-    if not isinstance(skip_nonfinite, bool):
-        raise ConfigError(
-            f"{where}: expected skip_nonfinite to be True or False, got {skip_nonfinite!r}"
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (Python's or NumPy's), not a bool; else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
+def warn_unusual_momentum(where: str, momentum: float | None) -> None:
+    """torch accepts any momentum; one outside [0, 1] extrapolates the running statistics
+    past the batch's, which is almost certainly not meant: say so (each time it is used)."""
+    if momentum is not None and not 0 <= momentum <= 1:
+        warnings.warn(
+            f"{where}: momentum={momentum!r} is outside [0, 1]; the running statistics "
+            f"become (1 - momentum) * running + momentum * batch, which extrapolates past "
+            f"the batch's statistics",
+            ConfigWarning,
+            stacklevel=4,
         )
 
 
@@ -415,8 +459,9 @@ def _check_choice(where: str, name: str, value: object, choices: tuple[str, ...]
 
 def _check_input(where: str, input: Tensor, per_channel: dict[str, Tensor | None]) -> None:
     if not isinstance(input, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
-    if input.dim() < 2:
+        raise DTypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    if input.dim() < 2 and not (input.dim() == 1 and input.numel() == 0):
+        # (torch accepts an empty 1D input with empty per-channel tensors: no channels)
         raise ShapeError(
             f"{where}: expected input of shape (N, C) or (N, C, *spatial), "
             f"got {input.dim()}D input of shape {format_shape(input.shape)}"
@@ -426,14 +471,55 @@ def _check_input(where: str, input: Tensor, per_channel: dict[str, Tensor | None
             f"{where}: expected a floating-point input (float16, bfloat16, float32, float64), "
             f"got dtype {input.dtype}"
         )
-    channels = input.shape[1]
+    channels = input.shape[1] if input.dim() > 1 else 0
     for name, tensor in per_channel.items():
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise DTypeError(
+                f"{where}: expected {name} to be a torch.Tensor of shape ({channels},) or None, "
+                f"got {type(tensor).__name__}"
+            )
+        if tensor is not None and not tensor.is_floating_point():
+            raise DTypeError(
+                f"{where}: expected a floating-point {name} (float16, bfloat16, float32, "
+                f"float64), got dtype {tensor.dtype}"
+            )
+        if tensor is not None and tensor.device != input.device:
+            raise DeviceMismatchError(
+                f"{where}: expected {name} on the input's device {input.device}, "
+                f"got {tensor.device}"
+            )
         if tensor is not None and tuple(tensor.shape) != (channels,):
             raise SizeMismatchError(
                 f"{where}: expected {name} of shape ({channels},) to match the {channels} "
                 f"channels of the input of shape {format_shape(input.shape)}, "
                 f"got shape {format_shape(tensor.shape)}"
             )
+
+
+def _check_counter(where: str, input: Tensor, num_batches_tracked: object) -> None:
+    """num_batches_tracked: None, or a one-element integer tensor on the input's device."""
+    if num_batches_tracked is None:
+        return
+    if not isinstance(num_batches_tracked, Tensor):
+        raise DTypeError(
+            f"{where}: expected num_batches_tracked to be a 0-d integer tensor or None, "
+            f"got {type(num_batches_tracked).__name__}"
+        )
+    if num_batches_tracked.is_floating_point() or num_batches_tracked.is_complex():
+        raise DTypeError(
+            f"{where}: expected an integer num_batches_tracked, got dtype "
+            f"{num_batches_tracked.dtype}"
+        )
+    if num_batches_tracked.numel() != 1:
+        raise ShapeError(
+            f"{where}: expected num_batches_tracked to hold one count (shape ()), got shape "
+            f"{format_shape(num_batches_tracked.shape)}"
+        )
+    if num_batches_tracked.device != input.device:
+        raise DeviceMismatchError(
+            f"{where}: expected num_batches_tracked on the input's device {input.device}, "
+            f"got {num_batches_tracked.device}"
+        )
 
 
 def _given(tensor: Tensor | None) -> str:
@@ -451,61 +537,44 @@ def _single_value_message(where: str, shape: tuple[int, ...]) -> str:
 
 
 def _batch_norm(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
+    call: Call,
     training: bool,
     momentum: float | None,
     eps: float,
-    *,
-    num_batches_tracked: Tensor | None,
-    running_var_estimator: str,
-    single_sample: str,
-    skip_nonfinite: bool,
-    mask: Tensor | None = None,
-    ghost_batch_size: int | None = None,
-    renorm: Renorm | None = None,
+    options: Options,
     deferred: list[kernels.BatchStats] | None = None,
-    sync: bool = False,
-    process_group: Any = None,
-    activation: str | None = None,
-    activation_param: float | None = None,
-    memory_efficient: bool = True,
-    where: str,
 ) -> kernels.BatchNormResult:
-    """:func:`batch_norm` with errors attributed to ``where`` (a layer's name), returning
-    whether the running statistics recorded the batch instead of warning about it, and
-    appending the batch's statistics to ``deferred`` instead of updating, when given."""
+    """:func:`batch_norm` with validated ``options``, returning whether the running
+    statistics recorded the batch instead of warning about it, and appending the batch's
+    statistics to ``deferred`` instead of updating, when given."""
+    input, running_mean, running_var, weight, bias, num_batches_tracked, mask = call
+    where = options.where
     _check_input(
         where,
         input,
         {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
     )
-    check_options(
-        where,
-        momentum=momentum,
-        running_var_estimator=running_var_estimator,
-        single_sample=single_sample,
-        skip_nonfinite=skip_nonfinite,
-    )
+    _check_counter(where, input, num_batches_tracked)
+    check_momentum(where, momentum)
     if (running_mean is None) != (running_var is None):
         raise ConfigError(
             f"{where}: expected running_mean and running_var both given or both None, got "
             f"running_mean={_given(running_mean)}, running_var={_given(running_var)}"
         )
-    check_ghost_batch_size(where, ghost_batch_size)
     if mask is not None:
         _check_mask(where, input, mask)
-    fused = fused_activation(where, activation, activation_param, memory_efficient)
-    if renorm is not None and not isinstance(renorm, Renorm):
-        raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
+    fused = options.fused
+    single_sample, ghost_batch_size = options.single_sample, options.ghost_batch_size
+    renorm = options.renorm
     shape = tuple(input.shape)
     use_batch_stats = bool(training)
     update = use_batch_stats and (running_mean is not None or running_var is not None)
     # Synchronized statistics: only in training, only with someone to talk to.
-    group = distributed.active_group(process_group) if sync and use_batch_stats else None
+    group = (
+        distributed.active_group(options.process_group)
+        if options.sync and use_batch_stats
+        else None
+    )
 
     values_per_channel = math.prod((shape[0], *shape[2:]))
     if use_batch_stats and values_per_channel == 1 and group is None:
@@ -529,6 +598,8 @@ def _batch_norm(
             f"{where}: expected running_mean and running_var when normalizing with population "
             f"statistics (training=False), got None"
         )
+    if update and deferred is None:
+        warn_unusual_momentum(where, momentum)
     if update and momentum is None and num_batches_tracked is None:
         raise ConfigError(
             f"{where}: momentum=None (cumulative average) needs num_batches_tracked to know "
@@ -542,8 +613,10 @@ def _batch_norm(
         if update and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        view = [1, shape[1]] + [1] * (input.dim() - 2)
         output = input.clone()
+        if input.dim() < 2:  # no channels: nothing to scale
+            return kernels.BatchNormResult(output, None)
+        view = [1, shape[1]] + [1] * (input.dim() - 2)
         if weight is not None:
             output = output * weight.to(input.dtype).view(view)
         if bias is not None:
@@ -582,8 +655,8 @@ def _batch_norm(
         momentum=momentum,
         eps=float(eps),
         num_batches_tracked=num_batches_tracked if update else None,
-        unbiased=running_var_estimator == "unbiased",
-        skip_nonfinite=skip_nonfinite,
+        unbiased=options.running_var_estimator == "unbiased",
+        skip_nonfinite=options.skip_nonfinite,
         mask=mask,
         chunks=chunks,
         renorm_limits=renorm_limits,
@@ -592,20 +665,6 @@ def _batch_norm(
         few_values=few_values,
         activation=fused,
     )
-
-
-def fused_activation(
-    where: str, activation: str | None, activation_param: float | None, memory_efficient: bool
-) -> kernels.Activation | None:
-    """Validate the activation options; None when there is no activation."""
-    param = check_activation(where, activation, activation_param)
-    if not isinstance(memory_efficient, bool):
-        raise ConfigError(
-            f"{where}: expected memory_efficient to be True or False, got {memory_efficient!r}"
-        )
-    if activation is None:
-        return None
-    return kernels.Activation(activation, param, memory_efficient)
 
 
 def _global_mode(
@@ -624,17 +683,20 @@ def _global_mode(
     return single_sample
 
 
-def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> None:
-    """Raise :class:`ConfigError` unless ghost_batch_size is None or an integer >= 1."""
+def check_ghost_batch_size(where: str, ghost_batch_size: int | None) -> int | None:
+    """ghost_batch_size as an int (NumPy integers accepted) or None; :class:`ConfigError`
+    unless it is None or an integer >= 1."""
     if ghost_batch_size is None:
-        return
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+        return None
+    size = _integer(ghost_batch_size)
+    if size is None:
         raise ConfigError(
             f"{where}: expected ghost_batch_size to be an integer >= 1 or None, "
             f"got {ghost_batch_size!r}"
         )
-    if ghost_batch_size < 1:
-        raise ConfigError(f"{where}: expected ghost_batch_size >= 1, got {ghost_batch_size}")
+    if size < 1:
+        raise ConfigError(f"{where}: expected ghost_batch_size >= 1, got {size}")
+    return size
 
 
 def _check_mask(where: str, input: Tensor, mask: Tensor) -> None:
@@ -767,6 +829,8 @@ class NonFiniteMonitor:
         if isinstance(recorded, bool):  # known on the host already
             if not recorded:
                 self._warn(shape)
+        elif not _holds_values(recorded):  # meta / fake tensors: nothing to read
+            return
         elif recorded.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(recorded, non_blocking=True)
@@ -813,6 +877,14 @@ class NonFiniteMonitor:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pending = []
+
+
+def _holds_values(t: Tensor) -> bool:
+    """Whether ``t`` has data to read: not a meta tensor (a model built before its weights
+    are loaded), not a fake one (tracing by torch.export and torch.compile)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
 
 
 _FUNCTIONAL_MONITOR = NonFiniteMonitor("batch_norm", once=False)

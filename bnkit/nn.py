@@ -37,21 +37,35 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import kernels
-from bnkit.errors import ConfigError, ShapeError, SizeMismatchError, format_shape
+from bnkit.errors import ConfigError, DTypeError, ShapeError, SizeMismatchError, format_shape
 from bnkit.functional import (
+    Call,
     NonFiniteMonitor,
+    Options,
     Renorm,
     _batch_norm,
     check_eps,
-    check_ghost_batch_size,
-    check_options,
-    fused_activation,
+    check_momentum,
     try_express,
 )
 from bnkit.kernels import BatchStats
 from bnkit.kernels.activation import default_param
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]
+
+#: The settings a layer passes to every call as :class:`Options`, in its field order.
+OPTION_NAMES = (
+    "running_var_estimator",
+    "single_sample",
+    "skip_nonfinite",
+    "ghost_batch_size",
+    "renorm",
+    "sync",
+    "process_group",
+    "activation",
+    "activation_param",
+    "memory_efficient",
+)
 
 # Recent torch releases give the batch norm layers a keyword-only ``bias`` argument; with
 # an older torch it is emulated by removing the bias parameter after construction.
@@ -205,16 +219,27 @@ class BatchNormNd(_BatchNorm):
         # eps = 0 is accepted here, as torch does: it is valid in eval mode. A negative
         # eps is rejected now because no forward could ever use it.
         check_eps(where, eps, use_batch_stats=False)
-        check_options(
+        check_momentum(where, momentum)
+        options = Options(
             where,
-            momentum=momentum,
-            running_var_estimator=running_var_estimator,
-            single_sample=single_sample,
-            skip_nonfinite=skip_nonfinite,
+            running_var_estimator,
+            single_sample,
+            skip_nonfinite,
+            ghost_batch_size,
+            renorm,
+            sync,
+            process_group,
+            activation,
+            activation_param,
+            memory_efficient,
         )
-        check_ghost_batch_size(where, ghost_batch_size)
-        if renorm is not None and not isinstance(renorm, Renorm):
-            raise ConfigError(f"{where}: expected renorm=bnkit.Renorm(...) or None, got {renorm!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise DTypeError(
+                f"{where}: expected a floating-point dtype for the parameters and running "
+                f"statistics (float16, bfloat16, float32, float64), got {dtype!r}"
+            )
+        if not isinstance(frozen, bool):
+            raise ConfigError(f"{where}: expected frozen to be True or False, got {frozen!r}")
         if renorm is not None and not track_running_stats:
             raise ConfigError(
                 f"{where}: renorm corrects the batch statistics towards the running ones, "
@@ -235,19 +260,10 @@ class BatchNormNd(_BatchNorm):
             )
             if affine and not bias:
                 self.register_parameter("bias", None)
-        self.running_var_estimator = running_var_estimator
-        self.single_sample = single_sample
-        self.skip_nonfinite = skip_nonfinite
-        self.renorm = renorm
-        self.ghost_batch_size = ghost_batch_size
-        if not isinstance(sync, bool):
-            raise ConfigError(f"{where}: expected sync to be True or False, got {sync!r}")
-        self.sync = sync
-        self.process_group = process_group
-        fused = fused_activation(where, activation, activation_param, memory_efficient)
-        self.activation = activation
-        self.activation_param = None if fused is None else fused.param
-        self.memory_efficient = memory_efficient
+        # The settings stay attributes (as torch's layer keeps its own), each validated in
+        # ``options``; setting one makes the next forward validate them again.
+        for name in OPTION_NAMES:
+            setattr(self, name, getattr(options, name))
         self.frozen = False
         # Statistics of the micro-batches seen inside accumulate_stats(), else None.
         self._deferred: list[BatchStats] | None = None
@@ -287,6 +303,10 @@ class BatchNormNd(_BatchNorm):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise DTypeError(
+                f"{self._where()}: expected a torch.Tensor input, got {type(input).__name__}"
+            )
         if input.dim() not in self.input_layouts:
             expected = " or ".join(
                 f"{rank}D input {layout}" for rank, layout in self.input_layouts.items()
@@ -335,58 +355,37 @@ class BatchNormNd(_BatchNorm):
             momentum = self.momentum
             if momentum is None and num_batches_tracked is None:
                 momentum = 0.0  # torch's factor when there is no counter to average with
+        options = self.options
+        call = Call(
+            input, running_mean, running_var, self.weight, self.bias, num_batches_tracked, mask
+        )
         if self._deferred is None:
             express_output = try_express(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                training,
-                momentum,
-                self.eps,
-                num_batches_tracked,
-                self.running_var_estimator,
-                self.single_sample,
-                self.skip_nonfinite,
-                mask,
-                self.ghost_batch_size,
-                self.renorm,
-                self.sync,
-                self.activation,
-                self.activation_param,
-                self.memory_efficient,
-                self._nonfinite_monitor,
+                call, training, momentum, self.eps, options, self._nonfinite_monitor
             )
             if express_output is not None:
                 return express_output
         output, recorded = _batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            training,
-            momentum,
-            self.eps,
-            num_batches_tracked=num_batches_tracked,
-            running_var_estimator=self.running_var_estimator,
-            single_sample=self.single_sample,
-            skip_nonfinite=self.skip_nonfinite,
-            mask=mask,
-            ghost_batch_size=self.ghost_batch_size,
-            renorm=self.renorm,
-            deferred=self._deferred,
-            sync=self.sync,
-            process_group=self.process_group,
-            activation=self.activation,
-            activation_param=self.activation_param,
-            memory_efficient=self.memory_efficient,
-            where=self._where(),
+            call, training, momentum, self.eps, options, deferred=self._deferred
         )
         if recorded is not None and not torch.compiler.is_compiling():
             self._nonfinite_monitor.observe(recorded, tuple(input.shape))
         return output
+
+    @property
+    def options(self) -> Options:
+        """This layer's extras as one validated :class:`bnkit.functional.Options`, made
+        again after any of them is set (raising :class:`ConfigError` for a bad value)."""
+        options = self.__dict__.get("_options")
+        if options is None:
+            options = Options(self._where(), *(getattr(self, name) for name in OPTION_NAMES))
+            self.__dict__["_options"] = options
+        return options
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in OPTION_NAMES:
+            self.__dict__.pop("_options", None)
 
     def _record(self, stats: BatchStats) -> None:
         """Fold statistics gathered elsewhere (accumulated micro-batches) into the running

@@ -218,20 +218,38 @@ class Kernel(Protocol):
 
 
 def select_kernel(x: Tensor) -> Kernel:
-    """The kernel for this input: the fast CPU kernel (:mod:`.cpu`) for CPU float32 and
-    float64 tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`),
-    else the portable kernel. The CPU kernel hands masks and process groups to the
-    portable one itself.
+    """The kernel for this input: the Triton kernel (:mod:`.gpu`) for CUDA tensors where
+    Triton is installed, the fast CPU kernel (:mod:`.cpu`) for CPU float32 and float64
+    tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`), else the
+    portable kernel, whose autograd functions have vmap and forward-mode rules
+    (every call inside a torch.func transform takes it). The CPU kernel hands masks and
+    process groups to the portable one itself.
 
     Example:
         >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
         'PortableKernel'
     """
-    from bnkit.kernels import cpu, portable
+    from bnkit.kernels import cpu, gpu, portable
 
+    if _triton_takes(x):
+        return gpu.KERNEL
     if cpu.supports(x):
         return cpu.KERNEL
     return portable.KERNEL
+
+
+def _triton_takes(x: Tensor) -> bool:
+    """Whether :mod:`.gpu`'s Triton kernels take ``x``: a CUDA tensor (or any tensor with
+    ``BNKIT_KERNEL=triton``, which the tests use with ``TRITON_INTERPRET=1``) in eager mode,
+    outside torch.func transforms, with Triton installed. Under torch.compile the portable
+    kernel's operations are compiled instead."""
+    from bnkit.kernels import gpu
+
+    if not (x.is_cuda or gpu.forced()) or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return gpu.available() and gpu.supports(x)
 
 
 class BatchNormResult(NamedTuple):

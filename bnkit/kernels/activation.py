@@ -17,22 +17,31 @@ x_hat = (z - beta) / gamma:
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bnkit.errors import ConfigError, format_choices
 
 __all__ = [
     "ACTIVATIONS",
+    "INVERSION_LIMIT",
     "activate",
     "check_activation",
     "default_param",
+    "invertible",
     "preactivation_and_slope",
     "saves_output",
 ]
 
 #: The activations batch norm can be fused with.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+
+#: A channel whose |beta| is this many times its |gamma| (gamma = 0 included) makes
+#: x_hat = (z - beta) / gamma lose more than 3 digits: the fused layer keeps its input.
+INVERSION_LIMIT = 1e3
 
 
 def default_param(name: str | None) -> float | None:
@@ -57,11 +66,11 @@ def check_activation(where: str, name: str | None, param: float | None) -> float
         return None
     value = default_param(name) if param is None else param
     assert value is not None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         what = "negative slope" if name == "leaky_relu" else "alpha"
         raise ConfigError(
-            f"{where}: expected activation_param (the {what} of {name}) > 0, got {value!r}; "
-            f"a positive value keeps the activation invertible"
+            f"{where}: expected activation_param (the {what} of {name}) > 0 and finite, "
+            f"got {value!r}; a positive value keeps the activation invertible"
         )
     return float(value)
 
@@ -74,13 +83,44 @@ def activate(z: Tensor, name: str, param: float | None) -> Tensor:
         return torch.relu(z)
     assert param is not None
     if name == "leaky_relu":
-        return torch.where(z > 0, z, z * param)
-    return torch.where(z > 0, z, torch.expm1(z) * param)  # elu
+        return F.leaky_relu(z, param)
+    # torch's elu: its gradient is finite for any z (a torch.where of both branches would
+    # back-propagate 0 * inf where expm1 overflows in the branch not taken)
+    return F.elu(z, param)
 
 
 def saves_output(name: str) -> bool:
     """Whether the memory-efficient backward can work from the output y (invertible)."""
     return name != "relu"
+
+
+def invertible(
+    output: Tensor, weight: Tensor | None, bias: Tensor | None, name: str, param: float | None
+) -> bool:
+    """Whether the backward pass can recover x_hat from the saved ``output`` to working
+    precision; where it cannot, the fused layer keeps its input for that call (exact).
+
+    Two things break the inversion x_hat = (act^-1(y) - beta) / gamma:
+
+    - a channel with gamma = 0, or |beta| >= ``INVERSION_LIMIT`` * |gamma|: the division
+      loses more than 3 digits;
+    - an elu output within sqrt(eps) (relative, in the output's dtype) of its floor
+      -alpha: z = log1p(y / alpha) keeps less than half its digits there, and is -inf
+      where y rounds to -alpha exactly (z below about -17 in float32, -5.5 in bfloat16),
+      which would make the channel's gradients NaN.
+
+    One host synchronization when a check runs on an accelerator.
+    """
+    if weight is not None:
+        limit = INVERSION_LIMIT * weight.detach().abs()
+        magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
+        if bool((limit <= magnitude).any()):
+            return False
+    if name == "elu":
+        assert param is not None
+        floor = -param * (1.0 - math.sqrt(torch.finfo(output.dtype).eps))
+        return not bool((output.detach() <= floor).any())
+    return True
 
 
 def preactivation_and_slope(saved: Tensor, name: str, param: float | None) -> tuple[Tensor, Tensor]:

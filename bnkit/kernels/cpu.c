@@ -618,7 +618,8 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
         return;
     }
     double valid = 0.0;
-    for (i64 i = 0; i < NL; ++i) valid += (double)mask[i];
+    /* any nonzero byte is True (a bool view of other bytes), as torch reads a mask */
+    for (i64 i = 0; i < NL; ++i) valid += mask[i] != 0;
     const i64 n_first = first / L, l_first = first % L;
     i64 R = N * C, P = nt < 1 ? 1 : nt;
     if (P > R) P = R;

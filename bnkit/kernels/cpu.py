@@ -31,8 +31,9 @@ Passes over memory (a pass reads or writes the tensor once):
   memory-efficient form saves only the output y (and O(C) vectors) and recovers, per value,
   z = act^-1(y), act'(z) from y and x_hat = (z - bias) / gamma (the division folded into
   per-channel coefficients), as :class:`portable._NormalizeActivate` does; with
-  ``memory_efficient=False``, or a channel whose |beta| >= ``INVERSION_LIMIT`` * |gamma|
-  (gamma = 0 included), it saves x and recomputes z from it bit for bit.
+  ``memory_efficient=False``, or where :func:`bnkit.kernels.activation.invertible` says
+  the output does not give x_hat back (gamma = 0, |beta| >> |gamma|, a saturated elu), it
+  saves x and recomputes z from it bit for bit.
 
 The loops are C (``cpu.c``, compiled once by :mod:`bnkit.kernels.native`), parallel over
 channels, or over blocks of rows when there are few channels, on
@@ -53,6 +54,7 @@ import torch
 from torch import Tensor
 
 from bnkit.kernels import BatchStats, native, outputs, portable
+from bnkit.kernels import activation as act
 
 __all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
 
@@ -93,7 +95,9 @@ def supports(x: Tensor) -> bool:
         return False
     if x.numel() < SMALL_THRESHOLD or torch.compiler.is_compiling():
         return False
-    if _is_functorch_wrapped(x):
+    # Inside a torch.func transform any of the call's tensors may be a wrapper (a weight
+    # stacked for model ensembling, say), which the C loops cannot read.
+    if _is_functorch_wrapped(x) or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     if x.is_contiguous():
         # layout(x) is not None for any contiguous tensor of rank >= 2
@@ -166,6 +170,7 @@ _LOOP_SIGNATURES: dict[str, list[type]] = {
 }
 #: The activations the fused loops implement (their codes in ``cpu.c``); relu has its own.
 _ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
+_ACTIVATION_NAMES = {code: name for name, code in _ACTIVATION_CODES.items()}
 
 
 def _call(name: str, x: Tensor, *args: Any) -> Any:
@@ -510,6 +515,9 @@ class _FastNormalizeActivate(torch.autograd.Function):
     ) -> Tensor:
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         y = _affine_activate(x, shift, alpha, beta, code, param)
+        if not save_input:
+            name = _ACTIVATION_NAMES[code]
+            save_input = not act.invertible(y, weight, bias, name, param)
         if save_input:
             ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count)
         else:
@@ -658,13 +666,7 @@ class CpuKernel(portable.PortableKernel):
                 x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count
             )
             return output
-        save_input = not memory_efficient
-        if not save_input and weight is not None:
-            # The portable kernel's rule: gamma = 0, or tiny next to beta, makes
-            # x_hat = (z - beta) / gamma inexact; this call then keeps its input.
-            limit = portable.INVERSION_LIMIT * weight.detach().abs()
-            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
-            save_input = bool((limit <= magnitude).any())
+        save_input = not memory_efficient  # or, decided from the output: not invertible
         output = _FastNormalizeActivate.apply(  # type: ignore[no-untyped-call]
             x,
             weight,

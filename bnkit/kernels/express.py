@@ -351,20 +351,23 @@ class _ExpressBatchNorm(torch.autograd.Function):
         y = _empty_like(x)
         saved = _empty(5 * call.channels, dtype=_COMPUTE[x.dtype])
         call.forward(_FORWARD[x.dtype], x, y, weight, bias, saved)
-        ctx.save_for_backward(x, weight, saved)
+        # In eval the population statistics are saved too, as torch saves them: changing
+        # them in place before the backward pass then raises autograd's error instead of
+        # giving a double backward the changed values.
+        population = () if call.training else (call.running_mean, call.running_var)
+        ctx.save_for_backward(x, weight, saved, *population)
         ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, saved = ctx.saved_tensors
+        x, weight, saved, *population = ctx.saved_tensors
         call: _Call = ctx.call
         if _grad_enabled():
+            running_mean, running_var = population or (None, None)
             return (
                 *_double_backward(
-                    x, weight, grad_output,
-                    None if call.training else call.running_mean,
-                    None if call.training else call.running_var,
+                    x, weight, grad_output, running_mean, running_var,
                     call.eps, call.training, call.relu, *ctx.needs_input_grad[1:3],
                 ),
                 None,

@@ -107,7 +107,13 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         at::Tensor y = at::empty_like(x);
         at::Tensor saved = at::empty({5 * call->channels}, x.options());
         call->recorded = forward_call(*call, x, y, weight, bias, saved);
-        ctx->save_for_backward({x, weight, saved});
+        // In eval the population statistics are saved too, as torch saves them: changing
+        // them in place before the backward pass then raises autograd's error instead of
+        // giving a double backward the changed values.
+        if (call->training)
+            ctx->save_for_backward({x, weight, saved});
+        else
+            ctx->save_for_backward({x, weight, saved, call->running_mean, call->running_var});
         ctx->saved_data["has_weight"] = weight.defined();
         ctx->saved_data["has_bias"] = bias.defined();
         ctx->saved_data["kind"] = call->kind;
@@ -118,10 +124,6 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         ctx->saved_data["relu"] = call->relu;
         ctx->saved_data["threads"] = (int64_t)call->threads;
         ctx->saved_data["eps"] = call->eps;
-        if (!call->training) {  // the population statistics, for a double backward
-            ctx->saved_data["running_mean"] = call->running_mean;
-            ctx->saved_data["running_var"] = call->running_var;
-        }
         return y;
     }
 
@@ -137,7 +139,8 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         const bool need_w = has_weight && ctx->needs_input_grad(1);
         const bool need_b = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
         if (at::GradMode::is_enabled())
-            return differentiable(ctx, x, weight, g, training, relu, need_w, need_b);
+            return differentiable(saved_vars, ctx->saved_data["eps"].toDouble(), g, training,
+                                  relu, need_w, need_b);
         const int64_t channels = ctx->saved_data["channels"].toInt();
         if (g.scalar_type() != x.scalar_type() || !g.strides().equals(x.strides())) {
             g = g.to(x.scalar_type());  // in x's layout, as the loops read it
@@ -159,15 +162,17 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
     }
 
     // Gradients that are themselves differentiable: Python's express._double_backward.
-    static variable_list differentiable(AutogradContext *ctx, const at::Tensor &x,
-                                        const at::Tensor &weight, const at::Tensor &g,
-                                        bool training, bool relu, bool need_w, bool need_b) {
+    // saved_vars: x, weight, the 5 * C values, and in eval the population statistics.
+    static variable_list differentiable(const variable_list &saved_vars, double eps,
+                                        const at::Tensor &g, bool training, bool relu,
+                                        bool need_w, bool need_b) {
+        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1];
         PyGILState_STATE gil = PyGILState_Ensure();
         variable_list result;
         PyObject *mean = Py_None, *var = Py_None;
         if (!training) {
-            mean = THPVariable_Wrap(ctx->saved_data["running_mean"].toTensor());
-            var = THPVariable_Wrap(ctx->saved_data["running_var"].toTensor());
+            mean = THPVariable_Wrap(saved_vars[3]);
+            var = THPVariable_Wrap(saved_vars[4]);
         } else {
             Py_INCREF(mean);
             Py_INCREF(var);
@@ -175,7 +180,7 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         PyObject *w = weight.defined() ? THPVariable_Wrap(weight) : (Py_INCREF(Py_None), Py_None);
         PyObject *out = PyObject_CallFunction(
             double_backward, "NNNNNdOOOO", THPVariable_Wrap(x), w, THPVariable_Wrap(g), mean,
-            var, ctx->saved_data["eps"].toDouble(), training ? Py_True : Py_False,
+            var, eps, training ? Py_True : Py_False,
             relu ? Py_True : Py_False, need_w ? Py_True : Py_False, need_b ? Py_True : Py_False);
         if (out == nullptr) {
             python_error error;

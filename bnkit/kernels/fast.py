@@ -77,6 +77,14 @@ def start() -> None:
     if target is None:
         _READY.set()
         return
+    # Announced, since it may outlive this process (it finishes and fills the cache).
+    print(
+        f"bnkit: building the C++ express path with {_state['compiler']} in the background "
+        f"into {target.parent} (about a minute, once; the Python path serves meanwhile; "
+        f"`bnkit build` does it ahead of time, BNKIT_NATIVE_CXX=0 turns it off)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:  # spawned now, not by the thread: an exiting interpreter stops its threads
         process = subprocess.Popen(
             [sys.executable, "-m", "bnkit.kernels.fast", str(target), _state["compiler"]],
@@ -170,7 +178,8 @@ def _build(target: Path, compiler: str) -> None:
         RuntimeError: the compiler failed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # never through a link
+    with os.fdopen(os.open(target.with_suffix(".lock"), flags, 0o600), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return
@@ -181,6 +190,7 @@ def _build(target: Path, compiler: str) -> None:
             )
             if result.returncode != 0:
                 raise RuntimeError(f"build failed: {result.stderr.strip()[-2000:]}")
+            os.chmod(partial, 0o700)  # whatever the umask: private, as _load expects
             os.replace(partial, target)
 
 
@@ -208,6 +218,10 @@ def _load(target: Path) -> None:
     lib = native.library()
     if lib is None:
         _state["error"] = "no C library"
+        return
+    unsafe = native.unsafe_reason(target, directory=False)
+    if unsafe is not None:  # code someone else could have written: never imported
+        _state["error"] = f"not loading {target.name}: {unsafe}"
         return
     try:
         spec = importlib.util.spec_from_file_location(_NAME, target)

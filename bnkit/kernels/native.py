@@ -7,7 +7,15 @@ library is cached under ``$BNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnkit``, el
 ``~/.cache/bnkit``, keyed by a hash of the source, the compiler, the flags and the CPU, so a
 later process loads it without compiling. Set ``BNKIT_NATIVE=0`` to disable it (bnkit then
 uses the portable kernel everywhere). When no compiler is found or the build fails, the
-library is unavailable and the portable kernel is used; :func:`load_error` says why.
+library is unavailable and the portable kernel is used: one :class:`NativeUnavailableWarning`
+per process says why (also :func:`load_error`).
+
+The cache is code that this process will run, so it is trusted only when no one else can
+write it: a cache directory, or a library in it, owned by another user or writable by
+group or others is refused with a warning, and a private directory is used instead. A
+build runs under a lock (concurrent processes build once), prints one line to stderr,
+and records the library's SHA-256 beside it; a library that does not match its record
+(a truncated or damaged file) is rebuilt rather than loaded.
 
 On loading, the library is told the size of the last-level cache: passes that move more
 bytes than that write their outputs with streaming stores (:func:`set_stream_bytes`).
@@ -16,18 +24,23 @@ bytes than that write their outputs with streaming stores (:func:`set_stream_byt
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 __all__ = [
     "FLAGS",
+    "NativeUnavailableWarning",
     "build_seconds",
     "cache_dir",
     "last_level_cache_bytes",
@@ -102,13 +115,78 @@ _SIGNATURES: dict[str, list[type]] = {
 _RETURNS_INT = ("bn_update_running", "bn_forward")
 
 
-def cache_dir() -> Path:
-    """Where the compiled library is kept."""
+class NativeUnavailableWarning(RuntimeWarning):
+    """The native CPU loops cannot be used in this process; the portable kernel (several
+    times slower on CPU) runs instead."""
+
+
+def _configured_cache_dir() -> Path:
     explicit = os.environ.get("BNKIT_CACHE_DIR")
     if explicit:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "bnkit"
+
+
+def unsafe_reason(path: Path, *, directory: bool) -> str | None:
+    """Why code kept at ``path`` could have been written by someone else (None: it could
+    not): a symbolic link, another owner, or write permission for group or others."""
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        return f"cannot inspect {path}: {error.strerror}"
+    kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    if not kind_ok:
+        return f"{path} is not a {'directory' if directory else 'regular file'}"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where the compiled code is kept: ``$BNKIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/bnkit``, else ``~/.cache/bnkit``, created private (mode 700); if
+    that directory is not safe (:func:`unsafe_reason`), a private temporary one, with a
+    warning."""
+    cached = _state.get("cache_dir")
+    if isinstance(cached, Path):
+        return cached
+    path = _configured_cache_dir()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = unsafe_reason(path, directory=True)
+    except OSError as error:
+        reason = f"cannot create {path}: {error.strerror}"
+    if reason is not None:
+        fallback = Path(tempfile.mkdtemp(prefix="bnkit-cache-"))
+        warnings.warn(
+            f"bnkit: not using the cache directory for compiled code: {reason}; compiled "
+            f"code could be replaced by another user. Using {fallback} for this process "
+            f"(set BNKIT_CACHE_DIR to a directory only you can write)",
+            NativeUnavailableWarning,
+            stacklevel=2,
+        )
+        path = fallback
+    _state["cache_dir"] = path
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` is a safe, complete build: a private regular file whose SHA-256
+    matches the record written when it was built."""
+    record = target.with_name(target.name + ".sha256")
+    if unsafe_reason(target, directory=False) or unsafe_reason(record, directory=False):
+        return False
+    try:
+        return record.read_text().strip() == _digest(target)
+    except OSError:
+        return False
 
 
 def _cpu_model() -> str:
@@ -131,7 +209,7 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    """Compile ``cpu.c`` into the cache (atomically: concurrent processes may race)."""
+    """The library in the cache, compiled first if it is missing or damaged."""
     source = _SOURCE.read_bytes()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
@@ -140,9 +218,29 @@ def _build(compiler: str) -> Path:
         b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"bnkit_cpu_{key}.so"
-    if target.exists():
+    if _intact(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per cache entry: the others wait and then find it built.
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    lock = os.open(target.with_name(target.name + ".lock"), flags, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _intact(target):
+            _compile(compiler, target)
+    finally:
+        os.close(lock)
+    return target
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile ``cpu.c`` into ``target`` and record its SHA-256 (each file written to a
+    temporary name first, then renamed: a reader never sees a partial file)."""
+    print(
+        f"bnkit: compiling the native CPU kernels with {compiler} into {target.parent} "
+        f"(once per machine and compiler; about 10 s)",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
@@ -172,9 +270,13 @@ def _build(compiler: str) -> Path:
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed to link {_SOURCE.name}: {result.stderr.strip()}")
+        record = Path(tmp) / "digest"
+        record.write_text(_digest(partial) + "\n")
+        os.chmod(partial, 0o700)  # whatever the umask: private, as _intact expects
+        os.chmod(record, 0o600)
         os.replace(partial, target)
+        os.replace(record, target.with_name(target.name + ".sha256"))
     _state["build_seconds"] = time.perf_counter() - start
-    return target
 
 
 def library() -> ctypes.CDLL | None:
@@ -213,6 +315,13 @@ def library() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _state["error"] = str(error)
             lib = None
+            if os.environ.get("BNKIT_NATIVE", "1") != "0":  # asked for: nothing to say
+                warnings.warn(
+                    f"bnkit: the native CPU kernels are unavailable ({error}); the portable "
+                    f"kernel runs instead, several times slower on CPU",
+                    NativeUnavailableWarning,
+                    stacklevel=3,
+                )
         _state["library"] = lib
         return lib
 

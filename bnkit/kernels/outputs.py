@@ -151,7 +151,11 @@ def empty_like(x: Tensor, memory_format: torch.memory_format = torch.preserve_fo
     with _POOL.lock:
         mapping = _take(nbytes, time.monotonic())
         flat = _frombuffer(mapping.buffer, dtype=x.dtype)
-    return flat.as_strided(x.shape, strides)
+    # A tensor of its own on the mapping's storage, not a view of ``flat``: autograd
+    # refuses in-place changes (ReLU(inplace=True), ``out += identity``) to a view made
+    # inside a custom Function, and torch's own outputs are not views either.
+    output = torch.empty((0,), dtype=x.dtype)
+    return output.set_(flat.untyped_storage(), 0, x.shape, strides)
 
 
 def release() -> int:

@@ -55,7 +55,10 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 def _output_memory_format(x: Tensor) -> torch.memory_format:
     """The memory format torch's batch norm gives its output: channels-last for a
-    channels-last 4D or 5D input, contiguous for anything else."""
+    channels-last 4D or 5D input, contiguous for anything else (and inside torch.func
+    transforms, which cannot query other memory formats of their tensors)."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return torch.contiguous_format
     if (
         x.dim() == 4
         and not x.is_contiguous()
@@ -69,6 +72,19 @@ def _output_memory_format(x: Tensor) -> torch.memory_format:
     ):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def _in_place(*operands: Tensor) -> bool:
+    """Whether a tensor made inside this kernel may be reused in place: not under a
+    torch.func transform or with a batched ``operand`` (batched gradients), where it may
+    be unbatched while what it is combined with is batched."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch = torch._C._functorch
+    return functorch.peek_interpreter_stack() is None and not any(
+        functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
+        for t in operands
+    )
 
 
 def _affine_terms(
@@ -88,9 +104,11 @@ def _two_pass_moments(
     """Per-channel mean and biased variance: the mean first, then the mean squared deviation
     from it (exact two-pass; several times faster than torch.var_mean's Welford on CPU)."""
     mean = shifted.mean(dims)  # (C,)
-    deviation = shifted - mean.view(view)  # (N, C, *)
+    # in place: the caller's scratch becomes the deviations (no second input-sized tensor)
+    reuse = in_place and _in_place()
+    deviation = shifted.sub_(mean.view(view)) if reuse else shifted - mean.view(view)
     # mul_ rather than square_: square_ has no vmap batching rule.
-    squared = deviation.mul_(deviation) if in_place else deviation * deviation
+    squared = deviation.mul_(deviation) if reuse else deviation * deviation
     return mean, squared.mean(dims)
 
 
@@ -177,13 +195,19 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
     ) -> Tensor:
         view = _channel_view(x)
         alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
-        y = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
+        # x - shift is the one new tensor; scaling and shifting it in place keeps a single
+        # input-sized tensor alive, as torch's kernel does
+        if _in_place():
+            y = (x - shift.view(view)).mul_(alpha.view(view)).add_(beta.view(view))
+        else:
+            y = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
         return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group = inputs
         ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
+        ctx.save_for_forward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.eps = eps
         ctx.group = group
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -209,13 +233,78 @@ class _NormalizeWithBatchStats(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         # dL/dy per value; the sums below run over each channel's count values.
         g = grad_output.to(invstd.dtype)
-        x_hat = torch.addcmul(
-            (-shifted_mean * invstd).view(view), shifted, invstd.view(view)
-        )  # (N, C, *)
+        first_order = not torch.is_grad_enabled() and _in_place(grad_output)
+        if first_order:  # the scratch becomes x_hat, then dx: one input-sized tensor
+            x_hat = shifted.mul_(invstd.view(view)).add_((-shifted_mean * invstd).view(view))
+        else:
+            x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
         grad_input, grad_w, grad_b = _gradients(
-            ctx, g, x_hat, weight, invstd, count, mask, x.dtype, view, dims
+            ctx, g, x_hat, weight, invstd, count, mask, x.dtype, view, dims, scratch=first_order
         )
         return grad_input, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel sum of a * b over ``dims``, with the products formed a slice of the
+    batch at a time (at most an eighth of the input alive, not a whole product tensor)."""
+    rows = a.shape[0]
+    step = max(1, -(-rows // 8))
+    if step >= rows or torch.is_grad_enabled():
+        return (a * b).sum(dims)
+    total = (a[:step] * b[:step]).sum(dims)
+    for start in range(step, rows, step):
+        total = total + (a[start : start + step] * b[start : start + step]).sum(dims)
+    return total
+
+
+def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) -> Tensor:
+    """x_hat = (x - shift - shifted_mean) * invstd, in the compute dtype."""
+    view = _channel_view(x)
+    shifted = x - shift.view(view)
+    return torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
+
+
+def _no_sync_derivative(group: Any, kind: str) -> None:
+    if group is not None:
+        raise RuntimeError(
+            f"batch_norm: {kind} derivatives through statistics synchronized across "
+            f"processes are not supported (sync=True)"
+        )
+
+
+def _tangent(
+    x_hat: Tensor,
+    x_t: Tensor | None,
+    weight: Tensor | None,
+    weight_t: Tensor | None,
+    bias_t: Tensor | None,
+    invstd: Tensor,
+    count: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """The tangent of z = weight * x_hat + bias with batch statistics::
+
+        z_t = weight * invstd * (x_t - mean(x_t) - x_hat * mean(x_hat * x_t))
+              + weight_t * x_hat + bias_t
+
+    (the means over the valid values; the two subtracted terms are the tangents of the
+    batch mean and variance, the transpose of the backward pass's two paths)."""
+    view = _channel_view(x_hat)
+    dims = _reduce_dims(x_hat)
+    z_t = torch.zeros_like(x_hat)
+    if x_t is not None:
+        t = x_t.to(x_hat.dtype)
+        valid = t if mask is None else torch.where(_valid(mask), t, 0.0)
+        mean_t = valid.sum(dims) / count
+        mean_xt = (valid * x_hat).sum(dims) / count
+        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        centred = t - mean_t.view(view) - x_hat * mean_xt.view(view)
+        z_t = centred * alpha.view(view)
+    if weight_t is not None:
+        z_t = z_t + x_hat * weight_t.to(x_hat.dtype).view(view)
+    if bias_t is not None:
+        z_t = z_t + bias_t.to(x_hat.dtype).view(view)
+    return z_t
 
 
 def _gradients(
@@ -229,11 +318,14 @@ def _gradients(
     input_dtype: torch.dtype,
     view: list[int],
     dims: list[int],
+    *,
+    scratch: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dweight, dbias) of batch normalization with batch statistics, from the
-    gradient g reaching its affine output and the normalized input x_hat."""
+    gradient g reaching its affine output and the normalized input x_hat. With
+    ``scratch`` x_hat is this call's own tensor, and dx is computed in it."""
     grad_bias = g.sum(dims)  # (C,)
-    grad_weight = (g * x_hat).sum(dims)  # (C,)
+    grad_weight = _sum_of_products(g, x_hat, dims)  # (C,)
     # With synchronized statistics the means below run over the global batch: sum the
     # sums over the processes (every process, whatever it needs, to keep in step).
     sum_g, sum_g_x_hat = grad_bias, grad_weight
@@ -247,10 +339,16 @@ def _gradients(
         alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
         k1 = -alpha * sum_g_x_hat / count
         k0 = -alpha * sum_g / count
-        through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
+        if scratch:
+            through_stats = x_hat.mul_(k1.view(view)).add_(k0.view(view))
+        else:
+            through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
         if mask is not None:  # the statistics do not depend on padding
             through_stats = torch.where(_valid(mask), through_stats, 0.0)
-        grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(input_dtype)
+        if scratch:
+            grad_input = through_stats.addcmul_(g, alpha.view(view)).to(input_dtype)
+        else:
+            grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(input_dtype)
     grad_w = None
     if weight is not None and ctx.needs_input_grad[1]:
         grad_w = grad_weight.to(weight.dtype)
@@ -258,11 +356,6 @@ def _gradients(
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = grad_bias.to(ctx.bias_dtype)
     return grad_input, grad_w, grad_b
-
-
-#: A channel whose |beta| is this many times its |gamma| (gamma = 0 included) makes
-#: x_hat = (z - beta) / gamma lose more than 3 digits: the fused layer keeps its input.
-INVERSION_LIMIT = 1e3
 
 
 class _NormalizeActivate(torch.autograd.Function):
@@ -311,6 +404,8 @@ class _NormalizeActivate(torch.autograd.Function):
             param,
             save_input,
         ) = inputs
+        if not save_input and act.saves_output(activation):
+            save_input = not act.invertible(output, weight, bias, activation, param)
         if save_input:
             saved = x
         elif act.saves_output(activation):
@@ -321,6 +416,7 @@ class _NormalizeActivate(torch.autograd.Function):
             saved = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
             saved = saved.to(x.dtype)
         ctx.save_for_backward(saved, weight, bias, shift, shifted_mean, invstd, count, mask)
+        ctx.save_for_forward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
         ctx.save_input = save_input
         ctx.group = group
         ctx.activation, ctx.param = activation, param
@@ -362,6 +458,49 @@ class _NormalizeActivate(torch.autograd.Function):
         return grad_input, grad_w, grad_b, *([None] * 9)
 
 
+class _NormalizeWithBatchStatsForwardAD(_NormalizeWithBatchStats):
+    """:class:`_NormalizeWithBatchStats` with a forward-mode rule, for eager calls
+    (torch.compile cannot trace an autograd Function that defines one)."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *stats_t: Any) -> Tensor:  # fmt: skip
+        """Forward-mode derivative (torch.func.jvp, jacfwd, hessian): the statistics are
+        functions of x, as in the backward pass (see :func:`_tangent`)."""
+        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+        _no_sync_derivative(ctx.group, "forward-mode")
+        x_hat = _normalized(x, shift, shifted_mean, invstd)
+        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
+        return z_t.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+
+
+class _NormalizeActivateForwardAD(_NormalizeActivate):
+    """:class:`_NormalizeActivate` with a forward-mode rule, for eager calls."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *stats_t: Any) -> Tensor:  # fmt: skip
+        """Forward-mode derivative: act'(z) times the tangent of z (see :func:`_tangent`)."""
+        x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+        _no_sync_derivative(ctx.group, "forward-mode")
+        x_hat = _normalized(x, shift, shifted_mean, invstd)
+        dtype = invstd.dtype
+        z = x_hat if weight is None else x_hat * weight.to(dtype).view(_channel_view(x))
+        if bias is not None:
+            z = z + bias.to(dtype).view(_channel_view(x))
+        form = act.activate(z, ctx.activation, ctx.param)
+        _, slope = act.preactivation_and_slope(
+            form if act.saves_output(ctx.activation) else z, ctx.activation, ctx.param
+        )
+        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
+        return (z_t * slope).to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+
+
+def _eager_or(compiled: Any, eager: Any) -> Any:
+    """The autograd Function to apply: with the forward-mode rule unless compiling."""
+    return compiled if torch.compiler.is_compiling() else eager
+
+
 def _update_dtype(device: torch.device) -> torch.dtype:
     """Running statistics are blended in float64 where the device has it (C values: free),
     which reproduces torch's CPU update ``m * batch + (1 - m) * running`` in double."""
@@ -386,7 +525,8 @@ class PortableKernel:
     ) -> Tensor:
         invstd = torch.rsqrt(stats.var + eps)
         # torch types Function.apply without annotations.
-        output: Tensor = _NormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
+        function = _eager_or(_NormalizeWithBatchStats, _NormalizeWithBatchStatsForwardAD)
+        output: Tensor = function.apply(
             x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask, group
         )
         return output
@@ -405,15 +545,9 @@ class PortableKernel:
         memory_efficient: bool,
     ) -> Tensor:
         invstd = torch.rsqrt(stats.var + eps)
-        save_input = not memory_efficient
-        if not save_input and weight is not None:
-            # gamma = 0 (or tiny next to beta): x_hat cannot be recovered from the output
-            # to working precision; keep the input for this call instead (exact). One
-            # host synchronization on accelerators.
-            limit = INVERSION_LIMIT * weight.detach().abs()
-            magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()
-            save_input = bool((limit <= magnitude).any())
-        output: Tensor = _NormalizeActivate.apply(  # type: ignore[no-untyped-call]
+        save_input = not memory_efficient  # or, decided from the output: not invertible
+        function = _eager_or(_NormalizeActivate, _NormalizeActivateForwardAD)
+        output: Tensor = function.apply(
             x,
             weight,
             bias,

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import math
 import os
 import random
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnkit.errors import ConfigError, format_choices
+from bnkit.errors import ConfigError, DatasetError, format_choices
 from bnkit.lab.storage import atomic_path
 
 __all__ = [
@@ -106,7 +108,7 @@ class DatasetNotFoundError(FileNotFoundError):
     get them."""
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(DatasetError):
     """A file is not a valid IDX file (bad magic number, unknown type, wrong size)."""
 
 
@@ -224,7 +226,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
     if len(data) - header != expected:
         raise IDXFormatError(
             f"read_idx: {path}: shape {shape} of {dtype.name} needs {expected} bytes of data, "
@@ -323,18 +325,69 @@ def find_idx_files(name: str, data_dir: str | os.PathLike[str] | None = None) ->
     )
 
 
+def _check_arrays(
+    name: str, arrays: Mapping[str, np.ndarray], files: Mapping[str, str], num_classes: int
+) -> None:
+    """Raise a DatasetError naming the file if the arrays are nothing the lab can train on.
+
+    ``arrays`` and ``files`` are keyed by the roles of :data:`IDX_FILES`; ``files`` says
+    where each array came from.
+    """
+
+    def fail(role: str, problem: str) -> DatasetError:
+        return DatasetError(f"{name}: {files[role]}: {problem}")
+
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim not in (2, 3):
+            raise fail(
+                f"{split}_images",
+                f"expected images of shape (N, L) or (N, H, W), got shape {images.shape}",
+            )
+        if images.shape[0] == 0:
+            raise fail(f"{split}_images", "expected at least one sample, got none")
+        if labels.shape != images.shape[:1]:
+            raise fail(
+                f"{split}_labels",
+                f"expected labels of shape ({images.shape[0]},), one per image of "
+                f"{files[f'{split}_images']}, got shape {labels.shape}",
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise fail(f"{split}_labels", f"expected integer labels, got {labels.dtype}")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise fail(
+                f"{split}_labels",
+                f"expected labels 0..{num_classes - 1}, got values from {low} to {high}",
+            )
+        if not np.isfinite(images).all():
+            raise fail(f"{split}_images", "expected finite values, got NaN or Inf")
+    train_shape, test_shape = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_shape != test_shape:
+        raise fail(
+            "test_images",
+            f"expected test samples of the training samples' shape {train_shape} (from "
+            f"{files['train_images']}), got {test_shape}",
+        )
+
+
 def _standardize(
     name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    arrays: Mapping[str, np.ndarray],
+    files: Mapping[str, str],
     num_classes: int,
     source: str,
 ) -> Dataset:
-    train64 = np.asarray(x_train, dtype=np.float64)
-    mean = float(train64.mean())
-    std = float(train64.std())
+    _check_arrays(name, arrays, files, num_classes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        train64 = np.asarray(arrays["train_images"], dtype=np.float64)
+        mean = float(train64.mean())
+        std = float(train64.std())
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        raise DatasetError(
+            f"{name}: {files['train_images']}: expected values whose mean and standard "
+            f"deviation are finite, got mean {mean}, std {std}"
+        )
     std = std if std > 0 else 1.0
 
     def convert(x: np.ndarray) -> torch.Tensor:
@@ -345,10 +398,10 @@ def _standardize(
 
     return Dataset(
         name=name,
-        x_train=convert(x_train),
-        y_train=labels(y_train),
-        x_test=convert(x_test),
-        y_test=labels(y_test),
+        x_train=convert(arrays["train_images"]),
+        y_train=labels(arrays["train_labels"]),
+        x_test=convert(arrays["test_images"]),
+        y_test=labels(arrays["test_labels"]),
         num_classes=num_classes,
         source=source,
         mean=mean,
@@ -359,22 +412,11 @@ def _standardize(
 def _load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
     paths = find_idx_files(name, data_dir)
     arrays = {role: read_idx(path) for role, path in paths.items()}
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim < 2 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise IDXFormatError(
-                f"{name}: expected {split} images (N, H, W) and labels (N,) with the same N, got "
-                f"{images.shape} from {paths[f'{split}_images']} and {labels.shape} from "
-                f"{paths[f'{split}_labels']}"
-            )
-    num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
     return _standardize(
         name,
-        arrays["train_images"],
-        arrays["train_labels"],
-        arrays["test_images"],
-        arrays["test_labels"],
-        max(num_classes, 10),
+        arrays,
+        {role: str(path) for role, path in paths.items()},
+        10,
         f"IDX files in {paths['train_images'].parent}",
     )
 
@@ -389,12 +431,16 @@ def _load_digits() -> Dataset:
     order = np.random.default_rng(0).permutation(len(labels))
     test_count = len(labels) // 5
     test, train = order[:test_count], order[test_count:]
+    arrays = {
+        "train_images": images[train],
+        "train_labels": labels[train],
+        "test_images": images[test],
+        "test_labels": labels[test],
+    }
     return _standardize(
         "digits",
-        images[train],
-        labels[train],
-        images[test],
-        labels[test],
+        arrays,
+        dict.fromkeys(arrays, "scikit-learn's load_digits"),
         10,
         "scikit-learn load_digits (bundled), fixed 80/20 split (permutation seed 0)",
     )
@@ -422,16 +468,23 @@ def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
     return {key: np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test")}
 
 
-def _consistent(arrays: dict[str, np.ndarray]) -> bool:
-    x, y, x_test, y_test = (arrays[key] for key in ("x", "y", "x_test", "y_test"))
-    return bool(
-        x.ndim == 2
-        and x_test.ndim == 2
-        and x.shape[1] == x_test.shape[1]
-        and y.shape == (x.shape[0],)
-        and y_test.shape == (x_test.shape[0],)
-        and x.shape[0] > 0
-    )
+def _by_role(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """MNIST-1D's arrays (``x``, ``y``, ``x_test``, ``y_test``) by the roles of IDX_FILES."""
+    keys = {
+        "train_images": "x",
+        "train_labels": "y",
+        "test_images": "x_test",
+        "test_labels": "y_test",
+    }
+    return {role: arrays[key] for role, key in keys.items()}
+
+
+def _consistent(arrays: Mapping[str, np.ndarray], path: Path) -> bool:
+    try:
+        _check_arrays("mnist1d", _by_role(arrays), dict.fromkeys(IDX_FILES, str(path)), 10)
+    except DatasetError:
+        return False
+    return arrays["x"].ndim == 2
 
 
 def mnist1d_arrays(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
@@ -440,8 +493,8 @@ def mnist1d_arrays(cache_dir: str | os.PathLike[str] | None = None) -> dict[str,
     No download: the data are generated (about a second) and cached as
     ``mnist1d-<package version>.npz`` in ``cache_dir`` (default
     :func:`default_cache_dir`). The cache is written atomically; a cache file that cannot
-    be read, or holds inconsistent shapes, is regenerated; a cache directory that cannot
-    be written is skipped.
+    be read, or holds inconsistent shapes, labels out of range or NaN or Inf values, is
+    regenerated; a cache directory that cannot be written is skipped.
 
     Args:
         cache_dir: where to keep the generated arrays.
@@ -458,7 +511,7 @@ def mnist1d_arrays(cache_dir: str | os.PathLike[str] | None = None) -> dict[str,
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in keys}
-        if _consistent(arrays):
+        if _consistent(arrays, path):
             return arrays
     except (OSError, KeyError, ValueError, EOFError):
         pass  # missing or damaged: generate it again
@@ -491,7 +544,10 @@ def load_dataset(
     Raises:
         ConfigError: an unknown name; the message lists the known ones.
         DatasetNotFoundError: the IDX files are nowhere the lab looked.
-        IDXFormatError: an IDX file is damaged.
+        IDXFormatError: an IDX file is damaged (a :class:`~bnkit.errors.DatasetError`).
+        DatasetError: the data are nothing to train on: no samples, labels outside
+            0..9 or not one per image, NaN or Inf values, test samples of another shape
+            than the training samples'; the message names the file.
 
     Example:
         >>> data = load_dataset("digits")
@@ -499,13 +555,10 @@ def load_dataset(
         (torch.Size([1438, 8, 8]), torch.Size([359, 8, 8]), torch.float32)
     """
     if name == "mnist1d":
-        arrays = mnist1d_arrays(cache_dir)
         return _standardize(
             "mnist1d",
-            arrays["x"],
-            arrays["y"],
-            arrays["x_test"],
-            arrays["y_test"],
+            _by_role(mnist1d_arrays(cache_dir)),
+            dict.fromkeys(IDX_FILES, "mnist1d.data.make_dataset"),
             10,
             "mnist1d.data.make_dataset with its default arguments (generated offline, seed 42)",
         )

@@ -27,16 +27,22 @@ if TYPE_CHECKING:
     from bnkit.lab.datasets import Dataset
 
 __all__ = [
+    "TIMINGS_SUFFIX",
     "Claim",
     "Experiment",
     "Figure",
     "ProgressBar",
     "ProgressFactory",
     "RunContext",
+    "Table",
     "no_progress",
 ]
 
 ConfigT = TypeVar("ConfigT")
+
+#: The file name ending of an experiment's timings, kept apart from its results JSON
+#: (``<experiment>.timings.json``) because they differ from run to run.
+TIMINGS_SUFFIX = ".timings.json"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Claim:
         measured: what this run measured, in words with numbers.
         holds: whether the claim held here, computed from the measured values.
         section: the report section to show it in, if not its experiment's.
+        training: for a claim that did not hold, whether the runs it rests on were
+            trained to a plateau or still improving (:func:`bnkit.lab.training.verdict`),
+            so that a reader can tell a failed claim from a run too short to decide it.
 
     Example:
         >>> Claim("BN trains faster", "Ioffe & Szegedy 2015, Fig. 1", "3x fewer steps",
@@ -61,9 +70,11 @@ class Claim:
     measured: str
     holds: bool
     section: str | None = None
+    training: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form: ``claim``, ``anchor``, ``measured``, ``holds`` (and ``section``)."""
+        """The JSON form: ``claim``, ``anchor``, ``measured``, ``holds`` (and ``section``,
+        ``training``)."""
         data: dict[str, Any] = {
             "claim": self.claim,
             "anchor": self.anchor,
@@ -72,6 +83,8 @@ class Claim:
         }
         if self.section is not None:
             data["section"] = self.section
+        if self.training is not None:
+            data["training"] = self.training
         return data
 
 
@@ -83,18 +96,46 @@ class Figure:
         file: the file name, relative to the output directory.
         caption: what the figure shows.
         section: the report section to show it in, if not its experiment's.
+        alt: the image's text alternative, what it shows for a reader who cannot see it;
+            None: the caption.
     """
 
     file: str
     caption: str
     section: str | None = None
+    alt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form: ``file``, ``caption`` (and ``section``)."""
+        """The JSON form: ``file``, ``caption`` (and ``section``, ``alt``)."""
         data: dict[str, Any] = {"file": self.file, "caption": self.caption}
         if self.section is not None:
             data["section"] = self.section
+        if self.alt is not None:
+            data["alt"] = self.alt
         return data
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of numbers the report shows as HTML, built from the results alone.
+
+    Args:
+        caption: what the table shows.
+        header: the column headings.
+        rows: the cells, as text, one list per row.
+        section: the report section to show it in, if not its experiment's.
+        numbers: the cells are numbers (aligned right, never wrapped); False for text.
+
+    Example:
+        >>> Table("two numbers", ["i", "o_i"], [["1", "2.0"], ["2", "5.0"]]).rows[1]
+        ['2', '5.0']
+    """
+
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+    section: str | None = None
+    numbers: bool = True
 
 
 class ProgressBar(Protocol):
@@ -167,6 +208,14 @@ class Experiment(Generic[ConfigT]):
             starting with a prefix; returns them.
         headline: the key numbers in one line for the summary table.
         version: bumped when a change makes earlier saved results incomparable.
+        tables: the tables the report shows, from the results alone (default: none).
+        curves: the training curves the claims rest on, by run label, each a mapping
+            with ``steps`` and ``test_accuracy`` (:meth:`bnkit.lab.training.History.to_json`);
+            a claim that does not hold is labelled with their :func:`~bnkit.lab.training.verdict`
+            unless it carries its own.
+        volatile: results keys that vary from run to run (timings): the runner keeps
+            them out of ``<experiment>.json``, in ``<experiment>.timings.json``, so that
+            two runs write the same results file.
     """
 
     name: str
@@ -181,6 +230,26 @@ class Experiment(Generic[ConfigT]):
     plot: Callable[[Mapping[str, Any], Path, str], list[Figure]]
     headline: Callable[[Mapping[str, Any]], str]
     version: int = 1
+    tables: Callable[[Mapping[str, Any]], list[Table]] | None = None
+    curves: Callable[[Mapping[str, Any]], dict[str, Mapping[str, Any]]] | None = None
+    volatile: tuple[str, ...] = ()
+
+    def decided_claims(self, results: Mapping[str, Any]) -> list[Claim]:
+        """:attr:`claims`, each one that did not hold labelled with the training verdict
+        of :attr:`curves` (a run still improving over the last part of its curve makes
+        the claim undecided by a run too short, not refuted on a trained network)."""
+        from bnkit.lab.training import verdict
+
+        found = self.claims(results)
+        if self.curves is None:
+            return found
+        text = verdict(self.curves(results))
+        return [
+            claim
+            if claim.holds or claim.training is not None or text is None
+            else dataclasses.replace(claim, training=text)
+            for claim in found
+        ]
 
     def config(self, full: bool = False, steps_scale: float = 1.0) -> ConfigT:
         """The quick or full configuration, with its step counts scaled.

@@ -7,14 +7,16 @@ For each experiment :func:`run_lab` writes, atomically, first its figures
      "results", "claims": [{"claim", "anchor", "measured", "holds"}, ...],
      "figures": [{"file", "caption"}, ...], "headline", "environment"}
 
-and at the end ``OUT/index.html``. The JSON is written last, so its presence means the
+and at the end ``OUT/index.html``. Results that vary from run to run (timings; an
+experiment's ``volatile`` keys) go to ``OUT/<experiment>.timings.json`` instead, which the
+report reads beside the results. The JSON is written last, so its presence means the
 experiment is complete; a later run with the same configuration (dataset, seed, mode,
 step scale, every parameter, the experiment's version) skips it unless ``force``.
 
 Runs are deterministic on a CPU for a given seed: every random choice is seeded from
 it, and torch runs on one thread (faster for these small networks, and the same
-arithmetic whatever the machine's core count). The JSON holds no timings or dates, so
-two runs write the same file.
+arithmetic whatever the machine's core count). The results JSON holds no timings or
+dates, so two runs write the same file; the timings file is the one that differs.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bnkit.lab.experiment import ProgressBar, ProgressFactory, RunContext, no_progress
+from bnkit.lab.experiment import (
+    TIMINGS_SUFFIX,
+    ProgressBar,
+    ProgressFactory,
+    RunContext,
+    no_progress,
+)
 from bnkit.lab.experiments import expand_names, get_experiment
-from bnkit.lab.storage import read_json, same_config, write_json_atomic
+from bnkit.lab.storage import read_result, same_config, write_json_atomic
 
 __all__ = ["ExperimentOutcome", "run_lab", "summary_table"]
 
@@ -114,7 +122,7 @@ def experiment_config(
     Example:
         >>> config = experiment_config("ics", "digits", 0, False, 1.0)
         >>> config["dataset"], config["mode"], config["steps"]
-        ('digits', 'quick', 8000)
+        ('digits', 'quick', 6000)
     """
     experiment = get_experiment(name)
     parameters = dataclasses.asdict(experiment.config(full=full, steps_scale=steps_scale))
@@ -189,7 +197,7 @@ def run_lab(
         for experiment in chosen:
             config = experiment_config(experiment.name, dataset, seed, full, steps_scale)
             path = out_dir / f"{experiment.name}.json"
-            stored = read_json(path)
+            stored = read_result(path)
             start = time.perf_counter()
             if not force and _complete(stored, config, out_dir):
                 assert stored is not None
@@ -204,12 +212,19 @@ def run_lab(
                 if not loaded:
                     loaded.append(load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir))
                 context = RunContext(dataset=loaded[0], seed=seed, progress=make_bar)
-                results = experiment.run(
+                measured = experiment.run(
                     experiment.config(full=full, steps_scale=steps_scale), context
                 )
-                claims = [claim.to_json() for claim in experiment.claims(results)]
+                volatile = {k: measured[k] for k in experiment.volatile if k in measured}
+                results = {k: v for k, v in measured.items() if k not in volatile}
+                claims = [claim.to_json() for claim in experiment.decided_claims(results)]
                 with lab_style():
-                    figures = experiment.plot(results, out_dir, f"{experiment.name}-")
+                    figures = experiment.plot(measured, out_dir, f"{experiment.name}-")
+                timings_path = out_dir / f"{experiment.name}{TIMINGS_SUFFIX}"
+                if volatile:
+                    write_json_atomic(timings_path, volatile)
+                else:
+                    timings_path.unlink(missing_ok=True)
                 saved = {
                     "experiment": experiment.name,
                     "title": experiment.title,

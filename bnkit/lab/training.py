@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,9 @@ __all__ = [
     "predict",
     "steps_to_target",
     "subsample",
+    "tail_rise",
     "train",
+    "verdict",
 ]
 
 #: How many of the last evaluations "final accuracy" averages (test accuracy on a
@@ -78,6 +80,86 @@ def final_accuracy(accuracies: Sequence[float | None], window: int = FINAL_WINDO
     if not tail or any(value is None for value in tail):
         return None
     return round(float(np.mean([float(v) for v in tail if v is not None])), 6)
+
+
+#: The last part of a training curve that decides whether a run is still improving.
+TAIL_FRACTION = 0.2
+#: A run whose test accuracy still rises by more than this over the last
+#: :data:`TAIL_FRACTION` of its steps is "still improving": too short to decide a claim.
+TAIL_RISE = 0.01
+
+
+def tail_rise(
+    steps: Sequence[int], accuracies: Sequence[float | None], fraction: float = TAIL_FRACTION
+) -> float | None:
+    """How much the test accuracy rises over the last ``fraction`` of the steps.
+
+    The rise of the least-squares line through the evaluations in that part of the curve
+    (at least three), across its span: robust to the point-to-point noise of a test
+    accuracy. None when fewer than three evaluations are known there.
+
+    Example:
+        >>> tail_rise([0, 20, 40, 60, 80, 100], [0.1, 0.5, 0.7, 0.8, 0.85, 0.9])
+        0.1
+        >>> tail_rise([0, 20, 40, 60, 80, 100], [0.1, 0.5, 0.7, 0.9, 0.9, 0.9])
+        0.0
+    """
+    points = [(s, a) for s, a in zip(steps, accuracies, strict=True) if a is not None]
+    if len(points) < 3:
+        return None
+    last = points[-1][0]
+    start = last - fraction * (last - points[0][0])
+    tail = [(s, a) for s, a in points if s >= start]
+    if len(tail) < 3:
+        tail = points[-3:]
+    x = np.array([s for s, _ in tail], dtype=np.float64)
+    y = np.array([a for _, a in tail], dtype=np.float64)
+    slope = float(np.polyfit(x, y, 1)[0])
+    return round(slope * float(x[-1] - x[0]), 6)
+
+
+def verdict(curves: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Whether the runs behind a claim were trained long enough to decide it, in words.
+
+    A run is still improving when its test accuracy rises by more than :data:`TAIL_RISE`
+    over the last :data:`TAIL_FRACTION` of its curve (:func:`tail_rise`); a diverged run
+    is a result, not an undertrained one, and is left out.
+
+    Args:
+        curves: run label -> ``{"steps", "test_accuracy", "diverged_at"}``.
+
+    Returns:
+        The verdict, starting "too short to decide" or "trained to a plateau"; None when
+        no curve could be judged.
+
+    Example:
+        >>> verdict({"BN": {"steps": [0, 50, 80, 90, 100],
+        ...                 "test_accuracy": [0.1, 0.5, 0.6, 0.7, 0.8]}})[:19]
+        'too short to decide'
+    """
+    rises: dict[str, float] = {}
+    for label, curve in curves.items():
+        if curve.get("diverged_at") is not None:
+            continue
+        rise = tail_rise(curve["steps"], curve["test_accuracy"])
+        if rise is not None:
+            rises[label] = rise
+    if not rises:
+        return None
+    span = f"the last {100 * TAIL_FRACTION:g}% of its curve"
+    rising = {label: rise for label, rise in rises.items() if rise > TAIL_RISE}
+    if rising:
+        listed = ", ".join(f"{label} {100 * rise:+.1f}" for label, rise in rising.items())
+        return (
+            f"too short to decide: {len(rising)} of {len(rises)} runs still improving "
+            f"(test accuracy rose by more than {100 * TAIL_RISE:g} point over {span}: "
+            f"{listed} points)"
+        )
+    top = max(rises, key=lambda label: rises[label])
+    return (
+        f"trained to a plateau: no run's test accuracy rose by more than "
+        f"{100 * TAIL_RISE:g} point over {span} (largest {top} {100 * rises[top]:+.1f})"
+    )
 
 
 def steps_to_target(

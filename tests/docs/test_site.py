@@ -162,7 +162,7 @@ def lab_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "index.html"
 
 
-def test_lab_report_renders(browser: Any, lab_report: Path) -> None:
+def test_lab_report_renders_and_fits_a_narrow_screen(browser: Any, lab_report: Path) -> None:
     for width in (1280, 420):
         page, errors = open_page(browser, lab_report.as_uri(), width=width)
         try:
@@ -170,22 +170,9 @@ def test_lab_report_renders(browser: Any, lab_report: Path) -> None:
             assert page.locator("img").count() > 0, "no figures"
             assert broken_images(page) == []
             assert errors == []
+            body, viewport = page.evaluate(
+                "[document.body.scrollWidth, document.documentElement.clientWidth]"
+            )
+            assert body <= viewport, f"{width} px: the body is {body} px wide"
         finally:
             page.close()
-
-
-# strict: once the report fits, this fails as XPASS and the marker must go.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the report's claims tables are wider than a 420 px screen (505 px); they need "
-    "to wrap or scroll inside a container",
-)
-def test_lab_report_fits_a_narrow_screen(browser: Any, lab_report: Path) -> None:
-    page, _ = open_page(browser, lab_report.as_uri(), width=420)
-    try:
-        body, viewport = page.evaluate(
-            "[document.body.scrollWidth, document.documentElement.clientWidth]"
-        )
-        assert body <= viewport, f"420 px: the body is {body} px wide"
-    finally:
-        page.close()

@@ -586,6 +586,7 @@ def _fused_call(
 @pytest.mark.parametrize(("name", "param"), INVERTIBLE)
 def test_fused_invertible_activation_takes_the_fast_path(name: str, param: float | None) -> None:
     """The fused node is the C one, and it saves y (memory-efficient) or x (plain) only."""
+    torch.manual_seed(0)  # no gamma near 0 next to beta, which keeps x instead (tested below)
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     w = torch.randn(3, requires_grad=True)
     b = torch.randn(3, requires_grad=True)

@@ -256,3 +256,4 @@ def test_a_failed_build_is_reported_and_changes_nothing(tmp_path: Any) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("None build failed")
+    assert "building the C++ express path with false in the background" in result.stderr

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bnkit.lab.experiments import DEFAULT, get_experiment
+from bnkit.lab.experiments import GROUPS, get_experiment
 
 pytestmark = pytest.mark.slow  # every test reads the results of a tiny run of the lab
 
@@ -78,9 +78,50 @@ CASES: list[tuple[str, int, Edit, list[Edit]]] = [
             edits(("bn.drift_median", None), ("plain.drift_median", 0.2)),
         ],
     ),
+    # ics, Santurkar et al.'s view: ICS not reduced, loss range, beta-smoothness
     (
         "ics",
         3,
+        edits(
+            ("bn.santurkar.ics_relative_median", 0.5), ("plain.santurkar.ics_relative_median", 0.1)
+        ),
+        [
+            edits(
+                ("bn.santurkar.ics_relative_median", 0.1),
+                ("plain.santurkar.ics_relative_median", 0.5),
+            ),
+            edits(("bn.santurkar.ics_relative_median", None)),
+        ],
+    ),
+    (
+        "ics",
+        4,
+        edits(("bn.santurkar.loss_range_median", 0.1), ("plain.santurkar.loss_range_median", 0.9)),
+        [
+            edits(
+                ("bn.santurkar.loss_range_median", 0.9),
+                ("plain.santurkar.loss_range_median", 0.1),
+            ),
+            edits(("plain.santurkar.loss_range_median", None)),
+        ],
+    ),
+    (
+        "ics",
+        5,
+        edits(
+            ("bn.santurkar.beta_smoothness_median", 1.0),
+            ("plain.santurkar.beta_smoothness_median", 9.0),
+        ),
+        [
+            edits(
+                ("bn.santurkar.beta_smoothness_median", 9.0),
+                ("plain.santurkar.beta_smoothness_median", 9.0),
+            ),
+        ],
+    ),
+    (
+        "ics",
+        6,
         edits(("z_transform.max_mean_error", 1e-8), ("z_transform.max_std_error", 1e-8)),
         [
             edits(("z_transform.max_mean_error", 0.5), ("z_transform.max_std_error", 1e-8)),
@@ -89,9 +130,15 @@ CASES: list[tuple[str, int, Edit, list[Edit]]] = [
     ),
     (
         "ics",
-        4,
-        edits(("z_transform.worked_example.max_error", 1e-9)),
-        [edits(("z_transform.worked_example.max_error", 0.3))],
+        7,
+        edits(
+            ("z_transform.worked_example.max_error", 1e-9),
+            ("z_transform.demo_example.max_error", 0.0),
+        ),
+        [
+            edits(("z_transform.worked_example.max_error", 0.3)),
+            edits(("z_transform.demo_example.max_error", 0.3)),
+        ],
     ),
     # learning-rate: BN-x5 faster, BN-x30 better, no BN x30 fails
     (
@@ -201,6 +248,52 @@ CASES: list[tuple[str, int, Edit, list[Edit]]] = [
             )
         ],
     ),
+    (
+        "test-process",
+        5,
+        edits(
+            ("folding.max_logit_difference", 1e-6),
+            ("folding.bn_layers_after", 0),
+            ("folding.predictions_differ", 0),
+        ),
+        [
+            edits(("folding.max_logit_difference", 0.5)),
+            edits(("folding.max_logit_difference", None)),
+            edits(("folding.bn_layers_after", 1)),
+            edits(("folding.predictions_differ", 3)),
+        ],
+    ),
+    # training-process: batch dependence, gradient through the statistics, fixed in eval
+    (
+        "training-process",
+        0,
+        edits(
+            ("by_size.4.output_std", [0.5, 0.4, 0.6]), ("by_size.60.output_std", [0.1, 0.1, 0.1])
+        ),
+        [
+            edits(
+                ("by_size.4.output_std", [0.1, 0.1, 0.1]),
+                ("by_size.60.output_std", [0.5, 0.4, 0.6]),
+            ),
+            edits(("by_size.4.output_std", [0.0] * 3), ("by_size.60.output_std", [0.0] * 3)),
+        ],
+    ),
+    (
+        "training-process",
+        1,
+        edits(
+            ("by_size.4.statistics_share_mean", 0.5),
+            ("by_size.16.statistics_share_mean", 0.2),
+            ("by_size.60.statistics_share_mean", 0.05),
+        ),
+        [edits(("by_size.60.statistics_share_mean", 0.001))],
+    ),
+    (
+        "training-process",
+        2,
+        edits(("eval_difference", 0.0)),
+        [edits(("eval_difference", 0.01)), edits(("eval_difference", None))],
+    ),
 ]
 
 
@@ -224,7 +317,7 @@ def test_claim_follows_the_measurements(
 
 
 def test_every_claim_is_covered(lab_run: tuple[Path, str, str]) -> None:
-    for name in DEFAULT:  # the other experiments: tests/lab/test_disadvantages.py
+    for name in GROUPS["paper"]:  # the others: tests/lab/test_disadvantages.py
         count = len(get_experiment(name).claims(saved_results(lab_run, name)))
         assert {index for case, index, *_ in CASES if case == name} == set(range(count))
 

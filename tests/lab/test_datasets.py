@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnkit.errors import ConfigError
+from bnkit.errors import ConfigError, DatasetError
 from bnkit.lab import datasets
 from bnkit.lab.datasets import (
     DatasetNotFoundError,
@@ -21,7 +21,7 @@ from bnkit.lab.datasets import (
     read_idx,
     write_idx,
 )
-from tests.lab.conftest import write_tiny_idx
+from tests.lab.conftest import run_cli, write_tiny_idx
 
 ARRAYS = [
     np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
@@ -62,6 +62,9 @@ def test_idx_header_is_the_mnist_layout(tmp_path: Path) -> None:
         (b"\x00\x00\x08\x02\x00\x00\x00\x02", "announces 2 dimensions"),
         (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05\x06", "needs 3 bytes of data, the file has 2"),
         (b"\x00\x00\x0c\x01\x00\x00\x00\x01\x05\x06\x07", "needs 4 bytes"),
+        # Sizes whose product overflows 64 bits, or far exceeds the file.
+        (bytes([0, 0, 8, 4]) + b"\x00\x01\x00\x00" * 4, "needs 18446744073709551616 bytes"),
+        (bytes([0, 0, 8, 2]) + b"\xff" * 8 + b"\x05", "needs 18446744065119617025 bytes"),
     ],
 )
 def test_damaged_idx_files_are_rejected(tmp_path: Path, raw: bytes, message: str) -> None:
@@ -134,11 +137,72 @@ def test_incomplete_directory_is_skipped(tmp_path: Path, monkeypatch: pytest.Mon
     assert found["test_labels"] == tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
 
 
-def test_mismatched_images_and_labels(tmp_path: Path) -> None:
+def test_truncated_plain_file_is_an_idx_error(tmp_path: Path) -> None:
     write_tiny_idx(tmp_path, gzipped=False, train=20, test=10)
-    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, dtype=np.uint8))
-    with pytest.raises(IDXFormatError, match="same N"):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="needs 1280 bytes of data, the file has 1180") as info:
         load_dataset("mnist", data_dir=tmp_path)
+    assert str(path) in str(info.value)
+
+
+def nan_images() -> np.ndarray:
+    images = np.ones((20, 8, 8), dtype=np.float32)
+    images[3, 4, 5] = np.nan
+    return images
+
+
+# (file, its new content, what the error says): each makes the tiny dataset unusable.
+DAMAGES = [
+    ("train-labels-idx1-ubyte", np.zeros(19, np.uint8), "expected labels of shape (20,)"),
+    ("train-labels-idx1-ubyte", np.full(20, 2_000_000_000, np.int32), "from 2000000000"),
+    (
+        "t10k-labels-idx1-ubyte",
+        np.full(10, -1, np.int8),
+        "expected labels 0..9, got values from -1",
+    ),
+    (
+        "t10k-labels-idx1-ubyte",
+        np.arange(10, dtype=np.uint8) + 1,
+        "labels 0..9, got values from 1 to 10",
+    ),
+    ("train-labels-idx1-ubyte", np.zeros(20, np.float32), "expected integer labels, got float32"),
+    ("train-images-idx3-ubyte", np.zeros((0, 8, 8), np.uint8), "at least one sample, got none"),
+    ("t10k-images-idx3-ubyte", np.zeros((0, 8, 8), np.uint8), "at least one sample, got none"),
+    ("train-images-idx3-ubyte", nan_images(), "expected finite values, got NaN or Inf"),
+    ("t10k-images-idx3-ubyte", np.full((10, 8, 8), np.inf), "expected finite values"),
+    ("t10k-images-idx3-ubyte", np.zeros((10, 28, 28), np.uint8), "shape (8, 8)"),
+    ("train-images-idx3-ubyte", np.zeros((20, 1, 8, 8), np.uint8), "(N, L) or (N, H, W)"),
+    ("train-images-idx3-ubyte", np.full((20, 8, 8), 1e308), "mean and standard deviation"),
+]
+
+
+@pytest.mark.parametrize(("file", "content", "problem"), DAMAGES)
+def test_damaged_dataset_names_the_file_and_the_problem(
+    tmp_path: Path, file: str, content: np.ndarray, problem: str
+) -> None:
+    write_tiny_idx(tmp_path, gzipped=False, train=20, test=10)
+    write_idx(tmp_path / file, content)
+    if file.startswith("train-labels"):
+        labels = np.zeros(10, dtype=content.dtype)  # the same type of labels in both splits
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(DatasetError) as info:
+        load_dataset("mnist", data_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"mnist: {tmp_path / file}: expected ")
+    assert problem in message
+
+
+def test_damaged_dataset_stops_bnkit_lab_in_one_line(tmp_path: Path) -> None:
+    write_tiny_idx(tmp_path, gzipped=False, train=20, test=10)
+    write_idx(tmp_path / "train-images-idx3-ubyte", nan_images())
+    argv = ["lab", "ics", "--dataset", "mnist", "--data-dir", str(tmp_path)]
+    status, stdout, stderr = run_cli([*argv, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert (status, stdout) == (1, "")
+    assert stderr == (
+        f"bnkit lab: mnist: {tmp_path / 'train-images-idx3-ubyte'}: expected finite values, "
+        "got NaN or Inf\n"
+    )
 
 
 def test_unknown_dataset_lists_the_choices() -> None:
@@ -186,6 +250,14 @@ def test_mnist1d_is_generated_offline_cached_and_leaves_global_seeds(
     repaired = mnist1d_arrays(tmp_path)
     np.testing.assert_array_equal(repaired["x_test"], arrays["x_test"])
     assert np.load(cached[0])["x"].shape == (4000, 40)
+
+    # So is one that reads well but holds values the lab cannot train on.
+    for key, value in (("x", np.nan), ("y", 2_000_000_000), ("y_test", -1)):
+        damaged = {**arrays, key: arrays[key].astype(np.float64 if key == "x" else np.int64)}
+        damaged[key][0] = value
+        np.savez(cached[0], **damaged)
+        repaired = mnist1d_arrays(tmp_path)
+        np.testing.assert_array_equal(repaired[key], arrays[key])
 
 
 @pytest.mark.slow

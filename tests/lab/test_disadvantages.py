@@ -51,7 +51,7 @@ def test_tiny_run_writes_every_experiment(new_run: tuple[Path, str]) -> None:
         assert all(isinstance(claim["holds"], bool) for claim in data["claims"])
         for figure in data["figures"]:
             assert (out / figure["file"]).read_bytes()[:4] == b"\x89PNG"
-    for name in DEFAULT:
+    for name in GROUPS["paper"]:
         assert not (out / f"{name}.json").exists()
     results = saved(new_run, "batch-size")
     assert set(results["errors"]) == {"bn", "gn", "renorm", "micro", "sync"}
@@ -76,13 +76,14 @@ def test_report_has_the_new_sections(new_run: tuple[Path, str]) -> None:
         assert f'id="{name}"' in page
     assert page.index('id="advantages"') < page.index('id="memory"') < page.index('id="non-iid"')
     # The paper's experiments did not run: their sections say how to run everything.
-    assert "<code>bnkit lab all</code> runs every experiment" in page
+    assert "<code>bnkit lab</code> with no experiment named runs every one" in page
 
 
 def test_groups_on_the_command_line() -> None:
-    assert expand_names([]) == list(DEFAULT)
-    assert expand_names(["all"])[: len(DEFAULT)] == list(DEFAULT)
-    assert expand_names(["non-iid", "paper", "memory"]) == [*DEFAULT, "memory", "non-iid"]
+    assert expand_names([]) == list(DEFAULT) == expand_names(["all"])
+    paper = list(GROUPS["paper"])
+    assert expand_names(["all"])[: len(paper)] == paper
+    assert expand_names(["non-iid", "paper", "memory"]) == [*paper, "memory", "non-iid"]
     with pytest.raises(ConfigError, match=r"unknown experiment 'nope'.*disadvantages"):
         expand_names(["nope"])
 
@@ -213,6 +214,16 @@ CASES: list[tuple[str, int, Edit, list[Edit]]] = [
         6,
         put((f"{ERR}:sync:2", 0.1), (f"{ERR}:bn:2", 0.3)),
         [put((f"{ERR}:sync:2", 0.4)), put(("sync_batch_sizes", []))],
+    ),
+    (
+        "batch-size",
+        7,
+        put(
+            ("errors_equal_steps:bn:32", 0.1),
+            ("errors_equal_steps:bn:8", 0.12),
+            ("errors_equal_steps:bn:2", 0.3),
+        ),
+        [put(("errors_equal_steps:bn:2", 0.11)), put(("errors_equal_steps:bn:2", None))],
     ),
     # non-iid: 2-class batches hurt; renorm better; recovers half
     (

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from bnkit.errors import DamagedResultWarning
 from bnkit.lab import storage
 from bnkit.lab.storage import (
     atomic_path,
     jsonable,
     read_json,
+    read_result,
+    result_problem,
     same_config,
     write_json_atomic,
     write_text_atomic,
@@ -94,3 +97,76 @@ def test_numpy_values_become_plain_json() -> None:
         "c": 4,
     }
     assert storage.jsonable(np.float64(math.nan)) is None
+
+
+def good_result() -> dict[str, object]:
+    return {
+        "experiment": "ics",
+        "title": "Internal covariate shift",
+        "config": {"seed": 0},
+        "results": {"batch_norm": "bnkit"},
+        "claims": [{"claim": "c", "anchor": "a", "measured": "m", "holds": True}],
+        "figures": [{"file": "ics-drift.png", "caption": "drift", "section": "other"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"claims": "x"}, "'claims' is a string, expected an array"),
+        ({"figures": ["a.png"]}, "figures[0] is a string, expected an object"),
+        ({"results": None}, "'results' is null, expected an object"),
+        ({"config": [1, 2]}, "'config' is an array, expected an object"),
+        ({"experiment": 3}, "'experiment' is a number, expected a string"),
+        ({"experiment": "memory"}, "'experiment' is 'memory', expected 'ics'"),
+        ({"title": ["t"]}, "'title' is an array, expected a string"),
+        ({"environment": "cpu"}, "'environment' is a string, expected an object"),
+        ({"claims": [{"claim": "c", "anchor": "a", "measured": "m"}]}, "'holds' is missing"),
+        (
+            {"claims": [{"claim": "c", "anchor": "a", "measured": "m", "holds": 1}]},
+            "claims[0] 'holds' is a number, expected true or false",
+        ),
+        ({"figures": [{"file": "a.png"}]}, "figures[0] 'caption' is missing"),
+        (
+            {"figures": [{"file": "../../etc/passwd", "caption": "c"}]},
+            "expected a file name without a directory",
+        ),
+        ({"figures": [{"file": "..", "caption": "c"}]}, "without a directory"),
+    ],
+)
+def test_result_of_the_wrong_structure_is_missing_with_a_warning(
+    tmp_path: Path, change: dict[str, object], problem: str
+) -> None:
+    path = tmp_path / "ics.json"
+    path.write_text(json.dumps(good_result()))
+    assert read_result(path) == good_result()
+    path.write_text(json.dumps({**good_result(), **change}))
+    with pytest.warns(DamagedResultWarning, match="treated as missing") as record:
+        assert read_result(path) is None
+    message = str(record[0].message)
+    assert message.startswith(f"{path}: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"experiment": "ics", "res', "cannot read it as JSON"),
+        ("[1, 2]", "the file holds an array, expected an object"),
+        ("[" * 100_000, "cannot read it as JSON"),
+        ("", "cannot read it as JSON"),
+    ],
+)
+def test_unreadable_result_is_missing_with_a_warning(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "ics.json"
+    path.write_text(text)
+    with pytest.warns(DamagedResultWarning, match=problem):
+        assert read_result(path) is None
+
+
+def test_missing_result_is_none_without_a_warning(tmp_path: Path) -> None:
+    assert read_result(tmp_path / "ics.json") is None  # filterwarnings=error: no warning
+    result = {**good_result(), "results": {}, "claims": [], "figures": []}
+    assert result_problem(result, "ics") is None

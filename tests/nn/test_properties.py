@@ -139,3 +139,66 @@ def test_per_channel_affine_change_of_input_leaves_output_unchanged(
     cond = (x.abs().max().item() + abs(shift) / abs(scale)) / max(spread, 1e-300)
     tolerance = 1e-12 + 64 * torch.finfo(F64).eps * cond
     assert torch.allclose(y2, sign * y, atol=tolerance, rtol=0)
+
+
+def _masked_oracle(
+    x: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: str
+) -> torch.Tensor:
+    """Masked batch norm + activation in plain float64 torch operations (autograd gives the
+    gradients): statistics over the valid positions, the same affine map everywhere."""
+    keep = valid.unsqueeze(1).to(F64)
+    count = keep.sum((0, 2))
+    mean = (x * keep).sum((0, 2)) / count
+    var = (((x - mean.view(1, -1, 1)) ** 2) * keep).sum((0, 2)) / count
+    z = (x - mean.view(1, -1, 1)) / torch.sqrt(var.view(1, -1, 1) + 1e-5)
+    z = z * weight.view(1, -1, 1) + bias.view(1, -1, 1)
+    if act == "elu":
+        return torch.nn.functional.elu(z)
+    return torch.nn.functional.leaky_relu(z, 0.01)
+
+
+@given(
+    rows=st.integers(2, 12),
+    channels=st.integers(1, 4),
+    length=st.integers(1, 40),
+    act=st.sampled_from(["elu", "leaky_relu"]),
+    memory_efficient=st.booleans(),
+    bias=st.floats(-60, 2),
+    byte=st.integers(1, 255),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_activation_with_odd_mask_bytes_matches_oracle(
+    rows: int,
+    channels: int,
+    length: int,
+    act: str,
+    memory_efficient: bool,
+    bias: float,
+    byte: int,
+    seed: int,
+) -> None:
+    """Saturating activations (a bias down to -60 drives elu to its floor) and masks whose
+    True bytes are any nonzero value, against a float64 oracle: finite, exact gradients."""
+    import bnkit
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, channels, length, generator=g, dtype=F64)
+    keep = torch.rand(rows, length, generator=g) < 0.7
+    keep[0, 0] = keep[-1, -1] = True  # at least two valid values per channel
+    raw = keep.to(torch.uint8) * byte
+    layer = bnkit.BatchNorm1d(channels, activation=act, memory_efficient=memory_efficient)
+    layer = layer.to(F64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0, generator=g)
+        layer.bias.fill_(bias)
+    x_ours, x_oracle = clone_input(x), clone_input(x)
+    y = layer(x_ours, raw.view(torch.bool))
+    expected = _masked_oracle(x_oracle, keep, layer.weight, layer.bias, act)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+    dy = torch.randn(y.shape, generator=g, dtype=F64)
+    y.backward(dy)
+    expected.backward(dy)
+    assert x_ours.grad is not None
+    assert x_oracle.grad is not None
+    assert torch.isfinite(x_ours.grad).all()
+    torch.testing.assert_close(x_ours.grad, x_oracle.grad, rtol=1e-7, atol=1e-9)

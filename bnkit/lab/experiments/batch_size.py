@@ -2,8 +2,8 @@
 
 Wu & He (2018, "Group Normalization", Figure 1): ResNet-50 on ImageNet, the error of BN
 rises from 23.6% at 32 images per GPU to 34.7% at 2, while GroupNorm, which normalizes
-within each sample, stays near 24.1% at every batch size. The seed note lists "hard to
-apply when the mini-batch is small" among batch norm's disadvantages.
+within each sample, stays near 24.1% at every batch size: "hard to apply when the
+mini-batch is small" is among batch norm's best-known disadvantages.
 
 Measured here: a small CNN (1D convolutions on MNIST-1D, 2D on images) trained for the
 same number of epochs at batch sizes 32, 16, 8, 4 and 2 (the learning rate scaled
@@ -18,10 +18,17 @@ linearly with the batch, as in the GroupNorm paper), with
   from the noise of the gradient);
 - ``sync``: synchronized batch norm over 2 local gloo processes, each with the given
   batch (statistics and gradients of twice as many samples).
+
+The GroupNorm paper trains every batch size for the same number of epochs, so a batch of
+2 takes 16 times the steps of a batch of 32; the claims follow it. To separate the batch
+statistics from the number of updates, BN and GroupNorm are also trained for the same
+number of steps at every batch size (by default the steps the middle batch size takes in
+the epochs above), and a claim compares BN's error there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -50,6 +57,7 @@ from bnkit.lab.training import (
     evaluation_steps,
     subsample,
     train,
+    verdict,
 )
 
 __all__ = ["EXPERIMENT", "BatchSizeConfig", "claims", "run", "scaled_renorm"]
@@ -93,6 +101,8 @@ class BatchSizeConfig:
         processes: the processes of the ``sync`` arm.
         evaluations: evaluations after step 0 (the error is the mean of the last 3).
         widths: the CNN's channels.
+        equal_steps: the steps of the equal-steps comparison; None: those of the middle
+            batch size at ``epochs``.
     """
 
     batch_sizes: tuple[int, ...] = (32, 16, 8, 4, 2)
@@ -107,6 +117,24 @@ class BatchSizeConfig:
     processes: int = 2
     evaluations: int = 10
     widths: tuple[int, ...] = (16, 32, 32)
+    equal_steps: int | None = None
+
+
+#: The arms also trained for the same number of steps at every batch size.
+EQUAL_STEPS_ARMS = ("bn", "gn")
+
+
+def equal_steps(config: BatchSizeConfig, samples: int) -> int:
+    """The steps of the equal-steps comparison.
+
+    Example:
+        >>> equal_steps(BatchSizeConfig(batch_sizes=(32, 8, 2), epochs=2), 2000)
+        500
+    """
+    if config.equal_steps is not None:
+        return config.equal_steps
+    sizes = sorted(config.batch_sizes)
+    return _steps(samples, config.epochs, min(sizes[len(sizes) // 2], samples))
 
 
 def scaled_renorm(total_steps: int) -> Any:
@@ -234,31 +262,40 @@ def run(config: BatchSizeConfig, context: RunContext) -> dict[str, Any]:
     data = subsample(context.dataset, config.train_samples, config.test_samples, context.seed)
     count = len(data.y_train)
     runs: dict[str, dict[str, Any]] = {arm: {} for arm in ARMS}
-    for arm in ("bn", "gn", "renorm", "micro"):
-        for batch in config.batch_sizes:
-            train_batch = config.large_batch if arm == "micro" else batch
-            train_batch = min(train_batch, count)
-            steps = _steps(count, config.epochs, train_batch)
-            torch.manual_seed(derive_seed(context.seed, "batch-size", "weights"))
-            model = conv_net(
-                data.sample_shape,
-                data.num_classes,
-                _norm(arm, batch, steps, config),
-                widths=config.widths,
-            )
-            history = train(
-                model,
-                data,
-                steps=steps,
-                batch_size=train_batch,
-                lr=_scaled_lr(config, train_batch),
-                momentum=config.momentum,
-                seed=derive_seed(context.seed, "batch-size", "batches", batch),
-                evaluations=config.evaluations,
-                progress=context.progress,
-                desc=f"batch-size {ARMS[arm]} {batch}",
-            )
-            runs[arm][str(batch)] = history.to_json()
+    same_steps = equal_steps(config, count)
+    by_steps: dict[str, dict[str, Any]] = {arm: {} for arm in EQUAL_STEPS_ARMS}
+    plan = [
+        (arm, batch, False)
+        for arm in ("bn", "gn", "renorm", "micro")
+        for batch in config.batch_sizes
+    ] + [(arm, batch, True) for arm in EQUAL_STEPS_ARMS for batch in config.batch_sizes]
+    for arm, batch, fixed_steps in plan:
+        train_batch = config.large_batch if arm == "micro" else batch
+        train_batch = min(train_batch, count)
+        steps = same_steps if fixed_steps else _steps(count, config.epochs, train_batch)
+        if fixed_steps and steps == _steps(count, config.epochs, train_batch):
+            by_steps[arm][str(batch)] = runs[arm][str(batch)]  # the same run
+            continue
+        torch.manual_seed(derive_seed(context.seed, "batch-size", "weights"))
+        model = conv_net(
+            data.sample_shape,
+            data.num_classes,
+            _norm(arm, batch, steps, config),
+            widths=config.widths,
+        )
+        history = train(
+            model,
+            data,
+            steps=steps,
+            batch_size=train_batch,
+            lr=_scaled_lr(config, train_batch),
+            momentum=config.momentum,
+            seed=derive_seed(context.seed, "batch-size", "batches", batch),
+            evaluations=config.evaluations,
+            progress=context.progress,
+            desc=f"batch-size {ARMS[arm]} {batch}" + (f", {steps} steps" if fixed_steps else ""),
+        )
+        (by_steps if fixed_steps else runs)[arm][str(batch)] = history.to_json()
     bar = context.progress(1, "batch-size sync BN (2 processes)")
     try:
         runs["sync"] = _run_sync(config, data, context.seed)
@@ -278,6 +315,12 @@ def run(config: BatchSizeConfig, context: RunContext) -> dict[str, Any]:
         "epochs": config.epochs,
         "errors": errors,
         "runs": runs,
+        "equal_steps": same_steps,
+        "errors_equal_steps": {
+            arm: {batch: _error(history) for batch, history in by_batch.items()}
+            for arm, by_batch in by_steps.items()
+        },
+        "runs_equal_steps": by_steps,
     }
 
 
@@ -326,14 +369,29 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
     loses = gap_large is not None and gap_small is not None
     loses = loses and float(gap_small or 0) - float(gap_large or 0) > DEGRADATION
     gn_paper = "Wu & He 2018, Figure 1 (ResNet-50, ImageNet): "
-    return [
+    fixed = results["errors_equal_steps"]
+    fixed_bn = {int(b): e for b, e in fixed["bn"].items()}
+    fixed_known = [e for e in fixed_bn.values() if e is not None]
+    fixed_small = fixed_bn.get(small)
+    fixed_degrades = (
+        fixed_small is not None
+        and bool(fixed_known)
+        and fixed_small - min(fixed_known) > DEGRADATION
+    )
+    fixed_row = ", ".join(f"{b}: {_pct(fixed_bn.get(b))}" for b in sizes)
+    fixed_gn = {int(b): e for b, e in fixed["gn"].items()}
+    protocol = (
+        f" (equal epochs, as the anchor: {results['epochs']} epochs, so batch {small} takes "
+        f"{large // small}x the steps of batch {large})"
+    )
+    found = [
         Claim(
             claim=f"Batch norm's test error rises as the batch shrinks: at batch {small} it "
             f"is more than {100 * DEGRADATION:g} points above its lowest error over the batch "
             "sizes.",
             anchor=gn_paper + "BN 23.6% error at 32 images per GPU, 34.7% at 2.",
             measured=f"BN error {_pct(bn_small)} at batch {small}, lowest {_pct(bn_best)}; "
-            f"by batch size {_row(results, 'bn')}.",
+            f"by batch size {_row(results, 'bn')}{protocol}.",
             holds=degrades,
         ),
         Claim(
@@ -388,7 +446,45 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             ),
             holds=_less(sync_small, bn_at_sync),
         ),
+        Claim(
+            claim=f"At an equal number of steps too, batch norm's test error at batch {small} "
+            f"is more than {100 * DEGRADATION:g} points above its lowest over the batch sizes "
+            "(the statistics, not only the fewer updates, cost accuracy).",
+            anchor=gn_paper + "compared at equal epochs; at equal steps the small batches also "
+            "see fewer examples, so this comparison is the stricter one for BN.",
+            measured=f"{results['equal_steps']} steps at every batch size: BN error "
+            f"{fixed_row}; GroupNorm "
+            + ", ".join(f"{b}: {_pct(fixed_gn.get(b))}" for b in sizes)
+            + ".",
+            holds=fixed_degrades,
+        ),
     ]
+    every = [(arm, b, False) for arm in ("bn",) for b in sizes]
+    relevant: list[list[tuple[str, int, bool]]] = [
+        every,
+        [("bn", large, False), ("bn", small, False), ("gn", large, False), ("gn", small, False)],
+        [("gn", small, False), ("bn", small, False)],
+        [("bn", large, False), ("gn", large, False)],
+        [("renorm", small, False), ("bn", small, False)],
+        [("micro", small, False), ("bn", large, False)],
+        [("sync", min(sync_sizes), False), ("bn", min(sync_sizes), False)] if sync_sizes else [],
+        [("bn", b, True) for b in sizes],
+    ]
+    return [
+        claim if claim.holds else dataclasses.replace(claim, training=_runs_verdict(results, runs))
+        for claim, runs in zip(found, relevant, strict=True)
+    ]
+
+
+def _runs_verdict(results: Mapping[str, Any], runs: list[tuple[str, int, bool]]) -> str | None:
+    """The training verdict of the runs a claim compares."""
+    curves = {}
+    for arm, batch, fixed in runs:
+        history = results["runs_equal_steps" if fixed else "runs"].get(arm, {}).get(str(batch))
+        if history is not None:
+            label = f"{ARMS[arm]} at batch {batch}{' (equal steps)' if fixed else ''}"
+            curves[label] = history
+    return verdict(curves)
 
 
 def headline(results: Mapping[str, Any]) -> str:
@@ -416,6 +512,18 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
                 marker="o",
                 color=_ARM_COLORS[arm],
                 label=label,
+            )
+    for arm in EQUAL_STEPS_ARMS:
+        fixed = results["errors_equal_steps"][arm]
+        points = [(b, fixed.get(str(b))) for b in sizes if fixed.get(str(b)) is not None]
+        if points:
+            ax.plot(
+                [math.log2(b) for b, _ in points],
+                [100 * float(e or 0.0) for _, e in points],
+                marker="s",
+                linestyle="--",
+                color=_ARM_COLORS[arm],
+                label=f"{ARMS[arm]}, {results['equal_steps']} steps at every size",
             )
     ax.set_xticks([math.log2(b) for b in sizes], [str(b) for b in sizes])
     ax.invert_xaxis()
@@ -447,7 +555,11 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
             "number of epochs at each: BN, GroupNorm, batch renorm, BN with micro-batch "
             "statistics but batch-32 gradients, and BN synchronized over 2 processes "
             "(x axis: per-process batch). The shape of the GroupNorm paper's Figure 1 "
-            "(ImageNet: BN 23.6% -> 34.7% from 32 to 2; GN 24.1%, flat).",
+            "(ImageNet: BN 23.6% -> 34.7% from 32 to 2; GN 24.1%, flat). Dashed: BN and "
+            "GroupNorm trained for the same number of steps at every batch size.",
+            alt="Test error against the batch size for batch norm, GroupNorm, batch renorm, "
+            "micro-batch statistics and synchronized batch norm, at equal epochs (solid) and "
+            f"equal steps (dashed); BN {_row(results, 'bn')}.",
         )
     ]
 
@@ -462,17 +574,26 @@ EXPERIMENT = Experiment(
         "SGD (momentum 0.9, learning rate 0.1 x batch/32) for the same number of epochs at "
         "each batch size. Test error is the mean of the last three evaluations (eval mode: "
         "batch norm uses its running statistics). The sync arm runs 2 local processes over "
-        "gloo, each with the given batch, through DistributedDataParallel. The quick "
-        "configuration (2 epochs of 3000 examples; sync at batch 8 and 2 only) is far from "
-        "convergence at the large batches, which get 16 times fewer steps than batch 2: "
-        "their errors, GroupNorm's most, are inflated by undertraining, so compare arms at "
-        "the same batch size; --full trains 20 epochs of the whole training set."
+        "gloo, each with the given batch, through DistributedDataParallel. BN and GroupNorm "
+        "are also trained for the same number of steps at every batch size. The quick "
+        "configuration (2 epochs of 1500 examples at batch 32, 8 and 2; sync at batch 2 "
+        "only) leaves the large batches, which get 16 times fewer steps than batch 2, far "
+        "from convergence: each claim that fails says whether its runs were still "
+        "improving; --full trains 20 epochs of the whole training set at 32, 16, 8, 4 and 2."
     ),
-    quick=BatchSizeConfig(train_samples=3000, sync_batch_sizes=(8, 2)),
+    quick=BatchSizeConfig(batch_sizes=(32, 8, 2), train_samples=1500, sync_batch_sizes=(2,)),
     full=BatchSizeConfig(epochs=20, train_samples=60_000, test_samples=10_000),
     step_fields=("train_samples", "test_samples"),
     run=run,
     claims=claims,
     plot=plot,
     headline=headline,
+    version=2,
+    curves=lambda results: {
+        f"{ARMS[arm]} at batch {batch}{' (equal steps)' if fixed else ''}": history
+        for fixed, key in ((False, "runs"), (True, "runs_equal_steps"))
+        for arm, by_batch in results[key].items()
+        if arm in EQUAL_STEPS_ARMS
+        for batch, history in by_batch.items()
+    },
 )

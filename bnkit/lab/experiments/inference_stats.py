@@ -352,4 +352,13 @@ EXPERIMENT = Experiment(
     claims=claims,
     plot=plot,
     headline=headline,
+    version=2,
+    curves=lambda results: {
+        str(name): {
+            "steps": results["steps"],
+            "test_accuracy": accuracies,
+            "diverged_at": results["diverged_at"],
+        }
+        for name, accuracies in results["accuracy"].items()
+    },
 )

@@ -270,11 +270,13 @@ EXPERIMENT = Experiment(
         "half each. Batch renorm (bnkit.Renorm) follows the paper's schedule scaled to the "
         "run: plain BN for the first 5% of steps, r_max reaching 3 at 40%, d_max 5 at 25%."
     ),
-    quick=NonIIDConfig(),
+    quick=NonIIDConfig(steps=1500),
     full=NonIIDConfig(steps=20_000, evaluations=40),
     step_fields=("steps",),
     run=run,
     claims=claims,
     plot=plot,
     headline=headline,
+    version=2,
+    curves=lambda results: {str(name): history for name, history in results["runs"].items()},
 )

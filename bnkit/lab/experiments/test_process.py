@@ -1,11 +1,12 @@
 """``test-process``: at test time batch norm uses population statistics.
 
-The seed note's test process: at test time the mini-batch is usually a single example,
-whose mean and standard deviation mean nothing, so the training data's "mean of the
-means and mean of the variances" are used instead. Ioffe & Szegedy (2015), Section 3.1
-and Algorithm 2: at inference the normalization uses the population statistics
-E[x] = E_B[mu_B] and Var[x] = m/(m-1) E_B[sigma_B^2], which makes the output a fixed
-function of the input.
+At test time the mini-batch is usually a single example, whose mean and standard
+deviation mean nothing, so the training data's "mean of the means and mean of the
+variances" are used instead. Ioffe & Szegedy (2015), Section 3.1 and Algorithm 2: at
+inference the normalization uses the population statistics E[x] = E_B[mu_B] and
+Var[x] = m/(m-1) E_B[sigma_B^2], which makes the output a fixed function of the input:
+each BN layer is then an affine map per feature, which can be folded into the linear
+layer before it (:func:`bnkit.tools.fold`), so that it costs nothing at inference.
 
 Measured here, on a ReLU MLP with BN trained with SGD:
 
@@ -17,7 +18,11 @@ Measured here, on a ReLU MLP with BN trained with SGD:
   during training (momentum 0.1, PyTorch's default), the cumulative average of every
   training batch (``momentum=None`` during training, statistics of early weights
   included), and the paper's Algorithm 2: after training, the cumulative average over
-  training batches with the final weights.
+  training batches with the final weights;
+- folding: the folded network's logits against the eval network's (max difference), the
+  batch norm layers left after folding, and the time of inference with and without them
+  (timings vary from run to run: they go to ``test-process.timings.json`` and the
+  figure, not to the results).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnkit.lab.experiment import Claim, Experiment, Figure, RunContext
+from bnkit.lab.experiment import Claim, Experiment, Figure, RunContext, Table
 from bnkit.lab.formatting import number, percent
 from bnkit.lab.models import batch_norm_implementation, batch_norm_layers, mlp
 from bnkit.lab.plotting import COLORS, new_figure, save_figure
@@ -48,6 +53,9 @@ AGREEMENT = 0.01
 SMALL_BATCH_LOSS = 0.02
 #: A batch of one "fails" if it tests at most this much above chance.
 CHANCE_MARGIN = 0.05
+#: The folded network "equals" the eval network if its logits are within this, relative
+#: to the largest logit (float32 rounding of the merged weights).
+FOLD_TOLERANCE = 1e-4
 
 #: The ways to get population statistics: results keys and their labels.
 VARIANTS: dict[str, str] = {
@@ -190,6 +198,65 @@ def _single_batch_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     return {"error": None, "accuracy": round(correct / len(x), 6)}
 
 
+def _median_seconds(call: Any, repeats: int = 15) -> float:
+    import time
+
+    call()  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _folding(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fold the eval network; (deterministic results, timings)."""
+    from bnkit.tools import fold
+
+    model = copy.deepcopy(model).eval()
+    folded, report = fold(model, return_report=True)
+    with torch.no_grad():
+        reference = model(x)
+        output = folded(x)
+    layers = batch_norm_layers(model)
+    inputs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, a: inputs.append(a[0])) for layer in layers]
+    single = x[:1]
+    with torch.no_grad():
+        model(single)
+    for hook in hooks:
+        hook.remove()
+
+    def bn_only() -> None:
+        with torch.no_grad():
+            for layer, value in zip(layers, inputs, strict=True):
+                layer(value)
+
+    def run_model(net: nn.Module) -> Any:
+        def call() -> None:
+            with torch.no_grad():
+                net(single)
+
+        return call
+
+    results = {
+        "max_logit_difference": float((reference - output).abs().max()),
+        "logit_scale": round(max(1.0, float(reference.abs().max())), 6),
+        "bn_layers_before": len(layers),
+        "bn_layers_after": len(batch_norm_layers(folded)),
+        "predictions_differ": int((reference.argmax(dim=1) != output.argmax(dim=1)).sum()),
+        "report": [str(line) for line in str(report).splitlines()][:12],
+    }
+    timings = {
+        "eval_seconds": _median_seconds(run_model(model)),
+        "folded_seconds": _median_seconds(run_model(folded)),
+        "bn_layers_seconds": _median_seconds(bn_only),
+        "batch": 1,
+    }
+    return results, timings
+
+
 def run(config: TestProcessConfig, context: RunContext) -> dict[str, Any]:
     """Train with BN; evaluate with population and batch statistics at several batch sizes."""
     data = context.dataset
@@ -224,7 +291,10 @@ def run(config: TestProcessConfig, context: RunContext) -> dict[str, Any]:
         "recalibrated": float((predict(recalibrated, x).argmax(dim=1) == y).float().mean()),
     }
     sizes = [size for size in config.eval_batch_sizes if size <= len(x)]
+    folding, timings = _folding(ema_model, x)
     return {
+        "folding": folding,
+        "timings": timings,
         "dataset": data.describe(),
         "batch_norm": batch_norm_implementation(),
         "chance": round(1.0 / data.num_classes, 6),
@@ -282,12 +352,20 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         and abs(variants["recalibrated"] - variants["ema"]) <= AGREEMENT
     )
     same_weights = bool(results["same_weights"])
+    folding = results["folding"]
+    fold_difference = folding["max_logit_difference"]
+    folds = (
+        fold_difference is not None
+        and fold_difference <= FOLD_TOLERANCE * folding["logit_scale"]
+        and folding["predictions_differ"] == 0
+        and folding["bn_layers_after"] == 0
+    )
     return [
         Claim(
             claim="In training, batch norm normalizes with the mini-batch's own statistics: "
             "the running (population) statistics never feed back into training.",
             anchor="Ioffe & Szegedy 2015, Algorithm 1: training normalizes with the mini-batch "
-            "mean mu_B and variance sigma_B^2; the seed note's training process.",
+            "mean mu_B and variance sigma_B^2.",
             measured="Two networks trained from the same weights on the same batches, one "
             "keeping a moving average of the statistics (momentum 0.1), one their cumulative "
             f"average (momentum=None), learned {'identical' if same_weights else 'different'} "
@@ -299,8 +377,8 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             claim="With population statistics the output does not depend on the batch: test "
             "examples one at a time give the same result as batches of 1000.",
             anchor="Ioffe & Szegedy 2015, Section 3.1: at inference the normalization uses "
-            "population statistics, so the output depends only on the input; the seed note: "
-            "at test time the mini-batch is usually a single example.",
+            "population statistics, so the output depends only on the input (at test time "
+            "the mini-batch is usually a single example).",
             measured=f"{results['samples']} test examples: max |logit difference| "
             f"{number(difference, '.2g')} (tolerance {tolerance:.2g}), "
             f"{population['predictions_differ']} predictions differ; accuracy "
@@ -310,16 +388,16 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
         ),
         Claim(
             claim="With batch statistics a single test example cannot be normalized.",
-            anchor="The seed note: with a mini-batch of 1 the mean and standard deviation are "
-            "meaningless; Ioffe & Szegedy 2015, Section 3.1: normalizing by the mini-batch is "
-            "neither necessary nor desirable at inference.",
+            anchor="Ioffe & Szegedy 2015, Section 3.1: normalizing by the mini-batch is "
+            "neither necessary nor desirable at inference; with a mini-batch of 1 the mean "
+            "and standard deviation are meaningless.",
             measured=f"Batch statistics at batch size 1: {single_text}.",
             holds=single_fails,
         ),
         Claim(
             claim="Normalizing with the statistics of small test batches loses accuracy.",
-            anchor="The seed note, disadvantages: batch norm is hard to apply when the "
-            "mini-batch is small.",
+            anchor="Ioffe 2017 (Batch Renormalization), Section 1: with small mini-batches "
+            "the batch statistics are poor estimates of the population's.",
             measured=(
                 f"Batch statistics: {percent(smallest)} at batch size {sizes[0]}, "
                 f"{percent(accuracies[-1])} at {sizes[-1]}; population statistics "
@@ -335,14 +413,28 @@ def claims(results: Mapping[str, Any]) -> list[Claim]:
             "and variances, classify as well as the moving average implementations keep "
             f"(within {100 * AGREEMENT:g} point).",
             anchor="Ioffe & Szegedy 2015, Algorithm 2: E[x] = E_B[mu_B], Var[x] = m/(m-1) "
-            "E_B[sigma_B^2]; the seed note: the mean of the means and the mean of the variances "
-            "of the training data.",
+            "E_B[sigma_B^2]: the mean of the means and the mean of the variances of the "
+            "training batches.",
             measured=f"Test accuracy: {percent(variants['recalibrated'])} with Algorithm 2 "
             f"({results['population_variants']['recalibration_batches']} batches, final "
             f"weights), {percent(variants['ema'])} with the moving average, "
             f"{percent(variants['cumulative_training'])} with the cumulative average over all "
             "of training.",
             holds=agree,
+        ),
+        Claim(
+            claim="At inference each batch norm layer is a fixed affine map, so it can be folded "
+            "into the linear layer before it: the folded network has no batch norm layer left "
+            "and computes the eval network's function.",
+            anchor="Ioffe & Szegedy 2015, Section 3.1 and Algorithm 2: with population "
+            "statistics the normalization is a linear transform, which can be composed with "
+            "the preceding linear layer.",
+            measured=f"{folding['bn_layers_before']} BN layers before folding, "
+            f"{folding['bn_layers_after']} after; on {results['samples']} test examples max "
+            f"|logit difference| {number(fold_difference, '.2g')} (tolerance "
+            f"{FOLD_TOLERANCE * folding['logit_scale']:.2g}), "
+            f"{folding['predictions_differ']} predictions differ.",
+            holds=folds,
         ),
     ]
 
@@ -429,14 +521,101 @@ def plot(results: Mapping[str, Any], out_dir: Path, prefix: str) -> list[Figure]
     ax.set_title("Population statistics")
     file = f"{prefix}batch-size.png"
     save_figure(figure, out_dir / file)
-    return [
+    sizes_text = ", ".join(
+        f"{percent(a)} at {b}"
+        for b, a in zip(batch_stats["sizes"], batch_stats["accuracy"], strict=True)
+    )
+    figures = [
         Figure(
             file,
             "Left: test accuracy when each test batch is normalized by its own "
             "statistics, against the batch size, and with the population statistics. "
             "Right: three ways of estimating the population statistics.",
+            alt="Test accuracy against the test batch size with batch statistics ("
+            f"{sizes_text}) and a flat line for population statistics; bars for three "
+            "estimates of the population statistics.",
         )
     ]
+    folding = results["folding"]
+    timings = results.get("timings")
+    figure, ax = new_figure(width=6.0, height=2.4)
+    if isinstance(timings, Mapping):
+        labels = ["eval network", "its BN layers alone", "folded network"]
+        values = [
+            1000 * timings["eval_seconds"],
+            1000 * timings["bn_layers_seconds"],
+            1000 * timings["folded_seconds"],
+        ]
+        ax.barh(range(3), values, color=[COLORS["bn"], COLORS["dropout"], COLORS["other"]])
+        ax.set_yticks(range(3), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel("time per test example (ms, median of 15)")
+        alt_times = "the times are in the table above"
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "timings not measured in this run", ha="center", va="center")
+        alt_times = "no timings in this run"
+    ax.set_title(
+        f"Folding: {folding['bn_layers_before']} BN layers -> {folding['bn_layers_after']}, "
+        f"max logit difference {number(folding['max_logit_difference'], '.2g')}"
+    )
+    file = f"{prefix}folding.png"
+    save_figure(figure, out_dir / file)
+    figures.append(
+        Figure(
+            file,
+            "Inference one example at a time with the eval network, its batch norm layers "
+            "alone, and the network with them folded into the linear layers before them "
+            "(bnkit.tools.fold). Times are this machine's and vary from run to run.",
+            alt="Bar chart of the inference time per test example of the eval network, of "
+            f"its batch norm layers alone, and of the folded network ({alt_times}).",
+        )
+    )
+    return figures
+
+
+def tables(results: Mapping[str, Any]) -> list[Table]:
+    """Inference with the eval network and the folded one (times if measured)."""
+    folding = results["folding"]
+    timings = results.get("timings")
+    rows = [
+        [
+            "eval network (population statistics)",
+            str(folding["bn_layers_before"]),
+            "0 (reference)",
+            _ms(timings, "eval_seconds"),
+            _ms(timings, "bn_layers_seconds"),
+        ],
+        [
+            "folded network (bnkit.tools.fold)",
+            str(folding["bn_layers_after"]),
+            number(folding["max_logit_difference"], ".2g"),
+            _ms(timings, "folded_seconds"),
+            "0 (no BN layer left)",
+        ],
+    ]
+    return [
+        Table(
+            "Inference on one test example at a time. Times: median of 15 runs on this "
+            "machine, in milliseconds; they vary from run to run, so they are kept out of the "
+            "results JSON (in test-process.timings.json).",
+            [
+                "network",
+                "BN layers",
+                "max |logit difference|",
+                "time per example (ms)",
+                "of which BN layers (ms)",
+            ],
+            rows,
+            numbers=False,
+        )
+    ]
+
+
+def _ms(timings: Mapping[str, Any] | None, key: str) -> str:
+    if not isinstance(timings, Mapping) or not isinstance(timings.get(key), (int, float)):
+        return "not measured"
+    return f"{1000 * float(timings[key]):.3f}"
 
 
 EXPERIMENT = Experiment(
@@ -451,11 +630,15 @@ EXPERIMENT = Experiment(
         "then evaluated one test example at a time and in batches, with population and with "
         "batch statistics."
     ),
-    quick=TestProcessConfig(),
+    quick=TestProcessConfig(steps=2000),
     full=TestProcessConfig(steps=20_000, single_samples=10_000, recalibration_batches=1000),
     step_fields=("steps", "recalibration_batches"),
     run=run,
     claims=claims,
     plot=plot,
     headline=headline,
+    version=2,
+    tables=tables,
+    curves=lambda results: {},
+    volatile=("timings",),
 )

@@ -1,0 +1,107 @@
+"""Which kernel runs where, and building the native code ahead of time.
+
+``bnkit doctor`` prints, for each device present and each input dtype, the kernel
+:func:`bnkit.kernels.select_kernel` picks for a plain training call and why;
+``bnkit build`` compiles the native CPU code now (for containers, clusters and CI, where
+the first call should not pay for it) and says where it went and how long it took.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import NamedTuple
+
+__all__ = ["Choice", "build", "describe"]
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class Choice(NamedTuple):
+    """The kernel a device and dtype get, and why."""
+
+    device: str
+    dtype: str
+    kernel: str
+    why: str
+
+
+def _devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+#: the autograd node of a plain training call's output -> the path that ran it
+_PATHS = {
+    "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
+    "_ExpressBatchNormBackward": "express, ctypes calling the native C loops",
+    "_FastNormalizeWithBatchStatsBackward": "CPU kernel: the native C loops (cpu.c)",
+    "_NormalizeBackward": "Triton kernels (bnkit.kernels.gpu)",
+}
+
+
+def _why_portable(device: str) -> str:
+    from bnkit.kernels import gpu, native
+
+    if device == "cpu":
+        if native.library() is None:
+            return f"portable torch operations: native loops unavailable ({native.load_error()})"
+        return "portable torch operations (no native loop for this case)"
+    if device == "cuda":
+        return f"portable torch operations: {gpu.import_error() or 'Triton declined it'}"
+    return "portable torch operations (no kernel specific to this device)"
+
+
+def describe() -> list[Choice]:
+    """What runs a plain training call of ``bnkit.BatchNorm2d(64)`` on a contiguous
+    (32, 64, 8, 8) input, for each device present and each input dtype: observed from the
+    autograd node the call leaves on its output, so it is what ran, not what should."""
+    import torch
+
+    import bnkit
+
+    rows = []
+    for device in _devices():
+        for name in DTYPES:
+            dtype = getattr(torch, name)
+            layer = bnkit.BatchNorm2d(64, device=device)  # float32 parameters, as AMP keeps them
+            if dtype == torch.float64:
+                layer = layer.double()
+            x = torch.randn(32, 64, 8, 8, device=device).to(dtype).requires_grad_()
+            node = type(layer(x).grad_fn).__name__
+            why = _PATHS.get(node) or _why_portable(device)
+            rows.append(Choice(device, name, node.removesuffix("Backward"), why))
+    return rows
+
+
+def build(timeout: float = 600.0) -> list[str]:
+    """Compile (or find in the cache) the native code now: the C loops, then the C++ express
+    path, waiting for both. Returns one line per part: what, where, how long.
+
+    Raises:
+        RuntimeError: a part cannot be built or loaded; the message says why.
+    """
+    from bnkit.kernels import fast, native
+
+    if os.environ.get("BNKIT_NATIVE", "1") == "0":
+        raise RuntimeError("BNKIT_NATIVE=0 turns the native code off")
+    start = time.perf_counter()
+    library = native.library()
+    if library is None:
+        raise RuntimeError(f"the native C loops cannot be built: {native.load_error()}")
+    lines = [f"C loops      {library._name}  ({time.perf_counter() - start:.1f} s)"]
+    if os.environ.get("BNKIT_NATIVE_CXX", "1") == "0":
+        return [*lines, "C++ express  off (BNKIT_NATIVE_CXX=0)"]
+    start = time.perf_counter()
+    fast.start()
+    module = fast.wait(timeout)
+    if module is None:
+        raise RuntimeError(f"the C++ express path cannot be built: {fast.load_error()}")
+    where = getattr(module, "__file__", "?")
+    return [*lines, f"C++ express  {where}  ({time.perf_counter() - start:.1f} s)"]

@@ -1,0 +1,57 @@
+"""bnkit doctor reports what actually runs; bnkit build compiles ahead of time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnkit import doctor
+from bnkit.kernels import native
+
+
+def test_describe_names_the_path_each_dtype_takes() -> None:
+    rows = doctor.describe()
+    cpu = {row.dtype: row for row in rows if row.device == "cpu"}
+    assert set(cpu) == set(doctor.DTYPES)
+    for row in cpu.values():
+        assert row.kernel
+        assert row.why
+    if native.library() is not None:  # float32 and float64 run native loops of some path
+        assert "native C loops" in cpu["float32"].why
+        assert "native C loops" in cpu["float64"].why
+
+
+def test_describe_without_native_code_says_portable_and_why() -> None:
+    code = (
+        "from bnkit import doctor\n"
+        "for row in doctor.describe():\n"
+        "    print(row.device, row.dtype, row.kernel, '|', row.why)\n"
+    )
+    env = {**os.environ, "BNKIT_NATIVE": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("cpu ")]
+    assert len(lines) == len(doctor.DTYPES)
+    for line in lines:
+        assert "portable" in line
+        assert "BNKIT_NATIVE=0" in line
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"no native code: {native.load_error()}")
+def test_build_reports_where_each_part_went() -> None:
+    lines = doctor.build(timeout=600)
+    assert lines[0].startswith("C loops")
+    assert Path(lines[0].split()[2]).is_file()
+    assert lines[1].startswith("C++ express")
+
+
+def test_build_refuses_when_native_code_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNKIT_NATIVE", "0")
+    with pytest.raises(RuntimeError, match="BNKIT_NATIVE=0"):
+        doctor.build()
