@@ -122,6 +122,10 @@ def test_missing_optional_dependency_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, argv: list[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+    # An imported submodule (sklearn.datasets, after the doctests) would be found without
+    # its parent: forget it too.
+    for name in [name for name in sys.modules if name.startswith(f"{module}.")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.delitem(sys.modules, "bnkit.lab.plotting", raising=False)  # imports it again
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
     status, stdout, stderr = run_cli([*argv, "--out", str(tmp_path / "out")])
