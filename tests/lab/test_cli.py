@@ -254,6 +254,7 @@ def test_report_rerenders_from_saved_results(
     assert "an edited measurement &lt;&amp;&gt;" in (tmp_path / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_damaged_result_is_run_again_with_a_warning(
     tmp_path: Path, lab_run: tuple[Path, str, str], tiny_data_dir: Path
 ) -> None:
@@ -272,6 +273,7 @@ def test_damaged_result_is_run_again_with_a_warning(
     assert (tmp_path / "ics.json").read_bytes() == (out / "ics.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_report_leaves_out_damaged_results_with_one_warning_each(
     tmp_path: Path, lab_run: tuple[Path, str, str]
 ) -> None:

@@ -35,6 +35,7 @@ def section_html(page: str, key: str) -> str:
 # What the default run covers
 
 
+@pytest.mark.slow
 def test_default_run_covers_every_section(lab_run: tuple[Path, str, str]) -> None:
     out, _, _ = lab_run
     covered: set[str] = set()
@@ -52,6 +53,7 @@ def test_default_run_covers_every_section(lab_run: tuple[Path, str, str]) -> Non
     assert re.search(r"<strong>(\d+) of \1?\d+</strong> claims held", page)
 
 
+@pytest.mark.slow
 def test_training_section_shows_batch_dependence_and_memory(lab_run: tuple[Path, str, str]) -> None:
     training = section_html(page_of(lab_run), "training")
     assert 'id="training-process"' in training
@@ -63,6 +65,7 @@ def test_training_section_shows_batch_dependence_and_memory(lab_run: tuple[Path,
 # Tables, alt texts, phone width
 
 
+@pytest.mark.slow
 def test_worked_batch_of_four_is_an_html_table_matching_the_demo(
     lab_run: tuple[Path, str, str],
 ) -> None:
@@ -85,6 +88,7 @@ def test_worked_batch_of_four_is_an_html_table_matching_the_demo(
     assert [row[6] for row in cells] == [row[5] for row in cells]  # the layer agrees
 
 
+@pytest.mark.slow
 def test_every_image_has_alt_text_that_describes_it(lab_run: tuple[Path, str, str]) -> None:
     images = re.findall(r"<img [^>]*>", page_of(lab_run))
     assert len(images) >= 10
@@ -96,6 +100,7 @@ def test_every_image_has_alt_text_that_describes_it(lab_run: tuple[Path, str, st
         assert not text.endswith(".png")
 
 
+@pytest.mark.slow
 def test_tables_scroll_inside_their_box(lab_run: tuple[Path, str, str]) -> None:
     page = page_of(lab_run)
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
@@ -108,6 +113,7 @@ def test_tables_scroll_inside_their_box(lab_run: tuple[Path, str, str]) -> None:
         assert word not in page.lower()
 
 
+@pytest.mark.slow
 def test_ics_section_presents_both_views(lab_run: tuple[Path, str, str]) -> None:
     section = section_html(page_of(lab_run), "covariate-shift")
     assert "Santurkar" in section
@@ -121,6 +127,7 @@ def test_ics_section_presents_both_views(lab_run: tuple[Path, str, str]) -> None
     assert any("loss landscape smoother" in c.claim for c in claims)
 
 
+@pytest.mark.slow
 def test_views_follow_the_claims(lab_run: tuple[Path, str, str]) -> None:
     results: dict[str, Any] = json.loads((lab_run[0] / "ics.json").read_text())["results"]
     for arm, drift, ics, loss, beta in (("bn", 0.2, 0.5, 0.1, 1.0), ("plain", 1.0, 0.1, 0.9, 9.0)):
@@ -138,6 +145,7 @@ def test_views_follow_the_claims(lab_run: tuple[Path, str, str]) -> None:
 # Timings stay out of the results
 
 
+@pytest.mark.slow
 def test_timings_are_kept_out_of_the_results(lab_run: tuple[Path, str, str]) -> None:
     out, _, _ = lab_run
     data = json.loads((out / "test-process.json").read_text())
@@ -151,6 +159,7 @@ def test_timings_are_kept_out_of_the_results(lab_run: tuple[Path, str, str]) -> 
     assert data["results"]["folding"]["bn_layers_after"] == 0
 
 
+@pytest.mark.slow
 def test_rerun_writes_identical_results_json(
     tmp_path: Path, lab_run: tuple[Path, str, str], tiny_data_dir: Path
 ) -> None:
@@ -255,6 +264,7 @@ def test_results_of_the_wrong_structure_are_skipped(
     assert "1 of 1" in page
 
 
+@pytest.mark.slow
 def test_known_experiment_with_bad_results_still_renders(
     tmp_path: Path, lab_run: tuple[Path, str, str]
 ) -> None:
@@ -320,6 +330,7 @@ def test_failed_claims_carry_the_verdict_held_ones_do_not() -> None:
     assert own.training == "its own"
 
 
+@pytest.mark.slow
 def test_saved_failed_claims_say_why(lab_run: tuple[Path, str, str]) -> None:
     out, _, _ = lab_run
     for name in DEFAULT:
@@ -332,6 +343,7 @@ def test_saved_failed_claims_say_why(lab_run: tuple[Path, str, str]) -> None:
                 assert claim["training"].startswith(("too short", "trained to")), claim
 
 
+@pytest.mark.slow
 def test_batch_size_claims_judge_only_the_runs_they_compare(
     lab_run: tuple[Path, str, str],
 ) -> None:

@@ -103,6 +103,7 @@ def test_module_db_inputs_match_torch(
 
 
 @pytest.mark.parametrize(("info", "case", "training"), list(_module_cases(torch.float64)))
+@pytest.mark.slow
 def test_module_db_gradcheck(info: Any, case: Any, training: bool) -> None:
     args, kwargs = case.constructor_input.args, case.constructor_input.kwargs
     layer = getattr(bnkit, info.module_cls.__name__)(*args, **kwargs).double().train(training)
