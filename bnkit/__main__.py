@@ -1,17 +1,19 @@
-"""The ``bnkit`` command line."""
+"""The ``bnkit`` command line.
+
+Building the parser imports neither torch nor matplotlib (each command imports what it
+needs when it runs), so ``bnkit --help`` answers at once. Ctrl-C and a missing optional
+extra end in one line instead of a traceback (see :func:`bnkit._cli.run`).
+"""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import numpy as np
-
 from bnkit import __version__
-from bnkit import reference as ref
+from bnkit._cli import PlainParser, run
 from bnkit.bench.cli import add_commands as add_bench_commands
 from bnkit.lab.cli import add_commands as add_lab_commands
 
@@ -23,6 +25,10 @@ def demo(seed: int = 0, out: TextIO | None = None) -> None:
     mean and standard deviation, the Z-transform, gamma and beta, then the population
     statistics gathered over training and their use on a single test sample.
     """
+    import numpy as np
+
+    from bnkit import reference as ref
+
     write = functools.partial(print, file=out or sys.stdout)
     rng = np.random.default_rng(seed)
     np.set_printoptions(precision=4, suppress=True)
@@ -66,9 +72,16 @@ def demo(seed: int = 0, out: TextIO | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bnkit", description="Batch normalization done completely."
-    )
+    """Run ``bnkit`` with ``argv`` (default: the process's arguments); return the exit status.
+
+    0: done; 1: data or an optional extra missing (one line on stderr); 2: bad arguments;
+    130: interrupted with Ctrl-C.
+    """
+    return run("bnkit", functools.partial(_main, argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = PlainParser(prog="bnkit", description="Batch normalization done completely.")
     parser.add_argument("--version", action="version", version=f"bnkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(

@@ -8,6 +8,9 @@ and the running statistics end up identical on every process.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -16,6 +19,12 @@ import bnkit
 
 
 def main() -> None:
+    if not {"RANK", "WORLD_SIZE"} <= set(os.environ):
+        # Run alone, init_process_group would wait for peers that never come.
+        sys.exit(
+            "examples/sync_cpu.py needs torchrun, which starts its processes:\n"
+            "  torchrun --standalone --nproc-per-node 2 examples/sync_cpu.py"
+        )
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights everywhere

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,36 @@ def test_version_matches_the_installed_metadata() -> None:
 
 def test_package_is_typed() -> None:
     assert (Path(bnkit.__file__).parent / "py.typed").exists()
+
+
+def test_version_is_written_in_one_place() -> None:
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "pyproject.toml", root / "README.md", *root.glob("docs/**/*.md")]
+    files += [*root.glob("bnkit/**/*.py"), *root.glob("examples/*.py")]
+    holders = [f.relative_to(root).as_posix() for f in files if bnkit.__version__ in f.read_text()]
+    assert holders == ["bnkit/__init__.py"]
+
+
+def test_changelog_starts_with_this_release() -> None:
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    first = next(line for line in changelog.splitlines() if line.startswith("## "))
+    assert first.split()[1] == bnkit.__version__
+
+
+def test_wheel_and_sdist_carry_the_license(tmp_path: Path) -> None:
+    pytest.importorskip("hatchling", reason="the dev extra installs hatchling")
+    from hatchling.builders.sdist import SdistBuilder
+    from hatchling.builders.wheel import WheelBuilder
+
+    root = str(Path(__file__).resolve().parents[1])
+    name = f"bnkit-{bnkit.__version__}"
+    wheel = next(WheelBuilder(root).build(directory=str(tmp_path), versions=["standard"]))
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_files = set(archive.namelist())
+    assert f"{name}.dist-info/licenses/LICENSE" in wheel_files
+    assert "bnkit/py.typed" in wheel_files
+    sdist = next(SdistBuilder(root).build(directory=str(tmp_path), versions=["standard"]))
+    with tarfile.open(sdist) as archive:
+        sdist_files = set(archive.getnames())
+    assert {f"{name}/LICENSE", f"{name}/CHANGELOG.md", f"{name}/pyproject.toml"} <= sdist_files
+    assert not any("/site/" in f or "/bnkit-lab/" in f for f in sdist_files)

@@ -28,10 +28,16 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from bnkit._cli import PlainParser, plain, run
+
 __all__ = ["add_commands", "format_machine", "format_row", "main", "run_command"]
 
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 _NAMES = ("bnkit", "compiled")
+# The names of bnkit.bench.speed.DTYPES and .OPERATIONS, repeated so that building the
+# parser (bnkit --help) does not import torch; a test keeps them equal.
+_DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+_OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -46,9 +52,17 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _configure(parser: argparse.ArgumentParser) -> None:
-    from bnkit.bench.speed import DTYPES, OPERATIONS
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
 
+
+def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="3 shapes, 3 repetitions (CI)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--memory", action="store_true", help="also run bnkit.bench.memory")
@@ -63,12 +77,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         action="append",
-        choices=tuple(DTYPES),
+        choices=_DTYPE_NAMES,
         help="dtype(s); float32 by default (bfloat16, float16: informational; 16-bit "
         "activations with float32 parameters)",
     )
-    parser.add_argument("--op", action="append", choices=OPERATIONS, help="operation(s)")
-    parser.add_argument("--repetitions", type=int, help="interleaved repetitions (default 7)")
+    parser.add_argument("--op", action="append", choices=_OPERATIONS, help="operation(s)")
+    parser.add_argument(
+        "--repetitions", type=_positive_int, help="interleaved repetitions (default 7)"
+    )
     parser.add_argument(
         "--thp",
         choices=("on", "off", "both"),
@@ -94,7 +110,7 @@ def add_commands(subparsers: Any) -> None:
     bench = subparsers.add_parser(
         "bench",
         help="batch norm speed: bnkit vs torch vs the memory-bandwidth floor",
-        description=__doc__,
+        description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(bench)
@@ -226,9 +242,28 @@ def _strip(argv: Sequence[str]) -> list[str]:
     return kept
 
 
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written (a missing folder, a folder in its place), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no folder {folder}"
+    if os.path.isdir(path):
+        return "it is a folder"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return None
+
+
 def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit bench`` with parsed arguments; returns the exit status."""
+    """Run ``bnkit bench`` with parsed arguments; returns the exit status.
+
+    1 (with one line on stderr) when ``--json FILE`` cannot be written: checked before
+    measuring, so no run is wasted.
+    """
     out = sys.stdout
+    if args.json and not args.worker and (reason := _unwritable(args.json)):
+        print(f"bnkit bench: cannot write --json {args.json}: {reason}", file=sys.stderr)
+        return 1
     if args.worker:
         if args.reuse_memory == "on":
             from bnkit.bench import speed
@@ -262,18 +297,28 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
         print("== bnkit.bench.sync", file=out, flush=True)
         sync.main(["--steps", "5"] if args.quick else [])
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        try:
+            with open(args.json, "w") as file:
+                json.dump(report, file, indent=2)
+        except OSError as error:
+            print(f"bnkit bench: cannot write --json {args.json}: {error}", file=sys.stderr)
+            return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bnkit.bench``: the same options as ``bnkit bench``."""
-    parser = argparse.ArgumentParser(
+    parser = PlainParser(
         prog="python -m bnkit.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(parser)
     args = parser.parse_args(argv)
-    return run_command(args, sys.argv[1:] if argv is None else argv)
+    raw = sys.argv[1:] if argv is None else argv
+    if args.worker:  # the measuring child: on Ctrl-C its parent says so, once
+        try:
+            return run_command(args, raw)
+        except KeyboardInterrupt:
+            return 130
+    return run("python -m bnkit.bench", lambda: run_command(args, raw))

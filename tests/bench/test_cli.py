@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bnkit.bench import cli, speed
 
 TINY = ["--shape", "8x16x8x8", "--shape", "64x32", "--repetitions", "1"]
 
 
+@pytest.mark.slow
 def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     process = subprocess.run(
@@ -70,6 +73,7 @@ def test_rows_format_without_running(tmp_path: Path) -> None:
     assert "torch" in cli.format_machine(speed.machine())
 
 
+@pytest.mark.slow
 def test_reuse_memory_runs_with_the_allocator_keeping_freed_memory(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     process = subprocess.run(

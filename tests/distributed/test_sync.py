@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 import bnkit
 from tests.distributed import workers
 
+pytestmark = pytest.mark.slow  # every test starts processes (torch.multiprocessing, torchrun)
+
 
 def spawn(world_size: int, scenario: str, tmp_path: Path) -> None:
     store = tmp_path / "store"

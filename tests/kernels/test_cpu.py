@@ -389,6 +389,7 @@ def test_masked_layer_matches_portable(layout: str, dtype: torch.dtype, pattern:
 
 
 @pytest.mark.parametrize("layout", ["ncl", "channels_last", "nc"])
+@pytest.mark.slow
 def test_gradcheck_masked(layout: str) -> None:
     x, mask = _masked_case(layout, torch.float64, "random", seed=3)
     rows = 2 if layout != "nc" else 20
@@ -637,6 +638,7 @@ _TORCH_ACTIVATIONS: dict[str, Any] = {
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["efficient", "plain"])
 @pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+@pytest.mark.slow
 def test_fused_invertible_activation_matches_torch_modules(
     name: str, param: float | None, memory_efficient: bool, channels_last: bool, dtype: torch.dtype
 ) -> None:
@@ -680,6 +682,7 @@ def test_fused_invertible_activation_refuses_double_backward() -> None:
 
 
 @pytest.mark.parametrize(("name", "param"), INVERTIBLE)
+@pytest.mark.slow
 def test_gradcheck_fused_invertible_activation(name: str, param: float | None) -> None:
     x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -749,6 +752,7 @@ def test_random_shapes_match_portable_with_invertible_activations(
 @pytest.mark.parametrize(
     ("name", "param"), [("leaky_relu", 0.01), ("elu", 1.0), ("identity", None)]
 )
+@pytest.mark.slow
 def test_fused_invertible_activation_on_threads(
     shape: tuple[int, ...], name: str, param: float | None
 ) -> None:

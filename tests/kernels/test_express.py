@@ -113,6 +113,7 @@ def _step(
 @pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.slow
 def test_matches_the_portable_kernel(
     shape: tuple[int, ...], fmt: torch.memory_format, dtype: torch.dtype, training: bool
 ) -> None:
@@ -222,6 +223,7 @@ def test_fuzz_against_the_reference(
     np.testing.assert_allclose(var.numpy(), var_ref, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradcheck_and_gradgradcheck_in_float64() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 30, dtype=torch.float64, generator=g, requires_grad=True)
@@ -300,6 +302,7 @@ HALF_ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.slow
 def test_16_bit_inputs_match_the_portable_kernel(
     shape: tuple[int, ...],
     fmt: torch.memory_format,

@@ -155,6 +155,7 @@ def test_a_non_finite_batch_is_handled_alike(
 
 
 @pytest.mark.usefixtures("fast_call")
+@pytest.mark.slow
 def test_gradients_of_any_layout_and_double_backward() -> None:
     x = torch.randn(4, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -232,6 +233,7 @@ def test_large_outputs_are_left_to_the_output_pool(fast_call: Any) -> None:
     assert fast_call(x, None, None, None, None, True, 0.1, 1e-5, None, True, True, False) is None
 
 
+@pytest.mark.slow
 def test_can_be_turned_off() -> None:
     code = (
         "import torch; from bnkit.kernels import fast, express; "
@@ -246,6 +248,7 @@ def test_can_be_turned_off() -> None:
     assert result.stdout.startswith("None disabled")
 
 
+@pytest.mark.slow
 def test_a_failed_build_is_reported_and_changes_nothing(tmp_path: Any) -> None:
     code = "from bnkit.kernels import fast; fast.start(); print(fast.wait(120), fast.load_error())"
     env = {**os.environ, "CXX": "false", "BNKIT_CACHE_DIR": str(tmp_path)}

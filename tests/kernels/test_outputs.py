@@ -157,6 +157,7 @@ def test_frombuffer_holds_its_buffer_here() -> None:
     assert outputs._holds_its_buffer()
 
 
+@pytest.mark.slow
 def test_environment_turns_the_pool_off() -> None:
     code = "from bnkit.kernels import outputs; print(outputs.enabled())"
     env = {**os.environ, "BNKIT_OUTPUT_POOL": "0"}

@@ -13,6 +13,8 @@ import pytest
 
 from bnkit.lab.experiments import GROUPS, get_experiment
 
+pytestmark = pytest.mark.slow  # every test reads the results of a tiny run of the lab
+
 Results = dict[str, Any]
 Edit = Callable[[Results], None]
 

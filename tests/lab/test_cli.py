@@ -155,6 +155,7 @@ def test_help_is_plain_text_and_imports_nothing_heavy(command: str) -> None:
         assert markup not in help_text
 
 
+@pytest.mark.slow
 def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> None:
     out, stdout, _ = lab_run
     names = list(DEFAULT)  # no names: every experiment
@@ -191,6 +192,7 @@ def test_run_writes_results_plots_and_report(lab_run: tuple[Path, str, str]) -> 
     assert "claims held on fashion-mnist" in stdout
 
 
+@pytest.mark.slow
 def test_second_run_skips_and_force_reruns(
     tmp_path: Path, lab_run: tuple[Path, str, str], tiny_data_dir: Path
 ) -> None:
@@ -224,6 +226,7 @@ def test_second_run_skips_and_force_reruns(
     assert stdout.splitlines()[1].split()[:2] == ["test-process", "ran"]
 
 
+@pytest.mark.slow
 def test_report_rerenders_from_saved_results(
     tmp_path: Path, lab_run: tuple[Path, str, str]
 ) -> None:

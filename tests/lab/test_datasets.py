@@ -219,6 +219,7 @@ def test_digits_split_is_fixed() -> None:
     assert abs(float(first.x_train.double().mean())) < 1e-5
 
 
+@pytest.mark.slow
 def test_mnist1d_is_generated_offline_cached_and_leaves_global_seeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,6 +260,7 @@ def test_mnist1d_is_generated_offline_cached_and_leaves_global_seeds(
         np.testing.assert_array_equal(repaired[key], arrays[key])
 
 
+@pytest.mark.slow
 def test_mnist1d_dataset(tmp_path: Path) -> None:
     data = load_dataset("mnist1d", cache_dir=tmp_path)
     assert data.x_train.shape == (4000, 40)
@@ -267,6 +269,7 @@ def test_mnist1d_dataset(tmp_path: Path) -> None:
     assert abs(float(data.x_train.double().mean())) < 1e-5
 
 
+@pytest.mark.slow
 def test_unwritable_cache_still_gives_the_data(tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("a file where the cache directory should be")

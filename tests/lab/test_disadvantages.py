@@ -20,6 +20,8 @@ from bnkit.lab.experiments import DEFAULT, GROUPS, expand_names, get_experiment
 from bnkit.lab.workers import WorkerError, run_workers
 from tests.lab.conftest import lab_argv, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs the lab's experiments or spawns worker processes
+
 Results = dict[str, Any]
 Edit = Callable[[Results], None]
 NEW = GROUPS["disadvantages"]

@@ -35,6 +35,7 @@ def trained(use_batch_norm: bool, lr: float, seed: int = 0) -> tuple[torch.nn.Mo
     return model, history
 
 
+@pytest.mark.slow
 def test_training_is_deterministic() -> None:
     first_model, first = trained(True, 0.05)
     second_model, second = trained(True, 0.05)

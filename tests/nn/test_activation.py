@@ -107,6 +107,7 @@ def test_fused_equals_torch_batch_norm_and_relu() -> None:
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["efficient", "plain"])
+@pytest.mark.slow
 def test_gradcheck(activation: str, memory_efficient: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -208,6 +209,7 @@ def test_layer_saves_at_most_half_of_torch(activation: str) -> None:
     assert ours <= theirs / 2 + per_channel
 
 
+@pytest.mark.slow
 def test_leaky_relu_stack_saves_at_most_sixty_percent_of_torch() -> None:
     x = torch.randn(4, 16, 12, 12, requires_grad=True)
     theirs = saved_bytes(lambda: stack("torch", "leaky_relu", 16)(x))

@@ -13,7 +13,10 @@ import bnkit.nn as bnn
 # torch._dynamo instantiates torch.autograd.Function while tracing any custom autograd
 # Function, which emits a DeprecationWarning from inside torch (pytorch/pytorch#128439,
 # fixed upstream by #186421). Warnings are errors in this test run, so allow that one.
-pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning"),
+    pytest.mark.slow,  # torch.compile takes seconds per model
+]
 
 
 def _model(**options: Any) -> torch.nn.Module:

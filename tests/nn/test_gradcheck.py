@@ -52,6 +52,7 @@ CONFIGS: list[tuple[str, Callable[[], bnn.BatchNormNd], bool, tuple[int, ...], A
     [c[1:] for c in CONFIGS],
     ids=[c[0] for c in CONFIGS],
 )
+@pytest.mark.slow
 def test_gradcheck_and_gradgradcheck(
     factory: Callable[[], bnn.BatchNormNd],
     training: bool,

@@ -97,6 +97,7 @@ def test_pipeline_with_explicit_kernel() -> None:
     assert select_kernel(x.half()) is portable.KERNEL  # half precision: the portable kernel
 
 
+@pytest.mark.slow
 def test_without_the_c_library_everything_runs_on_the_portable_kernel() -> None:
     """BNKIT_NATIVE=0 (or no C compiler): no library is loaded, and the layer, its
     gradients, masks and 16-bit inputs still match torch through the portable kernel."""

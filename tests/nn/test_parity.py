@@ -55,6 +55,7 @@ def _step(theirs: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, seed:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("options", LAYER_OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.slow
 def test_train_then_eval_matches_torch(
     case: Case, options: dict[str, Any], dtype: torch.dtype
 ) -> None:

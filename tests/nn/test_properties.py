@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ def shapes(draw: st.DrawFn) -> tuple[int, ...]:
     log_scale=st.floats(-3, 3),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_random_configurations_match_torch(
     shape: tuple[int, ...],
     momentum: float | None,

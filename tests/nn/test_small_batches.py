@@ -561,6 +561,7 @@ CLIPPED = bnkit.Renorm(1.5, 0.5, 0, 0, 0)
     ],
     ids=["mask", "ghost", "ghost-mask", "renorm", "renorm-ghost-mask", "renorm-noaffine"],
 )
+@pytest.mark.slow
 def test_gradcheck(options: dict[str, Any], use_mask: bool, affine: bool) -> None:
     """float64 gradcheck of the functional form. For renorm, the population statistics are
     chosen so that r and d are clipped: there they are locally constant, so the true
@@ -595,6 +596,7 @@ def test_gradcheck(options: dict[str, Any], use_mask: bool, affine: bool) -> Non
 
 
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning")
+@pytest.mark.slow
 def test_compiled_variants_match_eager() -> None:
     torch._dynamo.reset()
     options = {"renorm": bnkit.Renorm(2.0, 1.0, 0, 2, 2), "ghost_batch_size": 4}

@@ -58,6 +58,7 @@ def _same_behaviour(a: torch.nn.Module, b: torch.nn.Module, rank: int) -> None:
     "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
 )
 @pytest.mark.parametrize("direction", ["torch->bnkit", "bnkit->torch"])
+@pytest.mark.slow
 def test_checkpoint_loads_either_way(direction: str, options: dict[str, Any], rank: int) -> None:
     theirs, ours = twin_layers(rank, 3, torch.float64, torch_kwargs=options)
     source, target = (theirs, ours) if direction == "torch->bnkit" else (ours, theirs)

@@ -28,6 +28,7 @@ def _cnn(bn1d: Any, bn2d: Any, **options: Any) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("options", [{}, {"momentum": None}], ids=["default", "cumulative"])
+@pytest.mark.slow
 def test_training_gives_identical_parameters(options: dict[str, Any]) -> None:
     torch.manual_seed(0)
     theirs = _cnn(torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, **options)

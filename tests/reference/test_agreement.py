@@ -181,6 +181,7 @@ def test_matches_torch_functional_in_float32(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.slow
 def test_layer_matches_torch_module_over_training_and_test(case: Case, estimator: str) -> None:
     """Five training steps then evaluation: the reference layer tracks torch's module."""
     torch_bn = TORCH_MODULES[case.rank](
@@ -224,6 +225,7 @@ def test_layer_matches_torch_module_over_training_and_test(case: Case, estimator
 
 
 @given(batches(), st.sampled_from([torch.float64, torch.float32]))
+@pytest.mark.slow
 def test_matches_torch_on_drawn_inputs(
     batch: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], dtype: torch.dtype
 ) -> None:

@@ -115,6 +115,7 @@ def ghost_mask(case: Case, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("case", GHOST_CASES, ids=[c.id for c in GHOST_CASES])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.slow
 def test_ghost_backward(case: Case, masked: bool) -> None:
     x, (gamma, beta), dy = case.input(), case.params(), upstream(case)
     size = ghost_size(case)

@@ -29,6 +29,7 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.slow
 def test_convert_keeps_objects_state_and_outputs(dtype: torch.dtype) -> None:
     model = resnet(dtype=dtype)
     model.layer1.bn1.weight.requires_grad_(False)
@@ -76,6 +77,7 @@ def test_convert_keeps_each_modules_mode() -> None:
     assert {name: m.training for name, m in model.named_modules()} == modes
 
 
+@pytest.mark.slow
 def test_an_optimizer_built_before_convert_trains_the_converted_model() -> None:
     model = resnet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -341,6 +341,7 @@ def _input(config: dict[str, object], channels: int, dtype: torch.dtype) -> Tens
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_conv_then_bn_folds_exactly(
     config: dict[str, object], dtype: torch.dtype, seed: int
 ) -> None:
@@ -358,6 +359,7 @@ def test_conv_then_bn_folds_exactly(
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_bn_then_conv_folds_exactly_where_there_is_no_zero_padding(
     config: dict[str, object], dtype: torch.dtype, seed: int
 ) -> None:
@@ -385,6 +387,7 @@ def test_string_paddings(padding: str) -> None:
 # --- export ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_folded_resnet_exports_with_torch_export() -> None:
     model = resnet()
     folded = fold(model)
@@ -395,6 +398,7 @@ def test_folded_resnet_exports_with_torch_export() -> None:
     assert not any("batch_norm" in op for op in ops)
 
 
+@pytest.mark.slow
 def test_folded_resnet_exports_to_onnx() -> None:
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnx")

@@ -183,6 +183,7 @@ def test_shift_matches_the_definition_by_hand() -> None:
     assert second.cosine < 1
 
 
+@pytest.mark.slow
 def test_optimizer_factory_sgd_equals_lr() -> None:
     model = _deep(bn=True).train()
     plain = santurkar_ics(model, F.mse_loss, _batch(), lr=0.2)
@@ -214,6 +215,7 @@ def test_the_model_is_left_as_it_was() -> None:
     assert model.training
 
 
+@pytest.mark.slow
 def test_chosen_layers_and_errors() -> None:
     model = _deep(bn=True)
     shifts = santurkar_ics(model, F.mse_loss, _batch(), layers=["4", "1"])
