@@ -90,11 +90,34 @@ def _main(argv: Sequence[str] | None) -> int:
     demo_parser.add_argument("--seed", type=int, default=0)
     add_lab_commands(commands)  # "lab" and "report"
     add_bench_commands(commands)  # "bench"
+    commands.add_parser(
+        "doctor", help="which code runs a plain call on each device and dtype, and why"
+    )
+    commands.add_parser("build", help="compile the native CPU code now (containers, clusters, CI)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(seed=args.seed)
         return 0
+    if args.command in ("doctor", "build"):
+        return _native(args.command)
     return int(args.run_command(args))  # lab, report, bench: 0 done, 1 data missing
+
+
+def _native(command: str) -> int:
+    """``bnkit doctor``: a line per device and dtype; ``bnkit build``: a line per part."""
+    from bnkit import doctor
+
+    if command == "doctor":
+        for row in doctor.describe():
+            print(f"{row.device:5} {row.dtype:9} {row.kernel:36} {row.why}")
+        return 0
+    try:
+        lines = doctor.build()
+    except RuntimeError as error:
+        print(f"bnkit build: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":

@@ -55,3 +55,18 @@ def test_build_refuses_when_native_code_is_off(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("BNKIT_NATIVE", "0")
     with pytest.raises(RuntimeError, match="BNKIT_NATIVE=0"):
         doctor.build()
+
+
+def test_command_line() -> None:
+    doctor_run = subprocess.run(
+        [sys.executable, "-m", "bnkit", "doctor"], capture_output=True, text=True, timeout=300
+    )
+    assert doctor_run.returncode == 0, doctor_run.stderr
+    cpu_lines = [line for line in doctor_run.stdout.splitlines() if line.startswith("cpu ")]
+    assert [line.split()[1] for line in cpu_lines] == list(doctor.DTYPES)
+    env = {**os.environ, "BNKIT_NATIVE": "0"}
+    build_run = subprocess.run(
+        [sys.executable, "-m", "bnkit", "build"], capture_output=True, text=True, env=env
+    )
+    assert build_run.returncode == 1
+    assert build_run.stderr.strip() == "bnkit build: BNKIT_NATIVE=0 turns the native code off"

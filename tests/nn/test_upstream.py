@@ -102,6 +102,7 @@ def test_module_db_inputs_match_torch(
             torch.testing.assert_close(got, want, **TOL[dtype], msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("info", "case", "training"), list(_module_cases(torch.float64)))
 @pytest.mark.slow
 def test_module_db_gradcheck(info: Any, case: Any, training: bool) -> None:
