@@ -14,7 +14,7 @@ import math
 import numbers
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -175,6 +175,13 @@ class Options:
             )
         param = check_activation(where, self.activation, self.activation_param)
         object.__setattr__(self, "activation_param", param)
+        plain = (
+            self.ghost_batch_size is None
+            and self.renorm is None
+            and not self.sync
+            and self.activation in (None, "relu")
+        )
+        object.__setattr__(self, "_plain", plain)  # computed once: read on every call
 
     @property
     def fused(self) -> kernels.Activation | None:
@@ -187,12 +194,8 @@ class Options:
     def plain(self) -> bool:
         """No ghost batches, renorm or sync, and no activation but a plain ReLU: what the
         express path takes (masks aside, which are per call)."""
-        return (
-            self.ghost_batch_size is None
-            and self.renorm is None
-            and not self.sync
-            and self.activation in (None, "relu")
-        )
+        plain: bool = self.__dict__["_plain"]
+        return plain
 
 
 def batch_norm(
@@ -329,7 +332,7 @@ def batch_norm(
         the unbiased one by default, so eval-mode outputs on the training batch differ
         slightly from training-mode outputs.
     """
-    options = Options(
+    options = _options(
         "batch_norm",
         running_var_estimator,
         single_sample,
@@ -350,6 +353,23 @@ def batch_norm(
     if recorded is not None and not torch.compiler.is_compiling():
         _FUNCTIONAL_MONITOR.observe(recorded, tuple(input.shape))
     return output
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_options(*fields: Any) -> Options:
+    return Options(*fields)
+
+
+def _options(*fields: Any) -> Options:
+    """``Options(*fields)``, made once per distinct set of values (validating takes a
+    quarter of a small call's time); ``typed``, so that 1 is not taken for True."""
+    # the defaults, the common case, without a lookup (True == 1: the flags' types too)
+    if fields == _DEFAULT_FIELDS and type(fields[3]) is type(fields[6]) is type(fields[10]) is bool:
+        return _DEFAULT_OPTIONS
+    try:
+        return _cached_options(*fields)
+    except TypeError:  # an unhashable value: Options says what is wrong with it
+        return Options(*fields)
 
 
 class Call(NamedTuple):
@@ -886,5 +906,10 @@ def _holds_values(t: Tensor) -> bool:
 
     return t.device.type != "meta" and not is_fake(t)
 
+
+_DEFAULT_OPTIONS = Options()
+_DEFAULT_FIELDS = tuple(getattr(_DEFAULT_OPTIONS, f.name) for f in fields(Options))
+# _options checks the types of the flags skip_nonfinite, sync and memory_efficient by index
+assert tuple(i for i, value in enumerate(_DEFAULT_FIELDS) if type(value) is bool) == (3, 6, 10)
 
 _FUNCTIONAL_MONITOR = NonFiniteMonitor("batch_norm", once=False)

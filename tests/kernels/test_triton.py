@@ -588,10 +588,12 @@ def test_availability_and_unsupported_inputs(monkeypatch: pytest.MonkeyPatch) ->
     kernels do not take (integer or empty inputs, masks of another shape) goes to the
     portable kernel."""
     assert gpu.available()
-    monkeypatch.setenv("BNKIT_KERNEL", "triton")
-    assert gpu.forced()
+    monkeypatch.setenv("BNKIT_KERNEL", " Triton ")
+    assert gpu._from_environment()
     monkeypatch.setenv("BNKIT_KERNEL", "portable")
-    assert not gpu.forced()
+    assert not gpu._from_environment()
+    monkeypatch.setattr(gpu, "FORCED", True)
+    assert gpu.forced()
     assert gpu.supports(torch.zeros(2, 3, device=DEVICE))
     assert not gpu.supports(torch.zeros(2, 3, dtype=torch.int64, device=DEVICE))
     assert not gpu.supports(torch.zeros(0, 3, device=DEVICE))
@@ -627,7 +629,7 @@ def test_layer_dispatches_to_triton_when_asked(
     from bnkit import BatchNorm2d
     from bnkit.kernels import select_kernel
 
-    monkeypatch.setenv("BNKIT_KERNEL", "triton")
+    monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton at import
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     assert isinstance(select_kernel(x), gpu.TritonKernel)

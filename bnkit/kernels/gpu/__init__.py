@@ -107,12 +107,22 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def _from_environment() -> bool:
+    """Whether ``BNKIT_KERNEL`` says ``triton`` (any case, surrounding spaces ignored)."""
+    return os.environ.get("BNKIT_KERNEL", "").strip().lower() == "triton"
+
+
+#: ``BNKIT_KERNEL=triton``, read once when bnkit is imported (every plain call asks).
+FORCED = _from_environment()
+
+
 def forced() -> bool:
-    """Whether the environment asks for the Triton kernels: ``BNKIT_KERNEL=triton``.
+    """Whether the environment asked for the Triton kernels: ``BNKIT_KERNEL=triton`` when
+    bnkit was imported.
 
     Example:
         >>> import os
         >>> forced() == (os.environ.get("BNKIT_KERNEL", "").strip().lower() == "triton")
         True
     """
-    return os.environ.get("BNKIT_KERNEL", "").strip().lower() == "triton"
+    return FORCED
