@@ -104,7 +104,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _native(command: str) -> int:
-    """``bnkit doctor``: a line per device and dtype; ``bnkit build``: a line per part."""
+    """``bnkit doctor``: a line per device and dtype; ``bnkit build``: where the native code is."""
     from bnkit import doctor
 
     if command == "doctor":

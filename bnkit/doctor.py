@@ -80,28 +80,20 @@ def describe() -> list[Choice]:
     return rows
 
 
-def build(timeout: float = 600.0) -> list[str]:
-    """Compile (or find in the cache) the native code now: the C loops, then the C++ express
-    path, waiting for both. Returns one line per part: what, where, how long.
+def build() -> list[str]:
+    """Compile (or find in the cache) the native code now. Returns one line: where it is
+    and how long it took.
 
     Raises:
-        RuntimeError: a part cannot be built or loaded; the message says why.
+        RuntimeError: it cannot be built or loaded; the message says why.
     """
-    from bnkit.kernels import fast, native
+    from bnkit.kernels import native
 
     if os.environ.get("BNKIT_NATIVE", "1") == "0":
         raise RuntimeError("BNKIT_NATIVE=0 turns the native code off")
     start = time.perf_counter()
-    library = native.library()
-    if library is None:
-        raise RuntimeError(f"the native C loops cannot be built: {native.load_error()}")
-    lines = [f"C loops      {library._name}  ({time.perf_counter() - start:.1f} s)"]
-    if os.environ.get("BNKIT_NATIVE_CXX", "1") == "0":
-        return [*lines, "C++ express  off (BNKIT_NATIVE_CXX=0)"]
-    start = time.perf_counter()
-    fast.start()
-    module = fast.wait(timeout)
-    if module is None:
-        raise RuntimeError(f"the C++ express path cannot be built: {fast.load_error()}")
-    where = getattr(module, "__file__", "?")
-    return [*lines, f"C++ express  {where}  ({time.perf_counter() - start:.1f} s)"]
+    extension = native.extension()
+    if extension is None:
+        raise RuntimeError(f"the native code cannot be built: {native.load_error()}")
+    where = getattr(extension, "__file__", "?")
+    return [f"native CPU kernels  {where}  ({time.perf_counter() - start:.1f} s)"]

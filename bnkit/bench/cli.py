@@ -134,15 +134,11 @@ def _config(args: argparse.Namespace) -> Any:
 
 def format_machine(info: dict[str, Any]) -> str:
     """One line describing where the figures come from."""
-    native = "C kernel" if info["native_kernel"] else f"portable only ({info['native_error']})"
+    native = "native code" if info["native_kernel"] else f"portable only ({info['native_error']})"
     compiled = info.get("native_compile_s")
     first = f", first call {info['native_first_call_s']:.2f} s"
     if compiled is not None:
         first += f" (compiled in {compiled:.2f} s)"
-    if info.get("cxx_path"):
-        first += f"; C++ path (waited {info['cxx_wait_s']:.1f} s for it)"
-    elif info.get("native_kernel"):
-        first += f"; no C++ path ({info.get('cxx_error')})"
     return (
         f"{info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
         f"{info['torch_threads']} threads, bnkit {info['bnkit']}: {native}{first}; "

@@ -155,13 +155,6 @@ def machine() -> dict[str, Any]:
     start = time.perf_counter()
     library = native.library()
     load_s = time.perf_counter() - start
-    # the C++ path for small tensors builds in the background on first use: wait for it,
-    # so that no row is measured half on one path and half on the other
-    from bnkit.kernels import fast
-
-    start = time.perf_counter()
-    extension = fast.wait(timeout=600) if library is not None else None
-    extension_s = time.perf_counter() - start
     return {
         "cpu": model,
         "logical_cpus": os.cpu_count(),
@@ -175,9 +168,6 @@ def machine() -> dict[str, Any]:
         "native_error": native.load_error(),
         "native_first_call_s": round(load_s, 4),
         "native_compile_s": native.build_seconds(),
-        "cxx_path": extension is not None,
-        "cxx_error": fast.load_error(),
-        "cxx_wait_s": round(extension_s, 2),
     }
 
 

@@ -16,18 +16,23 @@
  * Work is split over threads by ranges of rows in memory order, or by channels (split
  * further into parts of the batch when channels are few), on `nt`
  * OpenMP threads (the process's libgomp: torch's own when torch is loaded first).
+ * Compiled as C++ (it is also valid C) into one torch extension with fast.cpp by
+ * bnkit.kernels.native; the functions have C names.
  */
 #ifndef BN_TEMPLATE
 #define BN_TEMPLATE
-/* BN_PART 1-4 compiles one instantiation (f32 with the shared functions, f64, bf16, f16),
- * so that a build can compile the four in parallel and link them; 0 (default): all. */
-#ifndef BN_PART
-#define BN_PART 0
-#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+/* C names, so that bnkit.kernels.native finds them with ctypes and fast.cpp by name. */
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 typedef int64_t i64;
 
@@ -95,15 +100,10 @@ static i64 parts_for(i64 C, i64 N, int nt) {
 /* Rows shorter than this that do not consist of whole lines are written with ordinary
  * stores: their partial lines at the ends would be as many as the streamed ones. */
 #define STREAM_ROW_BYTES 512
-#if BN_PART == 0 || BN_PART == 1
 i64 bn_stream_bytes = 0;
 void bn_set_stream_bytes(i64 bytes) { bn_stream_bytes = bytes > 0 ? bytes : 0; }
 i64 bn_get_stream_bytes(void) { return bn_stream_bytes; }
-#else
-extern i64 bn_stream_bytes;
-#endif
 #if defined(__SSE2__)
-#include <immintrin.h>
 #define STREAMING 1
 static inline void stream_line(void *q, const void *line) {
 #if defined(__AVX__)
@@ -177,7 +177,6 @@ static inline int stream_row(const void *q, i64 n, i64 size, i64 *head) {
         }                                                                                 \
     } while (0)
 
-#if BN_PART == 0 || BN_PART == 1
 /* dst = src, n bytes, whole lines with streaming stores: the fastest a pass that reads
  * one tensor and writes another can go (bnkit.bench's bandwidth floor). */
 void bn_stream_copy(const uint8_t *src, uint8_t *dst, i64 n, int nt) {
@@ -193,7 +192,6 @@ void bn_stream_copy(const uint8_t *src, uint8_t *dst, i64 n, int nt) {
         stream_fence(1);
     }
 }
-#endif
 
 /* The running-statistics update below, declared for the one-call paths of the template. */
 int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,
@@ -214,7 +212,6 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #define LD(v) (v)
 #define STO(v) (v)
 #define HALF_DATA 0
-#if BN_PART == 0 || BN_PART == 1
 #define T float
 #define D float
 #define S f32
@@ -230,8 +227,6 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
-#endif
-#if BN_PART == 0 || BN_PART == 2
 #define T double
 #define D double
 #define S f64
@@ -247,7 +242,6 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #undef EXPM1
 #undef LOG1P
 #undef SQRT
-#endif
 #undef LD
 #undef STO
 #undef HALF_DATA
@@ -315,7 +309,6 @@ static inline uint16_t f16_store(float f) {
 #define CS f32
 #define HALF_DATA 1
 #define SQRT sqrtf
-#if BN_PART == 0 || BN_PART == 3
 #define S bf16
 #define LD(v) bf16_load(v)
 #define STO(v) bf16_store(v)
@@ -323,8 +316,6 @@ static inline uint16_t f16_store(float f) {
 #undef S
 #undef LD
 #undef STO
-#endif
-#if BN_PART == 0 || BN_PART == 4
 #define S f16
 #define LD(v) f16_load(v)
 #define STO(v) f16_store(v)
@@ -332,7 +323,6 @@ static inline uint16_t f16_store(float f) {
 #undef S
 #undef LD
 #undef STO
-#endif
 #undef T
 #undef D
 #undef CS
@@ -378,9 +368,10 @@ static inline uint16_t f16_store(float f) {
         }                                                                                   \
         return 1;                                                                           \
     }
-#if BN_PART == 0 || BN_PART == 1
 BN_UPDATE(float, f32)
 BN_UPDATE(double, f64)
+#ifdef __cplusplus
+}
 #endif
 
 #else /* BN_TEMPLATE: the kernels for one element type T, suffix S */

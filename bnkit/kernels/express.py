@@ -51,21 +51,19 @@ _BACKWARD: dict[torch.dtype, Any] = {}
 
 
 #: fast.cpp's batch_norm (this module's, for float and double tensors below the output
-#: pool's size, in C++), once built and loaded; None until then
+#: pool's size, in C++), set on the first call; None where the native code is unavailable
 _FAST: Any = None
-
-
 _started = False
 
 
 def _start() -> None:
-    """Load the C library and the C++ path (or start building it in the background)."""
-    global _started
+    """Load the native code on the first call and hand fast.cpp what it reads from Python."""
+    global _started, _FAST
     _started = True
-    if native.library() is not None:
-        from bnkit.kernels import fast
-
-        fast.start()
+    extension = native.extension()
+    if extension is not None:
+        extension.init(torch.nn.Parameter, _double_backward, cpu, outputs)
+        _FAST = extension.batch_norm
 
 
 def _load(dtype: torch.dtype) -> Any:

@@ -5,10 +5,10 @@
 // C loops through ctypes and, under autograd, goes through a Python autograd Function and
 // a Python backward: on a tensor of a few thousand values that costs several times the
 // work itself. This module takes the same decision on the same arguments here, and calls
-// the same loops (bn_forward / bn_backward of cpu.c, whose addresses bnkit.kernels.fast
-// hands over from the loaded library), so the results are the same bit for bit. It
-// answers None for any call it does not take, and express.py carries on as before.
-// Double backward (a backward pass under autograd) calls back into Python.
+// the same loops (bn_forward / bn_backward of cpu.c, linked into the same extension by
+// bnkit.kernels.native), so the results are the same bit for bit. It answers None for
+// any call it does not take, and express.py carries on as before. Double backward (a
+// backward pass under autograd) calls back into Python.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,23 +19,35 @@
 
 #include <cstdint>
 
+// cpu.c's whole-call loops (C names; declared here with untyped data pointers, which
+// have the same calling convention as cpu.c's typed ones).
+extern "C" {
+int bn_forward_f32(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
+                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
+                   int, int, int);
+int bn_forward_f64(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
+                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
+                   int, int, int);
+void bn_backward_f32(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
+                     const void *, const void *, void *, void *, int, int, int);
+void bn_backward_f64(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
+                     const void *, const void *, void *, void *, int, int, int);
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-typedef int (*forward_fn)(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
-                          const void *, double, int, void *, void *, void *, double,
-                          int64_t *, int, int, int, int);
-typedef void (*backward_fn)(int, const void *, const void *, void *, int64_t, int64_t,
-                            int64_t, const void *, const void *, void *, void *, int, int,
-                            int);
+typedef decltype(&bn_forward_f32) forward_fn;
+typedef decltype(&bn_backward_f32) backward_fn;
 
-// Set by init(): the loops for float (0) and double (1) data, the type besides
-// torch.Tensor that a tensor argument may have (torch.nn.Parameter), and the Python
-// function that computes a differentiable backward (express._double_backward).
-forward_fn forward_loop[2] = {nullptr, nullptr};
-backward_fn backward_loop[2] = {nullptr, nullptr};
+// The loops for float (0) and double (1) data.
+const forward_fn forward_loop[2] = {bn_forward_f32, bn_forward_f64};
+const backward_fn backward_loop[2] = {bn_backward_f32, bn_backward_f64};
+// Set by init(): the type besides torch.Tensor that a tensor argument may have
+// (torch.nn.Parameter), and the Python function that computes a differentiable backward
+// (express._double_backward).
 PyObject *parameter_type = nullptr;
 PyObject *double_backward = nullptr;
 // The sizes are read from their Python modules on each call (tests change them):
@@ -203,7 +215,7 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
 //            num_batches_tracked, unbiased, skip_nonfinite, relu)
 //   -> (output, recorded) or None (express.batch_norm's contract).
 PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12 || forward_loop[0] == nullptr) Py_RETURN_NONE;
+    if (nargs != 12 || parameter_type == nullptr) Py_RETURN_NONE;
     HANDLE_TH_ERRORS
     PyObject *x_obj = args[0];
     if (!plain_type(x_obj)) Py_RETURN_NONE;
@@ -296,18 +308,10 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     END_HANDLE_TH_ERRORS
 }
 
-// init(forward_f32, forward_f64, backward_f32, backward_f64, Parameter, double_backward,
-//      cpu_module, outputs_module)
+// init(Parameter, double_backward, cpu_module, outputs_module)
 PyObject *init(PyObject *, PyObject *args) {
-    unsigned long long f32, f64, b32, b64;
     PyObject *parameter, *fallback, *cpu, *outputs;
-    if (!PyArg_ParseTuple(args, "KKKKOOOO", &f32, &f64, &b32, &b64, &parameter, &fallback,
-                          &cpu, &outputs))
-        return nullptr;
-    forward_loop[0] = (forward_fn)(uintptr_t)f32;
-    forward_loop[1] = (forward_fn)(uintptr_t)f64;
-    backward_loop[0] = (backward_fn)(uintptr_t)b32;
-    backward_loop[1] = (backward_fn)(uintptr_t)b64;
+    if (!PyArg_ParseTuple(args, "OOOO", &parameter, &fallback, &cpu, &outputs)) return nullptr;
     Py_XINCREF(parameter);
     Py_XSETREF(parameter_type, parameter);
     Py_XINCREF(fallback);
@@ -330,8 +334,15 @@ PyMethodDef methods[] = {
     {"init", (PyCFunction)init, METH_VARARGS, "the loops and settings"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_bnkit_fast", nullptr, -1, methods};
+#define BNKIT_STRING2(name) #name
+#define BNKIT_STRING(name) BNKIT_STRING2(name)
+#define BNKIT_JOIN2(a, b) a##b
+#define BNKIT_JOIN(a, b) BNKIT_JOIN2(a, b)
+
+// TORCH_EXTENSION_NAME: the module's name, set by torch.utils.cpp_extension.
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, BNKIT_STRING(TORCH_EXTENSION_NAME), nullptr,
+                          -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__bnkit_fast(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC BNKIT_JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_def); }

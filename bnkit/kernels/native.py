@@ -1,21 +1,28 @@
-"""Build and load the CPU loops of :mod:`bnkit.kernels.cpu` (``cpu.c``) with the C compiler.
+"""Build and load bnkit's native CPU code: one torch extension holding ``cpu.c`` (the C
+loops of :mod:`bnkit.kernels.cpu`) and ``fast.cpp`` (the express path's native autograd
+node, :mod:`bnkit.kernels.express`).
 
-The source is plain C with OpenMP, no Python or torch headers (``cc -O3 -march=native
--fopenmp``), compiled as four objects at once (one per element type) and linked, once:
-about 6 s on 2 cores, then loaded with :mod:`ctypes`. The shared
-library is cached under ``$BNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnkit``, else
-``~/.cache/bnkit``, keyed by a hash of the source, the compiler, the flags and the CPU, so a
-later process loads it without compiling. Set ``BNKIT_NATIVE=0`` to disable it (bnkit then
-uses the portable kernel everywhere). When no compiler is found or the build fails, the
-library is unavailable and the portable kernel is used: one :class:`NativeUnavailableWarning`
-per process says why (also :func:`load_error`).
+:func:`torch.utils.cpp_extension.load` builds it on first use, with ninja: it compiles
+against the installed torch's headers, links its libraries, and holds a lock in the build
+directory so that concurrent processes build once. A build at install time was the other
+choice, but it needs torch inside pip's isolated build environment, and from PyPI that
+is a CUDA build of several GB. The build prints one line to stderr and takes about a
+minute on 2 cores (the two sources compile in parallel); ``bnkit build`` does it ahead of
+time. The compiler is ``$CXX`` (else ``c++``).
 
-The cache is code that this process will run, so it is trusted only when no one else can
-write it: a cache directory, or a library in it, owned by another user or writable by
-group or others is refused with a warning, and a private directory is used instead. A
-build runs under a lock (concurrent processes build once), prints one line to stderr,
-and records the library's SHA-256 beside it; a library that does not match its record
-(a truncated or damaged file) is rebuilt rather than loaded.
+The extension is kept under ``$BNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnkit``, else
+``~/.cache/bnkit``, in a directory named by a hash of the sources, the flags, the compiler,
+the CPU (``-march=native``), torch and Python, so a later process imports it without a
+build and any change builds afresh. The cache is code that this process will run, so it
+is trusted only when no one else can write it: a cache directory, or a library in it,
+owned by another user or writable by group or others is refused with a warning, and a
+private directory is used instead. Each build records the library's SHA-256 beside it; a
+library that does not match its record (a truncated or damaged file) is rebuilt, not
+imported.
+
+Set ``BNKIT_NATIVE=0`` to turn it off (bnkit then uses the portable kernel everywhere).
+When it cannot be built or loaded, the portable kernel runs: one
+:class:`NativeUnavailableWarning` per process says why (also :func:`load_error`).
 
 On loading, the library is told the size of the last-level cache: passes that move more
 bytes than that write their outputs with streaming stores (:func:`set_stream_bytes`).
@@ -24,8 +31,8 @@ bytes than that write their outputs with streaming stores (:func:`set_stream_byt
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -37,12 +44,14 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 __all__ = [
     "FLAGS",
     "NativeUnavailableWarning",
     "build_seconds",
     "cache_dir",
+    "extension",
     "last_level_cache_bytes",
     "library",
     "load_error",
@@ -56,16 +65,14 @@ FLAGS = (
     "-O3",
     "-march=native",
     "-fopenmp",
-    "-fPIC",
-    "-shared",
     "-ffp-contract=off",
     "-fno-trapping-math",
     "-fno-math-errno",
+    "-std=c++20",
+    "-w",
 )
 
-_SOURCE = Path(__file__).with_name("cpu.c")
-#: cpu.c's BN_PART values: one object each, compiled in parallel
-_PARTS = (1, 2, 3, 4)
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu.c", "fast.cpp"))
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -200,130 +207,151 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
-    """The C compiler: $CC, else cc or gcc on PATH."""
-    for candidate in (os.environ.get("CC"), "cc", "gcc"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    return None
+def _name() -> str:
+    """The extension's name: a hash of everything its build depends on."""
+    import torch
 
-
-def _build(compiler: str) -> Path:
-    """The library in the cache, compiled first if it is missing or damaged."""
-    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CXX", "c++")
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
-    key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"bnkit_cpu_{key}.so"
-    if _intact(target):
-        return target
-    # One build at a time per cache entry: the others wait and then find it built.
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    lock = os.open(target.with_name(target.name + ".lock"), flags, 0o600)
+    parts = [*(source.read_bytes() for source in _SOURCES)]
+    parts += [s.encode() for s in (" ".join(FLAGS), compiler, version, _cpu_model())]
+    parts += [s.encode() for s in (torch.__version__, str(Path(torch.__file__)), sys.version)]
+    return "bnkit_native_" + hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _ninja_on_path() -> None:
+    """Put the ``ninja`` Python package's binary on PATH when none is there (torch's
+    builder runs ``ninja`` from PATH, and a virtual environment's is not on it unless the
+    environment is activated)."""
+    if shutil.which("ninja") is not None:
+        return
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _intact(target):
-            _compile(compiler, target)
-    finally:
-        os.close(lock)
-    return target
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile ``cpu.c`` into ``target`` and record its SHA-256 (each file written to a
-    temporary name first, then renamed: a reader never sees a partial file)."""
+def _build(name: str, directory: Path) -> None:
+    """Compile the extension into ``directory`` (under torch's lock there) and record the
+    library's SHA-256."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
     print(
-        f"bnkit: compiling the native CPU kernels with {compiler} into {target.parent} "
-        f"(once per machine and compiler; about 10 s)",
+        f"bnkit: compiling the native CPU kernels with {compiler} into {directory} (once "
+        f"per machine, compiler and torch version; about a minute on 2 cores; `bnkit build` "
+        f"does it ahead of time)",
         file=sys.stderr,
         flush=True,
     )
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        # The four instantiations (float, double, bfloat16, float16 data) compile as
-        # separate objects at once, then link: the build takes the time of the slowest.
-        objects = [Path(tmp) / f"part{part}.o" for part in _PARTS]
-        compile_flags = [flag for flag in FLAGS if flag != "-shared"]
-        processes = [
-            subprocess.Popen(
-                [compiler, *compile_flags, f"-DBN_PART={part}", "-c", "-o", str(obj),
-                 str(_SOURCE)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for part, obj in zip(_PARTS, objects, strict=True)
-        ]  # fmt: skip
-        errors = [process.communicate()[1] for process in processes]
-        failed = [e.strip() for e, p in zip(errors, processes, strict=True) if p.returncode]
-        if failed:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}: {failed[0]}")
-        result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), *map(str, objects)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to link {_SOURCE.name}: {result.stderr.strip()}")
-        record = Path(tmp) / "digest"
-        record.write_text(_digest(partial) + "\n")
-        os.chmod(partial, 0o700)  # whatever the umask: private, as _intact expects
-        os.chmod(record, 0o600)
-        os.replace(partial, target)
-        os.replace(record, target.with_name(target.name + ".sha256"))
+    _ninja_on_path()
+    cpp_extension.load(
+        name=name,
+        sources=[str(source) for source in _SOURCES],
+        extra_cflags=list(FLAGS),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+    target = directory / f"{name}.so"
+    os.chmod(target, 0o700)  # whatever the umask: private, as _intact expects
+    record = Path(tempfile.mkstemp(dir=directory)[1])
+    record.write_text(_digest(target) + "\n")
+    os.replace(record, target.with_name(target.name + ".sha256"))
     _state["build_seconds"] = time.perf_counter() - start
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded library (built on first use), or None where it is unavailable."""
-    if "library" in _state:
-        return _state["library"]  # type: ignore[return-value]
-    with _LOCK:
-        if "library" in _state:
-            return _state["library"]  # type: ignore[return-value]
-        lib: ctypes.CDLL | None = None
-        try:
-            if os.environ.get("BNKIT_NATIVE", "1") == "0":
-                raise RuntimeError("disabled by BNKIT_NATIVE=0")
-            compiler = _compiler()
-            if compiler is None:
-                raise RuntimeError("no C compiler found ($CC, cc, gcc)")
-            # torch first: its OpenMP runtime (libgomp.so.1) is the one the library binds to.
-            import torch  # noqa: F401
+def _import(name: str, target: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, target)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {target}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-            lib = ctypes.CDLL(str(_build(compiler)))
-            for name, argtypes in _SIGNATURES.items():
-                for suffix in ("f32", "f64", "bf16", "f16"):
-                    # 16-bit data has the plain layer's loops only (no running update)
-                    if suffix in ("bf16", "f16") and not hasattr(lib, f"{name}_{suffix}"):
-                        continue
-                    function = getattr(lib, f"{name}_{suffix}")
-                    function.argtypes = argtypes
-                    function.restype = _INT if name in _RETURNS_INT else None
-            lib.bn_stream_copy.argtypes = [_PTR, _PTR, _I64, _INT]
-            lib.bn_stream_copy.restype = None
-            lib.bn_set_stream_bytes.argtypes = [_I64]
-            lib.bn_set_stream_bytes.restype = None
-            lib.bn_get_stream_bytes.argtypes = []
-            lib.bn_get_stream_bytes.restype = _I64
-            lib.bn_set_stream_bytes(last_level_cache_bytes() or 0)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            _state["error"] = str(error)
-            lib = None
+
+def _load() -> tuple[ModuleType, ctypes.CDLL]:
+    """The extension, built first if it is missing or damaged, and its C functions."""
+    if os.environ.get("BNKIT_NATIVE", "1") == "0":
+        raise RuntimeError("disabled by BNKIT_NATIVE=0")
+    # torch first: its OpenMP runtime (libgomp.so.1) is the one the library binds to.
+    import torch  # noqa: F401
+
+    name = _name()
+    directory = cache_dir() / name
+    directory.mkdir(mode=0o700, exist_ok=True)
+    reason = unsafe_reason(directory, directory=True)
+    if reason is not None:
+        raise RuntimeError(f"not building in {directory}: {reason}")
+    target = directory / f"{name}.so"
+    if not _intact(target):
+        # Recorded but not matching: damaged since its build, so built again. Unrecorded:
+        # a build that did not finish, or one finishing in another process; torch's
+        # builder (its lock, and ninja's log of what completed) knows which.
+        if target.with_name(target.name + ".sha256").exists():
+            target.unlink(missing_ok=True)
+        _build(name, directory)
+    reason = unsafe_reason(target, directory=False)
+    if reason is not None:
+        raise RuntimeError(f"not loading {target.name}: {reason}")
+    module = _import(name, target)
+    lib = ctypes.CDLL(str(target))
+    for function_name, argtypes in _SIGNATURES.items():
+        for suffix in ("f32", "f64", "bf16", "f16"):
+            # 16-bit data has the plain layer's loops only (no running update)
+            if suffix in ("bf16", "f16") and not hasattr(lib, f"{function_name}_{suffix}"):
+                continue
+            function = getattr(lib, f"{function_name}_{suffix}")
+            function.argtypes = argtypes
+            function.restype = _INT if function_name in _RETURNS_INT else None
+    lib.bn_stream_copy.argtypes = [_PTR, _PTR, _I64, _INT]
+    lib.bn_stream_copy.restype = None
+    lib.bn_set_stream_bytes.argtypes = [_I64]
+    lib.bn_set_stream_bytes.restype = None
+    lib.bn_get_stream_bytes.argtypes = []
+    lib.bn_get_stream_bytes.restype = _I64
+    lib.bn_set_stream_bytes(last_level_cache_bytes() or 0)
+    return module, lib
+
+
+def _loaded() -> tuple[ModuleType, ctypes.CDLL] | None:
+    """Load once per process; on failure, warn once and remember why."""
+    if "loaded" in _state:
+        return _state["loaded"]  # type: ignore[return-value]
+    with _LOCK:
+        if "loaded" in _state:
+            return _state["loaded"]  # type: ignore[return-value]
+        loaded: tuple[ModuleType, ctypes.CDLL] | None = None
+        try:
+            loaded = _load()
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
+            message = str(error).strip()
+            _state["error"] = message if len(message) < 2000 else "..." + message[-2000:]
             if os.environ.get("BNKIT_NATIVE", "1") != "0":  # asked for: nothing to say
                 warnings.warn(
-                    f"bnkit: the native CPU kernels are unavailable ({error}); the portable "
-                    f"kernel runs instead, several times slower on CPU",
+                    f"bnkit: the native CPU kernels are unavailable ({_state['error']}); "
+                    f"the portable kernel runs instead, several times slower on CPU",
                     NativeUnavailableWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        _state["library"] = lib
-        return lib
+        _state["loaded"] = loaded
+        return loaded
+
+
+def library() -> ctypes.CDLL | None:
+    """The C loops (built on first use), or None where they are unavailable."""
+    loaded = _loaded()
+    return None if loaded is None else loaded[1]
+
+
+def extension() -> ModuleType | None:
+    """The extension module (``fast.cpp``'s functions), or None where unavailable."""
+    loaded = _loaded()
+    return None if loaded is None else loaded[0]
 
 
 def load_error() -> str | None:
