@@ -41,6 +41,17 @@ def test_synchronized_equals_one_process(world_size: int, scenario: str, tmp_pat
     spawn(world_size, scenario, tmp_path)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_synchronized_triton_kernels_equal_one_process(
+    world_size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    # the spawned processes inherit both: the Triton kernels, run by the interpreter
+    monkeypatch.setenv("BNKIT_KERNEL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spawn(world_size, "triton", tmp_path)
+
+
 def test_torchrun_example_runs_on_cpu() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "sync_cpu.py"
     result = subprocess.run(

@@ -140,6 +140,23 @@ def eval_communicates_nothing(rank: int) -> None:
     dist.barrier()
 
 
+def triton_kernels_synchronize(rank: int, world_size: int) -> None:
+    """With ``BNKIT_KERNEL=triton`` (under ``TRITON_INTERPRET=1``) a synchronized layer runs
+    the Triton kernels, fused activation and mask included, and equals one process."""
+    from bnkit.kernels import gpu
+
+    assert gpu.forced()
+    assert gpu.available(), gpu.import_error()
+    synced, _ = make_layers({"activation": "leaky_relu"}, None)
+    y = synced(torch.randn(4, 3, 4, dtype=torch.float64))
+    assert y.grad_fn is not None
+    assert y.grad_fn._forward_cls.__module__ == "bnkit.kernels.gpu.kernel"  # type: ignore[attr-defined]
+    sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
+    run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
+    options = {"activation": "leaky_relu", "activation_param": 0.1}
+    run_scenario(rank, sizes, options, True, list(range(world_size)))
+
+
 def worker(rank: int, world_size: int, store_path: str, scenario: str) -> None:
     init(rank, world_size, store_path)
     try:
@@ -160,6 +177,8 @@ def worker(rank: int, world_size: int, store_path: str, scenario: str) -> None:
             ghost_batches_stay_local(rank, [4, 6, 2][:world_size])
         elif scenario == "subgroup":
             run_scenario(rank, [3, 4, 2], {}, masked=False, members=[0, 2])
+        elif scenario == "triton":
+            triton_kernels_synchronize(rank, world_size)
         elif scenario == "eval":
             eval_communicates_nothing(rank)
         else:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import BatchStats, compute_dtype, portable
 from bnkit.kernels import activation as act
 from bnkit.kernels.gpu import primitives as prim
@@ -52,11 +53,22 @@ def _parameter_gradients(
     return grad_w, grad_b
 
 
+def _global(ctx: Any, sum_g: Tensor, sum_g_x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward pass's two per-channel sums over every process of a synchronized
+    layer (one collective; every process takes part, whatever it needs), for dx. The
+    parameter gradients stay this process's sums, as torch's SyncBatchNorm gives them."""
+    if ctx.group is None:
+        return sum_g, sum_g_x_hat
+    both = all_reduce_sum(torch.stack([sum_g, sum_g_x_hat]), ctx.group)
+    return both[0], both[1]
+
+
 class _Normalize(torch.autograd.Function):
     """Training normalization with batch statistics: forward one affine pass, backward
     one reduction pass and one dx pass (Triton). Saves what
     :class:`portable._NormalizeWithBatchStats` saves, so a double backward
-    (``create_graph=True``) runs the portable backward."""
+    (``create_graph=True``) runs the portable backward. With a process ``group`` the
+    statistics are the group's, and the backward sums its reductions over the group."""
 
     @staticmethod
     def forward(
@@ -70,10 +82,11 @@ class _Normalize(torch.autograd.Function):
         count: Tensor,
         eps: float,
         mask: Tensor | None = None,
+        group: Any = None,
     ) -> Tensor:
         ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.eps = eps
-        ctx.group = None
+        ctx.group = group
         ctx.bias_dtype = None if bias is None else bias.dtype
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         return prim.affine(x, shift, alpha, beta)
@@ -82,19 +95,20 @@ class _Normalize(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             grads = portable._NormalizeWithBatchStats.backward(ctx, grad_output)
-            return (*grads[:8], None)
+            return (*grads[:8], None, None)
         x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         sum_g, sum_gc = prim.backward_reduce(grad_output, x, shift, shifted_mean)
         sum_g_x_hat = sum_gc * invstd
+        all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)), with
             # x_hat = ((x - shift) - shifted_mean) * invstd: g * alpha + (x - shift) * k1 + k0.
             alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            k1 = -alpha * sum_g_x_hat / count * invstd
-            k0 = -alpha * sum_g / count - shifted_mean * k1
+            k1 = -alpha * all_g_x_hat / count * invstd
+            k0 = -alpha * all_g / count - shifted_mean * k1
             dx = prim.backward_input(grad_output, x, shift, alpha, k1, k0, mask=mask)
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 6))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 7))
 
 
 class _NormalizeActivate(torch.autograd.Function):
@@ -107,7 +121,7 @@ class _NormalizeActivate(torch.autograd.Function):
     Otherwise (identity, leaky_relu, elu) saves only y and O(C) values; the backward
     recovers z = act^-1(y) and act'(z) from y, and x_hat = (z - bias) / weight, the
     division folded into per-channel coefficients.
-    Double backward is not supported.
+    Double backward is not supported. With a process ``group``, as :class:`_Normalize`.
     """
 
     @staticmethod
@@ -124,7 +138,9 @@ class _NormalizeActivate(torch.autograd.Function):
         activation: str,
         param: float | None,
         save_input: bool,
+        group: Any = None,
     ) -> Tensor:
+        ctx.group = group
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         y = prim.affine(x, shift, alpha, beta, activation, param)
         if not save_input:
@@ -158,9 +174,10 @@ class _NormalizeActivate(torch.autograd.Function):
                 grad_output, x, shift, shifted_mean, act, param, False, alpha, beta
             )
             sum_g_x_hat = sum_gc * invstd
+            all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
             if need_input:
-                k1 = -alpha * sum_g_x_hat / count * invstd
-                k0 = -alpha * sum_g / count - shifted_mean * k1
+                k1 = -alpha * all_g_x_hat / count * invstd
+                k0 = -alpha * all_g / count - shifted_mean * k1
                 dx = prim.backward_input(
                     grad_output, x, shift, alpha, k1, k0, act, param, False, mask, alpha, beta
                 )
@@ -173,23 +190,24 @@ class _NormalizeActivate(torch.autograd.Function):
             # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
             sum_g, sum_gc = prim.backward_reduce(grad_output, y, centre, zero, act, param, True)
             sum_g_x_hat = sum_gc if scale is None else sum_gc / scale
+            all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
             if need_input:
                 # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
                 alpha = invstd if scale is None else invstd * scale
-                k1 = -alpha * sum_g_x_hat / count
+                k1 = -alpha * all_g_x_hat / count
                 if scale is not None:
                     k1 = k1 / scale
-                k0 = -alpha * sum_g / count
+                k0 = -alpha * all_g / count
                 dx = prim.backward_input(
                     grad_output, y, centre, alpha, k1, k0, act, param, True, mask
                 )
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 8))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 9))
 
 
 class TritonKernel(portable.PortableKernel):
     """:class:`bnkit.kernels.Kernel` with Triton kernels for CUDA tensors (CPU tensors
-    under ``TRITON_INTERPRET=1``); what it does not handle (see :func:`supports`, process
-    groups) it hands to :class:`portable.PortableKernel`. The running statistics are
+    under ``TRITON_INTERPRET=1``), synchronized layers included; what it does not handle
+    (see :func:`supports`) it hands to :class:`portable.PortableKernel`. The running statistics are
     updated by the portable kernel's torch operations on (C,) vectors (no host sync)."""
 
     def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
@@ -207,11 +225,11 @@ class TritonKernel(portable.PortableKernel):
         mask: Tensor | None = None,
         group: Any = None,
     ) -> Tensor:
-        if group is not None or not supports(x, mask):
+        if not supports(x, mask):
             return super().normalize_batch(x, stats, weight, bias, eps, mask, group)
         invstd = torch.rsqrt(stats.var + eps)
         output: Tensor = _Normalize.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask, group
         )
         return output
 
@@ -228,7 +246,7 @@ class TritonKernel(portable.PortableKernel):
         param: float | None,
         memory_efficient: bool,
     ) -> Tensor:
-        if group is not None or not supports(x, mask) or activation not in prim.ACTIVATION_CODES:
+        if not supports(x, mask) or activation not in prim.ACTIVATION_CODES:
             return super().normalize_batch_activation(
                 x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
             )
@@ -247,6 +265,7 @@ class TritonKernel(portable.PortableKernel):
             activation,
             param,
             save_input,
+            group,
         )
         return output
 
