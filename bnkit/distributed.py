@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bnkit.kernels import BatchStats
+from bnkit.kernels.stats import BatchStats
 
 __all__ = ["active_group", "all_reduce_sum", "gather_stats", "world_size"]
 

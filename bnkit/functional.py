@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bnkit import distributed, kernels
+from bnkit import distributed
 from bnkit.errors import (
     ConfigError,
     ConfigWarning,
@@ -35,8 +35,9 @@ from bnkit.errors import (
     format_choices,
     format_shape,
 )
-from bnkit.kernels import express, gpu
+from bnkit.kernels import express, gpu, pipeline
 from bnkit.kernels.activation import check_activation
+from bnkit.kernels.stats import BatchStats
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
 
@@ -184,11 +185,11 @@ class Options:
         object.__setattr__(self, "_plain", plain)  # computed once: read on every call
 
     @property
-    def fused(self) -> kernels.Activation | None:
+    def fused(self) -> pipeline.Activation | None:
         """The activation fused with the normalization, or None."""
         if self.activation is None:
             return None
-        return kernels.Activation(self.activation, self.activation_param, self.memory_efficient)
+        return pipeline.Activation(self.activation, self.activation_param, self.memory_efficient)
 
     @property
     def plain(self) -> bool:
@@ -562,8 +563,8 @@ def _batch_norm(
     momentum: float | None,
     eps: float,
     options: Options,
-    deferred: list[kernels.BatchStats] | None = None,
-) -> kernels.BatchNormResult:
+    deferred: list[BatchStats] | None = None,
+) -> pipeline.BatchNormResult:
     """:func:`batch_norm` with validated ``options``, returning whether the running
     statistics recorded the batch instead of warning about it, and appending the batch's
     statistics to ``deferred`` instead of updating, when given."""
@@ -603,7 +604,7 @@ def _batch_norm(
         if single_sample == "identity":
             # A copy, not the input itself: an in-place op after this layer (ReLU(inplace))
             # must not overwrite a tensor the previous layer may have saved for backward.
-            return kernels.BatchNormResult(kernels._activate(input.clone(), fused), None)
+            return pipeline.BatchNormResult(pipeline._activate(input.clone(), fused), None)
         if running_mean is None or running_var is None:
             raise SingleValueError(
                 f"{where}: single_sample='running' normalizes a one-value-per-channel batch "
@@ -635,13 +636,13 @@ def _batch_norm(
                 num_batches_tracked.add_(1)
         output = input.clone()
         if input.dim() < 2:  # no channels: nothing to scale
-            return kernels.BatchNormResult(output, None)
+            return pipeline.BatchNormResult(output, None)
         view = [1, shape[1]] + [1] * (input.dim() - 2)
         if weight is not None:
             output = output * weight.to(input.dtype).view(view)
         if bias is not None:
             output = output + bias.to(input.dtype).view(view)
-        return kernels.BatchNormResult(kernels._activate(output, fused), None)
+        return pipeline.BatchNormResult(pipeline._activate(output, fused), None)
 
     chunks = None
     few_values = None
@@ -665,7 +666,7 @@ def _batch_norm(
     if renorm is not None and use_batch_stats:
         renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
 
-    return kernels.batch_norm(
+    return pipeline.batch_norm(
         input,
         running_mean if update or not use_batch_stats else None,
         running_var if update or not use_batch_stats else None,
@@ -747,7 +748,7 @@ def _plan_chunks(
     mask: Tensor | None,
     ghost_batch_size: int | None,
     single_sample: str,
-) -> list[kernels.Chunk]:
+) -> list[pipeline.Chunk]:
     """The ghost batches and, for each, whether it has the two values per channel that a
     variance needs; those that do not follow ``single_sample``.
 
@@ -756,7 +757,7 @@ def _plan_chunks(
     values then gives NaN statistics, which ``skip_nonfinite`` keeps out of the running
     statistics).
     """
-    ranges = kernels.ghost_chunks(input.shape[0], ghost_batch_size)
+    ranges = pipeline.ghost_chunks(input.shape[0], ghost_batch_size)
     per_sample = math.prod(input.shape[2:])
     if mask is None:
         counts: list[int] | None = [(stop - start) * per_sample for start, stop in ranges]
@@ -775,7 +776,7 @@ def _plan_chunks(
                     _few_values_message(where, input, mask, ranges, number, counts[number - 1])
                 )
             mode = single_sample
-        chunks.append(kernels.Chunk(start, stop, mode))
+        chunks.append(pipeline.Chunk(start, stop, mode))
     return chunks
 
 

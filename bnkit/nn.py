@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit import kernels
 from bnkit.errors import ConfigError, DTypeError, ShapeError, SizeMismatchError, format_shape
 from bnkit.functional import (
     Call,
@@ -48,8 +47,9 @@ from bnkit.functional import (
     check_momentum,
     try_express,
 )
-from bnkit.kernels import BatchStats
+from bnkit.kernels import pipeline
 from bnkit.kernels.activation import default_param
+from bnkit.kernels.stats import BatchStats, merge_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]
 
@@ -393,7 +393,7 @@ class BatchNormNd(_BatchNorm):
         if self.running_mean is None or self.running_var is None:
             return
         momentum = self.momentum
-        recorded = kernels.select_kernel(self.running_mean).update_running_stats(
+        recorded = pipeline.select_kernel(self.running_mean).update_running_stats(
             self.running_mean,
             self.running_var,
             stats,
@@ -518,7 +518,7 @@ def accumulate_stats(model: torch.nn.Module) -> Iterator[None]:
             parts = layer._deferred
             layer._deferred = None
             if parts:
-                layer._record(kernels.merge_stats(parts))
+                layer._record(merge_stats(parts))
     finally:
         for layer in layers:
             layer._deferred = None

@@ -53,8 +53,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import BatchStats, native, outputs, portable
 from bnkit.kernels import activation as act
+from bnkit.kernels import native, outputs, portable
+from bnkit.kernels.stats import BatchStats
 
 __all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import cpu, native, outputs
+from bnkit.kernels import cpu, native, outputs, pipeline, portable
 
 __all__ = ["batch_norm"]
 
@@ -424,16 +424,13 @@ def _double_backward(
             "batch_norm: double backward through a fused activation is not supported; "
             "use activation=None and a separate activation module"
         )
-    from bnkit import kernels
-    from bnkit.kernels import portable
-
     bias = None
     if need_bias:
         bias = torch.zeros(x.shape[1], dtype=_COMPUTE[x.dtype], requires_grad=True)
     if not need_weight and weight is not None:
         weight = weight.detach()
     wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    output = kernels.batch_norm(
+    output = pipeline.batch_norm(
         x,
         running_mean,
         running_var,

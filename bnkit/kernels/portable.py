@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from bnkit.distributed import all_reduce_sum
-from bnkit.kernels import BatchStats, compute_dtype
 from bnkit.kernels import activation as act
+from bnkit.kernels.stats import BatchStats, compute_dtype
 
 __all__ = ["KERNEL", "PortableKernel", "batch_stats"]
 

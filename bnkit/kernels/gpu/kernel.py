@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from bnkit.distributed import all_reduce_sum
-from bnkit.kernels import BatchStats, compute_dtype, portable
 from bnkit.kernels import activation as act
+from bnkit.kernels import portable
 from bnkit.kernels.gpu import primitives as prim
+from bnkit.kernels.stats import BatchStats, compute_dtype
 
 __all__ = ["KERNEL", "TritonKernel", "supports"]
 

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from bnkit.kernels import BatchStats, compute_dtype
 from bnkit.kernels import portable as _portable
 from bnkit.kernels.gpu import jit
+from bnkit.kernels.stats import BatchStats, compute_dtype
 
 __all__ = [
     "ACTIVATION_CODES",

@@ -1,0 +1,419 @@
+"""The pipeline behind :func:`bnkit.functional.batch_norm`: statistics, merge, normalize,
+update, on whichever kernel :func:`select_kernel` picks.
+
+Every variant of batch normalization runs the same four steps::
+
+    stats = kernel.batch_stats(x, mask)                # per channel (count, shift, mean, var)
+    y = kernel.normalize_batch(x, stats, weight, bias, eps, mask)     # training
+    y = kernel.normalize_population(x, mean, var, weight, bias, eps)  # inference
+    stats = merge_stats([...])                         # ghost batches, micro-batches, shards
+    kernel.update_running_stats(running_mean, running_var, stats, momentum, ...)
+
+The variants are parameters of :func:`batch_norm`, not copies of it: a mask restricts
+the statistics to valid positions, ghost batches are chunks normalized with their own
+statistics and merged for the update, batch renormalization is a change of the affine
+parameters (:func:`renorm_affine`), and micro-batch accumulation defers the update.
+
+A kernel is any object with those four methods (:class:`Kernel`). :mod:`.portable` is
+written with plain torch operations, so it runs on every device and under
+``torch.compile``; the CPU (:mod:`.cpu`) and Triton (:mod:`.gpu`) kernels implement the
+same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from bnkit import distributed
+from bnkit.kernels import cpu, gpu, portable
+from bnkit.kernels.activation import activate
+from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
+
+__all__ = [
+    "Activation",
+    "BatchNormResult",
+    "Chunk",
+    "Kernel",
+    "batch_norm",
+    "ghost_chunks",
+    "renorm_affine",
+    "select_kernel",
+]
+
+
+class Kernel(Protocol):
+    """The four steps of batch normalization; implementations must agree to rounding."""
+
+    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
+        """Per-channel statistics of ``x`` (N, C, *) over every dimension but 1, over the
+        positions where ``mask`` ((N, *), bool) is True when one is given."""
+        ...
+
+    def normalize_batch(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None = None,
+        group: Any = None,
+    ) -> Tensor:
+        """Training: y = weight * (x - mean) / sqrt(var + eps) + bias, differentiable
+        through the batch statistics (dx includes the paths through mean and var; with a
+        mask, through the valid inputs only). Every position gets the same affine map.
+        With a process ``group`` the backward pass sums its reductions over the group."""
+        ...
+
+    def normalize_batch_activation(
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        mask: Tensor | None,
+        group: Any,
+        activation: str,
+        param: float | None,
+        memory_efficient: bool,
+    ) -> Tensor:
+        """Training, fused with an activation: y = act(normalize_batch(...)) in one
+        autograd node that, if ``memory_efficient``, saves its output rather than x."""
+        ...
+
+    def normalize_population(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        """Inference: the same map with fixed statistics (a per-channel affine map)."""
+        ...
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        stats: BatchStats,
+        momentum: float | None,
+        *,
+        num_batches_tracked: Tensor | None,
+        unbiased: bool,
+        skip_nonfinite: bool,
+    ) -> Tensor | None:
+        """Fold the batch statistics into the running ones, in place, without a host sync.
+
+        Returns a 0-d bool tensor (were the statistics finite, i.e. recorded?) when
+        ``skip_nonfinite``, else None.
+        """
+        ...
+
+
+def select_kernel(x: Tensor) -> Kernel:
+    """The kernel for this input: the Triton kernel (:mod:`.gpu`) for CUDA tensors where
+    Triton is installed, the fast CPU kernel (:mod:`.cpu`) for CPU float32 and float64
+    tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`), else the
+    portable kernel, whose autograd functions have vmap and forward-mode rules
+    (every call inside a torch.func transform takes it). The CPU kernel hands masks and
+    process groups to the portable one itself.
+
+    Example:
+        >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
+        'PortableKernel'
+    """
+    if _triton_takes(x):
+        return gpu.KERNEL
+    if cpu.supports(x):
+        return cpu.KERNEL
+    return portable.KERNEL
+
+
+def _triton_takes(x: Tensor) -> bool:
+    """Whether :mod:`.gpu`'s Triton kernels take ``x``: a CUDA tensor (or any tensor with
+    ``BNKIT_KERNEL=triton``, which the tests use with ``TRITON_INTERPRET=1``) in eager mode,
+    outside torch.func transforms, with Triton installed. Under torch.compile the portable
+    kernel's operations are compiled instead."""
+    if not (x.is_cuda or gpu.forced()) or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return gpu.available() and gpu.supports(x)
+
+
+class BatchNormResult(NamedTuple):
+    """What the pipeline returns: the output, and whether the batch's statistics were
+    recorded (a 0-d bool tensor, only when running statistics were updated with
+    ``skip_nonfinite``; None otherwise)."""
+
+    output: Tensor
+    recorded: Tensor | None
+
+
+class Chunk(NamedTuple):
+    """A slice of the batch normalized with its own statistics (a ghost batch, or the
+    whole batch), and what to do with it."""
+
+    start: int
+    stop: int
+    #: normalize with its own statistics ("batch"), the population's ("running"), or
+    #: pass it through unchanged ("identity"): the last two for a chunk with fewer than
+    #: two (valid) values per channel, following ``single_sample``.
+    mode: str = "batch"
+
+
+def ghost_chunks(batch_size: int, ghost_batch_size: int | None) -> list[tuple[int, int]]:
+    """The [start, stop) sample ranges of consecutive ghost batches (the last may be
+    smaller); the whole batch when ``ghost_batch_size`` is None or >= the batch size."""
+    if ghost_batch_size is None or ghost_batch_size >= batch_size:
+        return [(0, batch_size)]
+    return [
+        (start, min(start + ghost_batch_size, batch_size))
+        for start in range(0, batch_size, ghost_batch_size)
+    ]
+
+
+def renorm_affine(
+    stats: BatchStats,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    limits: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Batch renormalization as a change of the affine parameters.
+
+    Renorm computes y = weight * (x_hat_B * r + d) + bias with r and d constants, which is
+    plain batch norm with weight' = weight * r and bias' = bias + weight * d. Autograd
+    through these two products gives exactly the renorm gradients: dx as batch norm's
+    with scale weight * r, d weight = r * sum(dy * x_hat_B) + d * sum(dy), d bias = sum(dy).
+
+    Args:
+        stats: the batch's statistics. running_mean, running_var: the population's (C,).
+        weight, bias: (C,) or None. eps: as in the normalization.
+        limits: (r_max, d_max) for this step, 0-d tensors.
+
+    Returns:
+        (weight', bias') in the statistics' compute dtype.
+    """
+    with torch.no_grad():
+        dtype = stats.var.dtype
+        r_max, d_max = (limit.to(dtype) for limit in limits)
+        sigma = torch.sqrt(running_var.to(dtype) + eps)
+        r = torch.clamp(torch.sqrt(stats.var + eps) / sigma, 1.0 / r_max, r_max)
+        mean_gap = stats.shift - running_mean.to(dtype) + stats.shifted_mean
+        d = torch.clamp(mean_gap / sigma, -d_max, d_max)
+    if weight is None:
+        return r, d if bias is None else bias.to(dtype) + d
+    scaled = weight.to(dtype) * r
+    shifted = weight.to(dtype) * d
+    return scaled, shifted if bias is None else bias.to(dtype) + shifted
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+    unbiased: bool = True,
+    skip_nonfinite: bool = False,
+    kernel: Kernel | None = None,
+    mask: Tensor | None = None,
+    chunks: Sequence[Chunk] | None = None,
+    renorm_limits: tuple[Tensor, Tensor] | None = None,
+    deferred: list[BatchStats] | None = None,
+    group: Any = None,
+    few_values: Callable[[int], str] | None = None,
+    activation: Activation | None = None,
+) -> BatchNormResult:
+    """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
+
+    Inputs are assumed valid (:mod:`bnkit.functional` checks them and plans the chunks);
+    ``x`` has at least one value.
+
+    Args:
+        x: input (N, C, *).
+        running_mean, running_var: (C,) population statistics. With ``use_batch_stats``
+            they are updated in place when given; otherwise they normalize ``x``.
+        weight, bias: (C,) affine parameters or None.
+        use_batch_stats: normalize with the batch's statistics (training).
+        momentum: the update factor, or None for the cumulative average (then
+            ``num_batches_tracked`` is required).
+        eps: added to the variance.
+        num_batches_tracked: 0-d integer tensor, incremented in place when the running
+            statistics are updated.
+        unbiased: store the unbiased (True) or biased batch variance in ``running_var``.
+        skip_nonfinite: leave the running statistics and the counter untouched when the
+            batch statistics hold NaN or Inf.
+        kernel: the kernel to use; :func:`select_kernel` by default.
+        mask: (N, *) bool, True at valid positions: statistics over those only.
+        chunks: the ghost batches (each normalized with its own statistics) and their
+            modes; one chunk, the whole batch, by default.
+        renorm_limits: (r_max, d_max) to apply batch renormalization with (needs the
+            running statistics), or None.
+        deferred: if given, the batch's merged statistics are appended to it instead of
+            being folded into the running statistics (micro-batch accumulation).
+        group: a process group (see :func:`bnkit.distributed.active_group`) to compute the
+            statistics over. Without ghost batches (``chunks`` None) the batch is
+            normalized with the global statistics (one collective forward, one backward;
+            ``x`` may be empty); with ghost batches each is normalized locally and only
+            the statistics recorded in the running ones are global.
+        few_values: with ``group``, called with the global number of values per channel
+            once it is known; returns the mode ("batch", "running", "identity") or raises.
+        activation: an activation applied to the output, fused with the normalization in
+            training (see :class:`Activation`).
+
+    Returns:
+        A :class:`BatchNormResult`.
+    """
+    k = kernel if kernel is not None else select_kernel(x)
+    plan = _Normalization(
+        k, running_mean, running_var, weight, bias, eps, renorm_limits, activation
+    )
+    if not use_batch_stats:
+        return BatchNormResult(plan.fallback(x, "running"), None)
+    if group is not None and chunks is None:
+        output, merged = plan.synchronized(x, mask, group, few_values)
+    else:
+        output, merged = plan.chunked(x, mask, chunks)
+        if group is not None:  # ghost batches: local normalization, global running stats
+            merged = distributed.gather_stats(
+                merged, x.shape[1], compute_dtype(x.dtype), x.device, group
+            )
+    if merged is None or (running_mean is None and running_var is None):
+        return BatchNormResult(output, None)
+    if deferred is not None:
+        deferred.append(merged)
+        return BatchNormResult(output, None)
+    recorded = k.update_running_stats(
+        running_mean,
+        running_var,
+        merged,
+        momentum,
+        num_batches_tracked=num_batches_tracked,
+        unbiased=unbiased,
+        skip_nonfinite=skip_nonfinite,
+    )
+    return BatchNormResult(output, recorded)
+
+
+class Activation(NamedTuple):
+    """An activation fused with batch norm: its name, parameter, and whether training
+    saves the output (memory-efficient) rather than the input for the backward pass."""
+
+    name: str
+    param: float | None = None
+    memory_efficient: bool = True
+
+
+def _activate(output: Tensor, activation: Activation | None) -> Tensor:
+    """The activation as plain (unfused) operations: inference and fallbacks."""
+    if activation is None:
+        return output
+    return activate(output, activation.name, activation.param)
+
+
+@dataclass(frozen=True)
+class _Normalization:
+    """What every part of one pipeline call shares: the kernel, the population statistics,
+    the affine parameters, eps, the renorm limits and the activation."""
+
+    kernel: Kernel
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    renorm_limits: tuple[Tensor, Tensor] | None
+    activation: Activation | None
+
+    def with_batch_stats(
+        self, x: Tensor, stats: BatchStats, mask: Tensor | None, group: Any = None
+    ) -> Tensor:
+        """Normalize with batch statistics, renormalized towards the running ones if asked,
+        and fused with the activation if there is one."""
+        scale, shift = self.weight, self.bias
+        if self.renorm_limits is not None:
+            if self.running_mean is None or self.running_var is None:
+                raise ValueError("batch_norm pipeline: renorm needs the running statistics")
+            scale, shift = renorm_affine(
+                stats,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.eps,
+                self.renorm_limits,
+            )
+        if self.activation is None:
+            return self.kernel.normalize_batch(x, stats, scale, shift, self.eps, mask, group)
+        return self.kernel.normalize_batch_activation(
+            x, stats, scale, shift, self.eps, mask, group, *self.activation
+        )
+
+    def fallback(self, x: Tensor, mode: str) -> Tensor:
+        """Without batch statistics: the population's ("running"), or none at all
+        ("identity": a batch too small for statistics passes through), then the activation."""
+        if mode == "identity":
+            output = x.clone()
+        elif self.running_mean is None or self.running_var is None:
+            raise ValueError("batch_norm pipeline: population statistics are required")
+        else:
+            output = self.kernel.normalize_population(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        return _activate(output, self.activation)
+
+    def chunked(
+        self, x: Tensor, mask: Tensor | None, chunks: Sequence[Chunk] | None
+    ) -> tuple[Tensor, BatchStats | None]:
+        """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
+        returns the output and the chunks' statistics merged (None if no chunk had any)."""
+        plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
+        whole = len(plan) == 1
+        outputs, parts = [], []
+        for chunk in plan:
+            part = x if whole else x[chunk.start : chunk.stop]
+            part_mask = mask if whole or mask is None else mask[chunk.start : chunk.stop]
+            if chunk.mode != "batch":
+                outputs.append(self.fallback(part, chunk.mode))
+                continue
+            stats = self.kernel.batch_stats(part, part_mask)
+            outputs.append(self.with_batch_stats(part, stats, part_mask))
+            parts.append(stats)
+        if not outputs:  # an empty batch (of a synchronized layer: it still takes part)
+            return x.clone(), None
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        if not parts:
+            return output, None
+        return output, parts[0] if len(parts) == 1 else merge_stats(parts)
+
+    def synchronized(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        group: Any,
+        few_values: Callable[[int], str] | None,
+    ) -> tuple[Tensor, BatchStats | None]:
+        """The whole batch normalized with statistics over every process of ``group``."""
+        local = self.kernel.batch_stats(x, mask) if x.numel() > 0 else None
+        stats = distributed.gather_stats(local, x.shape[1], compute_dtype(x.dtype), x.device, group)
+        mode = "batch" if few_values is None else few_values(int(stats.count[0].item()))
+        if mode != "batch":
+            return self.fallback(x, mode), None
+        return self.with_batch_stats(x, stats, mask, group), stats
