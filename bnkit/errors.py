@@ -21,6 +21,7 @@ __all__ = [
     "DamagedResultWarning",
     "DatasetError",
     "EmptyBatchError",
+    "FusionError",
     "MissingStatsError",
     "NonFiniteStatsWarning",
     "ShapeError",
@@ -80,6 +81,14 @@ class ConfigWarning(UserWarning):
 
 class EmptyBatchError(BatchNormError):
     """Batch statistics were asked of a batch with no values at all."""
+
+
+class FusionError(BatchNormError):
+    """A layer with a fused ``activation=`` met a tool that would fold it into a
+    convolution or linear layer without its activation (torch's
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and ``fuse_linear_bn_eval``): the folded
+    layer would compute a different function. ``bnkit.tools.fold`` folds such a layer and
+    keeps its activation."""
 
 
 class SingleValueError(BatchNormError):

@@ -22,6 +22,8 @@ Base class: :class:`BatchNormNd` derives from ``torch.nn.modules.batchnorm._Batc
 
 Caveat: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` also matches ``_BatchNorm`` and
 would replace these layers by torch's SyncBatchNorm, dropping the extras.
+``fuse_conv_bn_eval`` and ``fuse_linear_bn_eval`` fold a layer without an activation
+exactly and refuse one with a fused ``activation=`` (see :class:`_ActivationEps`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit.errors import ConfigError, DTypeError, ShapeError, SizeMismatchError, format_shape
+from bnkit.errors import (
+    ConfigError,
+    DTypeError,
+    FusionError,
+    ShapeError,
+    SizeMismatchError,
+    format_shape,
+)
 from bnkit.functional import (
     Call,
     NonFiniteMonitor,
@@ -70,6 +79,53 @@ OPTION_NAMES = (
 # Recent torch releases give the batch norm layers a keyword-only ``bias`` argument; with
 # an older torch it is emulated by removing the bias parameter after construction.
 _TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+class _ActivationEps(float):
+    """The ``eps`` of a layer with a fused activation: a float that tensor operations refuse.
+
+    torch's fusion utilities (``torch.nn.utils.fusion.fuse_conv_bn_eval`` and
+    ``fuse_linear_bn_eval``) accept any ``_BatchNorm`` and fold its ``running_mean``,
+    ``running_var``, ``eps``, ``weight`` and ``bias`` into the convolution or linear
+    layer, which then computes the normalization without the activation: another
+    function, and nothing says so. Every such fold computes ``running_var + eps`` as a
+    tensor operation, which dispatches to ``__torch_function__`` here and raises
+    :class:`~bnkit.errors.FusionError` naming the layer instead. Everything else is the
+    float's own: ``float(eps)``, formatting, comparisons, arithmetic with numbers. The
+    layer computes with a plain copy (``_eps``), so its forward, ``torch.compile`` and
+    ``torch.export`` never meet this class.
+    """
+
+    __slots__ = ("layer",)
+    layer: str
+
+    def __new__(cls, value: float, layer: str) -> _ActivationEps:
+        self = super().__new__(cls, value)
+        self.layer = layer
+        return self
+
+    def __reduce__(self) -> tuple[type[_ActivationEps], tuple[float, str]]:
+        return type(self), (float(self), self.layer)
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> NoReturn:
+        values = (*args, *(kwargs or {}).values())
+        layer = next((v.layer for v in values if isinstance(v, cls)), "a bnkit batch norm layer")
+        raise FusionError(
+            f"{layer}: its eps refuses tensor arithmetic because folding the layer into a "
+            f"convolution or linear layer with torch's fusion utilities (fuse_conv_bn_eval, "
+            f"fuse_linear_bn_eval) would drop its fused activation. Use bnkit.tools.fold, "
+            f"which folds the normalization and keeps the activation as a torch module "
+            f"after it; for torch.ao.quantization, set activation=None, put the torch "
+            f"activation module after the layer and convert with bnkit.tools.to_torch. "
+            f"float(layer.eps) is the plain number."
+        )
 
 
 class BatchNormNd(_BatchNorm):
@@ -186,6 +242,7 @@ class BatchNormNd(_BatchNorm):
     activation: str | None
     activation_param: float | None
     memory_efficient: bool
+    _eps: float  # eps as a plain number, what the forward computes with (see _guard_eps)
 
     def __init__(
         self,
@@ -361,12 +418,12 @@ class BatchNormNd(_BatchNorm):
         )
         if self._deferred is None:
             express_output = try_express(
-                call, training, momentum, self.eps, options, self._nonfinite_monitor
+                call, training, momentum, self._eps, options, self._nonfinite_monitor
             )
             if express_output is not None:
                 return express_output
         output, recorded = _batch_norm(
-            call, training, momentum, self.eps, options, deferred=self._deferred
+            call, training, momentum, self._eps, options, deferred=self._deferred
         )
         if recorded is not None and not torch.compiler.is_compiling():
             self._nonfinite_monitor.observe(recorded, tuple(input.shape))
@@ -386,6 +443,30 @@ class BatchNormNd(_BatchNorm):
         super().__setattr__(name, value)
         if name in OPTION_NAMES:
             self.__dict__.pop("_options", None)
+        if name in ("eps", "activation"):
+            self._guard_eps()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]  # untyped in torch
+        self._guard_eps()  # a layer pickled by an older bnkit has no ``_eps``
+
+    def _guard_eps(self) -> None:
+        """Keep ``eps`` an :class:`_ActivationEps` while the layer has a fused activation
+        (a plain value otherwise), and its plain value in ``_eps`` for the forward."""
+        attributes = self.__dict__
+        if "eps" not in attributes:
+            return  # not set up yet
+        eps = attributes["eps"]
+        if isinstance(eps, _ActivationEps):
+            eps = float(eps)
+        activation = attributes.get("activation")
+        number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+        if number and activation not in (None, "identity"):
+            layer = f"{type(self).__name__}({self.num_features}, activation={activation!r})"
+            attributes["eps"] = _ActivationEps(eps, layer)
+        else:
+            attributes["eps"] = eps
+        attributes["_eps"] = eps
 
     def _record(self, stats: BatchStats) -> None:
         """Fold statistics gathered elsewhere (accumulated micro-batches) into the running

@@ -129,7 +129,7 @@ def eval_affine(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
     assert bn.running_var is not None
     mean = bn.running_mean.detach().to(torch.float64)
     var = bn.running_var.detach().to(torch.float64)
-    scale = torch.rsqrt(var + bn.eps)
+    scale = torch.rsqrt(var + float(bn.eps))  # plain: a fused activation guards eps (bnkit.nn)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().to(torch.float64)
     shift = -mean * scale
