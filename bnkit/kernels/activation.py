@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from bnkit.errors import ConfigError, format_choices
 
@@ -109,8 +110,12 @@ def invertible(
       where y rounds to -alpha exactly (z below about -17 in float32, -5.5 in bfloat16),
       which would make the channel's gradients NaN.
 
-    One host synchronization when a check runs on an accelerator.
+    One host synchronization when a check runs on an accelerator. While torch.compile or
+    torch.export traces the call the values are unknown, so the answer is False: a traced
+    graph keeps the input (exact; the memory saving is eager mode's).
     """
+    if torch.compiler.is_compiling() or is_fake(output):
+        return False
     if weight is not None:
         limit = INVERSION_LIMIT * weight.detach().abs()
         magnitude = torch.zeros_like(limit) if bias is None else bias.detach().abs()

@@ -267,9 +267,9 @@ def test_fx_fuse_does_not_fold_a_bnkit_layer(activation: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("training", "memory_efficient"),
-    # Training with memory_efficient=True does not export: its per-call invertibility
-    # check branches on the data.
-    [(False, True), (True, False), (False, False)],
+    # Training with memory_efficient=True: the invertibility check, which reads the data,
+    # is skipped while tracing (the traced graph keeps the input).
+    [(False, True), (True, True), (True, False), (False, False)],
 )
 def test_export_with_a_fused_activation(training: bool, memory_efficient: bool) -> None:
     model, x = _pair("conv2d", activation="leaky_relu", memory_efficient=memory_efficient)
@@ -283,9 +283,7 @@ def test_export_with_a_fused_activation(training: bool, memory_efficient: bool) 
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning")
 @pytest.mark.parametrize(
     ("training", "memory_efficient"),
-    # Not training with memory_efficient=True: its per-call invertibility check branches
-    # on the data, which breaks the graph.
-    [(False, True), (True, False)],
+    [(False, True), (True, True), (True, False)],
 )
 def test_compile_with_a_fused_activation_has_no_graph_break(
     training: bool, memory_efficient: bool
@@ -295,5 +293,11 @@ def test_compile_with_a_fused_activation_has_no_graph_break(
     model.train(training)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager(x), **TOL)
+    x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_compiled, y_eager = compiled(x_compiled), eager(x_eager)
+    torch.testing.assert_close(y_compiled, y_eager, **TOL)
     torch.testing.assert_close(model[1].running_var, eager[1].running_var, **TOL)
+    if training:  # the gradients too, memory-efficient or not
+        y_compiled.square().sum().backward()
+        y_eager.square().sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, **TOL)
