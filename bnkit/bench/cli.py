@@ -89,7 +89,11 @@ def _seconds(text: str) -> float:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="3 shapes, 3 repetitions (CI)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 shapes, 3 repetitions (CI); --device cuda: 4 shapes, 5 repetitions",
+    )
     parser.add_argument(
         "--device",
         type=_device,

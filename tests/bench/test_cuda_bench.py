@@ -148,3 +148,14 @@ def test_cpu_device_times_and_skips_peak_memory() -> None:
     assert calls == [1, 1, 1]
     assert device.peak_bytes(lambda: calls.append(2)) is None
     assert calls == [1, 1, 1]  # not called where it cannot be measured
+
+
+def test_the_budget_skips_what_it_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "kernel_name", lambda device: "TritonKernel")
+    measured: list[object] = []
+    monkeypatch.setattr(cuda, "measure_row", lambda *args: measured.append(args))
+    options = cuda.Options(shapes=cuda.DRY_RUN_SHAPES, dtypes=("float32",), budget_s=1e-9)
+    report = cuda.run(options, cuda.Device("cpu"))
+    assert measured == []
+    assert report["rows"] == []
+    assert [case["layout"] for case in report["skipped"]] == ["nchw", "channels_last"]
