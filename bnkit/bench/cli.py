@@ -15,6 +15,12 @@ default (off) too. ``--reuse-memory on`` makes the measuring process's allocator
 freed memory for new tensors (as jemalloc or tcmalloc do; glibc's returns blocks over
 32 MB to the system, and each new output then faults in fresh, zeroed pages), which
 shows the kernels' speed without that cost; ``both`` measures each way.
+
+``--device cuda`` measures on a GPU instead (see :mod:`bnkit.bench.cuda`): torch's
+``BatchNorm2d`` (cuDNN), its ``torch.compile`` and bnkit's layer (the Triton kernels),
+forward and forward + backward, with bnkit's mask, ghost batch, renorm and fused
+leaky_relu rows, against a device-to-device copy, with each training step's peak memory;
+``--quick`` (4 shapes, about 2 minutes on an H100) and ``--budget`` bound its time.
 """
 
 from __future__ import annotations
@@ -62,8 +68,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: --device values; "cpu-triton" (the dry run of the CUDA benchmark) is left out of --help
+_DEVICES = ("cpu", "cuda", "cpu-triton")
+
+
+def _device(text: str) -> str:
+    if text not in _DEVICES:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="3 shapes, 3 repetitions (CI)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 shapes, 3 repetitions (CI); --device cuda: 4 shapes, 5 repetitions",
+    )
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        metavar="{cpu,cuda}",
+        help="cpu (default), or cuda: torch eager, torch.compile and bnkit on the GPU",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_seconds,
+        metavar="SECONDS",
+        help="--device cuda: start no new shape after this long (default 240, --quick 100)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--memory", action="store_true", help="also run bnkit.bench.memory")
     parser.add_argument("--sync", action="store_true", help="also run bnkit.bench.sync")
@@ -257,6 +300,10 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     measuring, so no run is wasted.
     """
     out = sys.stdout
+    if args.device != "cpu":
+        from bnkit.bench import cuda
+
+        return cuda.run_command(args, sys.argv[1:] if argv is None else argv)
     if args.json and not args.worker and (reason := _unwritable(args.json)):
         print(f"bnkit bench: cannot write --json {args.json}: {reason}", file=sys.stderr)
         return 1
