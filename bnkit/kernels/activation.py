@@ -146,3 +146,16 @@ def preactivation_and_slope(saved: Tensor, name: str, param: float | None) -> tu
         return torch.where(positive, saved, saved / param), torch.where(positive, one, one * param)
     z = torch.where(positive, saved, torch.log1p(saved / param))  # elu
     return z, torch.where(positive, one, saved + param)
+
+
+def refuse_double_backward() -> None:
+    """Raise the error of a double backward (a backward pass under autograd) through a
+    fused activation, which no kernel supports.
+
+    Raises:
+        RuntimeError: always.
+    """
+    raise RuntimeError(
+        "batch_norm: double backward through a fused activation is not supported; "
+        "use activation=None and a separate activation module"
+    )

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from bnkit.kernels import activation as act
 from bnkit.kernels import native, outputs, portable
-from bnkit.kernels.stats import BatchStats
+from bnkit.kernels.stats import BatchStats, input_gradient_coefficients
 
 __all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
 
@@ -292,9 +292,7 @@ def _input_gradient_terms(
     # x_hat = (x - shift) * invstd - shifted_mean * invstd: evaluated as
     # g' * alpha + (x - shift) * k1 + k0.
     alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    slope = -alpha * sum_g_x_hat / count  # coefficient of x_hat
-    k1 = slope * invstd
-    k0 = -alpha * sum_g_d / count - shifted_mean * k1
+    k1, k0 = input_gradient_coefficients(alpha, sum_g_d, sum_g_x_hat, count, invstd, shifted_mean)
     a, k1v, k0v = (_vector(v, dtype) for v in (alpha, k1, k0))
     dx = _empty_like(x)
     if mask is not None:
@@ -401,10 +399,7 @@ class _FastNormalizeRelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                "batch_norm: double backward through a fused activation is not supported; "
-                "use activation=None and a separate activation module"
-            )
+            act.refuse_double_backward()
         x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         dx, sum_g_x_hat, sum_g = _input_gradient_terms(
@@ -531,10 +526,7 @@ class _FastNormalizeActivate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                "batch_norm: double backward through a fused activation is not supported; "
-                "use activation=None and a separate activation module"
-            )
+            act.refuse_double_backward()
         need_input = bool(ctx.needs_input_grad[0])
         if ctx.save_input:
             x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
@@ -547,8 +539,9 @@ class _FastNormalizeActivate(torch.autograd.Function):
                     return sum_g_x_hat, sum_g_d, None
                 # dx = alpha * (g' - mean(g') - x_hat * mean(g' * x_hat)) with
                 # x_hat = (x - shift) * invstd - shifted_mean * invstd.
-                k1 = -alpha * sum_g_x_hat / count * invstd
-                k0 = -alpha * sum_g_d / count - shifted_mean * k1
+                k1, k0 = input_gradient_coefficients(
+                    alpha, sum_g_d, sum_g_x_hat, count, invstd, shifted_mean
+                )
                 return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
 
             dx, sum_g_x_hat, sum_g = _activation_passes(
@@ -576,10 +569,8 @@ class _FastNormalizeActivate(torch.autograd.Function):
                     return sum_g_x_hat, sum_g_d, None
                 # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
                 alpha = invstd if scale is None else invstd * scale
-                k1 = -alpha * sum_g_x_hat / count
-                if scale is not None:
-                    k1 = k1 / scale
-                k0 = -alpha * sum_g_d / count
+                per_unit = None if scale is None else 1.0 / scale
+                k1, k0 = input_gradient_coefficients(alpha, sum_g_d, sum_g_x_hat, count, per_unit)
                 return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
 
             dx, sum_g_x_hat, sum_g = _activation_passes(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import cpu, native, outputs, pipeline, portable
+from bnkit.kernels import activation, cpu, native, outputs, pipeline, portable
 
 __all__ = ["batch_norm"]
 
@@ -420,10 +420,7 @@ def _double_backward(
     differentiated. The gradients do not depend on the bias, so a zero stands in for it
     (it is not saved). Also fast.cpp's backward under autograd."""
     if relu:
-        raise RuntimeError(
-            "batch_norm: double backward through a fused activation is not supported; "
-            "use activation=None and a separate activation module"
-        )
+        activation.refuse_double_backward()
     bias = None
     if need_bias:
         bias = torch.zeros(x.shape[1], dtype=_COMPUTE[x.dtype], requires_grad=True)

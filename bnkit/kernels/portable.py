@@ -38,7 +38,7 @@ from torch import Tensor
 
 from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
-from bnkit.kernels.stats import BatchStats, compute_dtype
+from bnkit.kernels.stats import BatchStats, compute_dtype, input_gradient_coefficients
 
 __all__ = ["KERNEL", "PortableKernel", "batch_stats"]
 
@@ -337,8 +337,7 @@ def _gradients(
         # are the paths through the batch mean and the batch variance. Evaluated as
         # alpha * g + (x_hat * k1 + k0), two fused passes.
         alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        k1 = -alpha * sum_g_x_hat / count
-        k0 = -alpha * sum_g / count
+        k1, k0 = input_gradient_coefficients(alpha, sum_g, sum_g_x_hat, count)
         if scratch:
             through_stats = x_hat.mul_(k1.view(view)).add_(k0.view(view))
         else:
@@ -427,10 +426,7 @@ class _NormalizeActivate(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         saved, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                "batch_norm: double backward through a fused activation is not supported; "
-                "use activation=None and a separate activation module"
-            )
+            act.refuse_double_backward()
         view = _channel_view(saved)
         dims = _reduce_dims(saved)
         dtype = invstd.dtype

@@ -114,3 +114,35 @@ def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:
     shifted_mean = (counts * means).sum(0) / count
     m2 = (counts * variances).sum(0) + (counts * (means - shifted_mean) ** 2).sum(0)
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=m2 / count)
+
+
+def input_gradient_coefficients(
+    alpha: Tensor,
+    sum_g: Tensor,
+    sum_g_x_hat: Tensor,
+    count: Tensor,
+    per_unit: Tensor | None = None,
+    centre: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(k1, k0) such that the input gradient of batch norm with batch statistics is
+    ``dx = alpha * g + v * k1 + k0``, for whichever per-channel ``v`` the caller's pass
+    reads, with ``x_hat = (v - centre) * per_unit``.
+
+    The formula: dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)), the two subtracted
+    terms being the paths through the batch mean and the batch variance, with
+    alpha = invstd * weight and the means over the ``count`` values of each channel. Every
+    kernel evaluates it this way: v = x_hat itself (no ``per_unit`` or ``centre``),
+    v = x - shift (``per_unit`` = invstd, ``centre`` = shifted_mean), or v = z - bias
+    recovered from a fused activation's output (``per_unit`` = 1 / weight).
+
+    Args:
+        alpha: invstd * weight, (C,). sum_g, sum_g_x_hat: per-channel sums of g and of
+        g * x_hat (over every process of a synchronized layer). count: values per channel.
+    """
+    k1 = -alpha * sum_g_x_hat / count
+    if per_unit is not None:
+        k1 = k1 * per_unit
+    k0 = -alpha * sum_g / count
+    if centre is not None:
+        k0 = k0 - centre * k1
+    return k1, k0

@@ -12,7 +12,7 @@ from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
 from bnkit.kernels import portable
 from bnkit.kernels.gpu import primitives as prim
-from bnkit.kernels.stats import BatchStats, compute_dtype
+from bnkit.kernels.stats import BatchStats, compute_dtype, input_gradient_coefficients
 
 __all__ = ["KERNEL", "TritonKernel", "supports"]
 
@@ -106,8 +106,9 @@ class _Normalize(torch.autograd.Function):
             # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)), with
             # x_hat = ((x - shift) - shifted_mean) * invstd: g * alpha + (x - shift) * k1 + k0.
             alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            k1 = -alpha * all_g_x_hat / count * invstd
-            k0 = -alpha * all_g / count - shifted_mean * k1
+            k1, k0 = input_gradient_coefficients(
+                alpha, all_g, all_g_x_hat, count, invstd, shifted_mean
+            )
             dx = prim.backward_input(grad_output, x, shift, alpha, k1, k0, mask=mask)
         return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 7))
 
@@ -161,26 +162,24 @@ class _NormalizeActivate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
-            raise RuntimeError(
-                "batch_norm: double backward through a fused activation is not supported; "
-                "use activation=None and a separate activation module"
-            )
+            act.refuse_double_backward()
         need_input = bool(ctx.needs_input_grad[0])
-        act, param = ctx.activation, ctx.param
+        name, param = ctx.activation, ctx.param
         dx = None
         if ctx.save_input:
             x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
             alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
             sum_g, sum_gc = prim.backward_reduce(
-                grad_output, x, shift, shifted_mean, act, param, False, alpha, beta
+                grad_output, x, shift, shifted_mean, name, param, False, alpha, beta
             )
             sum_g_x_hat = sum_gc * invstd
             all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
             if need_input:
-                k1 = -alpha * all_g_x_hat / count * invstd
-                k0 = -alpha * all_g / count - shifted_mean * k1
+                k1, k0 = input_gradient_coefficients(
+                    alpha, all_g, all_g_x_hat, count, invstd, shifted_mean
+                )
                 dx = prim.backward_input(
-                    grad_output, x, shift, alpha, k1, k0, act, param, False, mask, alpha, beta
+                    grad_output, x, shift, alpha, k1, k0, name, param, False, mask, alpha, beta
                 )
         else:
             y, weight, bias, invstd, count, mask = ctx.saved_tensors
@@ -189,18 +188,16 @@ class _NormalizeActivate(torch.autograd.Function):
             centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
             zero = torch.zeros_like(invstd)
             # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
-            sum_g, sum_gc = prim.backward_reduce(grad_output, y, centre, zero, act, param, True)
+            sum_g, sum_gc = prim.backward_reduce(grad_output, y, centre, zero, name, param, True)
             sum_g_x_hat = sum_gc if scale is None else sum_gc / scale
             all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
             if need_input:
                 # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
                 alpha = invstd if scale is None else invstd * scale
-                k1 = -alpha * all_g_x_hat / count
-                if scale is not None:
-                    k1 = k1 / scale
-                k0 = -alpha * all_g / count
+                per_unit = None if scale is None else 1.0 / scale
+                k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, per_unit)
                 dx = prim.backward_input(
-                    grad_output, y, centre, alpha, k1, k0, act, param, True, mask
+                    grad_output, y, centre, alpha, k1, k0, name, param, True, mask
                 )
         return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 9))
 
