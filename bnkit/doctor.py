@@ -41,8 +41,7 @@ def _devices() -> list[str]:
 _PATHS = {
     "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
     "_ExpressBatchNormBackward": "express, ctypes calling the native C loops",
-    "_FastNormalizeWithBatchStatsBackward": "CPU kernel: the native C loops (cpu.c)",
-    "_NormalizeBackward": "Triton kernels (bnkit.kernels.gpu)",
+    "_FastNormalizeBackward": "native kernel: {prims} (bnkit.kernels.primitive)",
 }
 
 
@@ -74,8 +73,10 @@ def describe() -> list[Choice]:
             if dtype == torch.float64:
                 layer = layer.double()
             x = torch.randn(32, 64, 8, 8, device=device).to(dtype).requires_grad_()
-            node = type(layer(x).grad_fn).__name__
-            why = _PATHS.get(node) or _why_portable(device)
+            grad_fn = layer(x).grad_fn
+            node = type(grad_fn).__name__
+            prims = getattr(getattr(grad_fn, "prims", None), "name", "")
+            why = _PATHS[node].format(prims=prims) if node in _PATHS else _why_portable(device)
             rows.append(Choice(device, name, node.removesuffix("Backward"), why))
     return rows
 

@@ -2,9 +2,11 @@
 
 :func:`bnkit.kernels.select_kernel` picks it for CPU float32/float64 tensors in eager mode
 whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last;
-everything else (other devices and dtypes, process groups, ``torch.compile``,
-``torch.func`` transforms, other strides) goes to the portable kernel, whose results
-these agree with to rounding.
+everything else (other devices and dtypes, ``torch.compile``, ``torch.func`` transforms,
+other strides, a fused activation with a mask) goes to the portable kernel, whose results
+these agree with to rounding. The loops are this device's
+:class:`bnkit.kernels.primitive.Primitives` (:data:`PRIMITIVES`): the autograd functions
+that call them, synchronized layers included, are shared with the Triton kernels.
 
 Passes over memory (a pass reads or writes the tensor once):
 
@@ -53,11 +55,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import activation as act
 from bnkit.kernels import native, outputs, portable
-from bnkit.kernels.stats import BatchStats, input_gradient_coefficients
+from bnkit.kernels.primitive import PrimitiveKernel, Primitives
+from bnkit.kernels.stats import BatchStats
 
-__all__ = ["KERNEL", "CpuKernel", "layout", "supports"]
+__all__ = ["KERNEL", "PRIMITIVES", "CpuKernel", "layout", "supports"]
 
 #: Below this many elements the loops run on one thread (starting threads costs more).
 PARALLEL_THRESHOLD = 32768
@@ -247,452 +249,173 @@ def _affine(x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, relu: bool = 
     return y
 
 
-def _input_gradient_terms(
-    x: Tensor,
-    g: Tensor,
-    shift: Tensor,
-    shifted_mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    count: Tensor,
-    relu_affine: tuple[Tensor, Tensor] | None,
-    need_input: bool,
-    mask: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx or None, sum(g' * x_hat), sum(g')) for batch statistics, g' = g (masked by the
-    ReLU recomputed from ``relu_affine`` = (alpha, beta') when given). Two passes, or one
-    without ``need_input``. With ``mask`` (statistics over the valid positions; no fused
-    ReLU) the sums still run over every position, since every output went through the
-    same affine map, and only the valid inputs get the paths through the statistics."""
+def _layout_of(x: Tensor) -> tuple[str, int, int, int]:
     plan = layout(x)
     assert plan is not None
-    kind, rows, channels, inner = plan
-    dtype = x.dtype
-    g = _as_layout_of(g, x)
-    s, m = _vector(shift, dtype), _vector(shifted_mean, dtype)
-    za = zb = None
-    if relu_affine is not None:
-        za, zb = (_vector(v, dtype) for v in relu_affine)
-    sum_g = torch.empty(channels, dtype=torch.float64)
-    sum_gc = torch.empty(channels, dtype=torch.float64)  # sum(g' * (x - mean))
+    return plan
+
+
+def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
+    """Per-channel (count, shift, shifted mean, biased variance) of x, one read (over the
+    positions where ``mask`` is True when one is given)."""
+    kind, rows, channels, inner = _layout_of(x)
+    shift, shifted_mean, var = (x.new_empty(channels) for _ in range(3))
     nt = _threads(x)
-    if kind == "ncl":
-        _call("bn_backward_reduce_ncl", x, g.data_ptr(), x.data_ptr(), rows, channels, inner,
-              s.data_ptr(), m.data_ptr(), _ptr(za), _ptr(zb), sum_g.data_ptr(),
-              sum_gc.data_ptr(), nt)  # fmt: skip
-    else:
-        _call("bn_backward_reduce_nc", x, g.data_ptr(), x.data_ptr(), rows, channels,
-              s.data_ptr(), m.data_ptr(), _ptr(za), _ptr(zb), sum_g.data_ptr(),
-              sum_gc.data_ptr(), nt)  # fmt: skip
-    sum_g_x_hat = (sum_gc * invstd.to(torch.float64)).to(invstd.dtype)
-    sum_g_d = sum_g.to(invstd.dtype)
-    if not need_input:
-        return None, sum_g_x_hat, sum_g_d
-    # dx = alpha * (g' - mean(g') - x_hat * mean(g' * x_hat)), with
-    # x_hat = (x - shift) * invstd - shifted_mean * invstd: evaluated as
-    # g' * alpha + (x - shift) * k1 + k0.
-    alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    k1, k0 = input_gradient_coefficients(alpha, sum_g_d, sum_g_x_hat, count, invstd, shifted_mean)
-    a, k1v, k0v = (_vector(v, dtype) for v in (alpha, k1, k0))
-    dx = _empty_like(x)
     if mask is not None:
-        assert za is None
-        name = f"bn_backward_input_masked_{kind}"
+        valid = torch.empty((), dtype=torch.float64)
         sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
-        _call(name, x, g.data_ptr(), x.data_ptr(), mask.data_ptr(), dx.data_ptr(), *sizes,
-              s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(), nt)  # fmt: skip
-        return dx, sum_g_x_hat, sum_g_d
+        _call(f"bn_stats_masked_{kind}", x, x.data_ptr(), mask.data_ptr(), *sizes,
+              shift.data_ptr(), shifted_mean.data_ptr(), var.data_ptr(), valid.data_ptr(),
+              nt)  # fmt: skip
+        count = valid.to(x.dtype).expand(channels).clone()
+        return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
     if kind == "ncl":
-        _call("bn_backward_input_ncl", x, g.data_ptr(), x.data_ptr(), dx.data_ptr(), rows,
-              channels, inner, s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(),
-              _ptr(za), _ptr(zb), nt)  # fmt: skip
+        _call("bn_stats_ncl", x, x.data_ptr(), rows, channels, inner, shift.data_ptr(),
+              shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
     else:
-        _call("bn_backward_input_nc", x, g.data_ptr(), x.data_ptr(), dx.data_ptr(), rows,
-              channels, s.data_ptr(), a.data_ptr(), k1v.data_ptr(), k0v.data_ptr(),
-              _ptr(za), _ptr(zb), nt)  # fmt: skip
-    return dx, sum_g_x_hat, sum_g_d
+        _call("bn_stats_nc", x, x.data_ptr(), rows, channels, shift.data_ptr(),
+              shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
+    count = torch.full((channels,), x.numel() // channels, dtype=x.dtype)
+    return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
-class _FastNormalizeWithBatchStats(torch.autograd.Function):
-    """The portable kernel's training normalization with the C loops forward and backward.
-
-    It saves what :class:`portable._NormalizeWithBatchStats` saves, so that a double
-    backward (``create_graph=True``), which needs the statistics recomputed
-    differentiably, runs the portable backward. Written with ``forward(ctx, ...)``:
-    ``apply`` then skips the per-call signature binding a ``setup_context`` costs.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        eps: float,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
-        ctx.eps = eps
-        ctx.group = None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        return _affine(x, shift, alpha, beta)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            grads = portable._NormalizeWithBatchStats.backward(ctx, grad_output)
-            return (*grads[:8], None)
-        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        dx, sum_g_x_hat, sum_g = _input_gradient_terms(
-            x,
-            grad_output,
-            shift,
-            shifted_mean,
-            invstd,
-            weight,
-            count,
-            None,
-            bool(ctx.needs_input_grad[0]),
-            mask,
-        )
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 6))
-
-
-def _parameter_gradients(
-    ctx: Any, weight: Tensor | None, sum_g_x_hat: Tensor, sum_g: Tensor
-) -> tuple[Tensor | None, Tensor | None]:
-    """(dweight, dbias) where requested: sum(g * x_hat) and sum(g)."""
-    grad_w = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        grad_w = sum_g_x_hat.to(weight.dtype)
-    grad_b = None
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        grad_b = sum_g.to(ctx.bias_dtype)
-    return grad_w, grad_b
-
-
-class _FastNormalizeRelu(torch.autograd.Function):
-    """y = relu((x - shift) * alpha + beta') with batch statistics, in one node that saves
-    x and O(C) values; the backward recomputes the ReLU mask from x bit for bit."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        return _affine(x, shift, alpha, beta, relu=True)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            act.refuse_double_backward()
-        x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
-        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        dx, sum_g_x_hat, sum_g = _input_gradient_terms(
-            x,
-            grad_output,
-            shift,
-            shifted_mean,
-            invstd,
-            weight,
-            count,
-            (alpha, beta),
-            bool(ctx.needs_input_grad[0]),
-        )
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 4))
-
-
-def _affine_activate(
-    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, code: int, param: float
+def affine(
+    x: Tensor,
+    shift: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    activation: str | None = None,
+    param: float | None = None,
 ) -> Tensor:
     """y = act((x - shift) * alpha + beta) per channel, one read and one write."""
-    plan = layout(x)
-    assert plan is not None
-    kind, rows, channels, inner = plan
+    kind, rows, channels, inner = _layout_of(x)
     s, a, b = (_vector(v, x.dtype) for v in (shift, alpha, beta))
     y = _empty_like(x)
     nt = _threads(x)
-    if kind == "ncl":
-        _call("bn_act_forward_ncl", x, x.data_ptr(), y.data_ptr(), rows, channels, inner,
-              s.data_ptr(), a.data_ptr(), b.data_ptr(), code, param, nt)  # fmt: skip
+    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+    if activation in (None, "identity", "relu"):
+        _call(f"bn_affine_{kind}", x, x.data_ptr(), y.data_ptr(), *sizes, s.data_ptr(),
+              a.data_ptr(), b.data_ptr(), int(activation == "relu"), nt)  # fmt: skip
     else:
-        _call("bn_act_forward_nc", x, x.data_ptr(), y.data_ptr(), rows, channels,
-              s.data_ptr(), a.data_ptr(), b.data_ptr(), code, param, nt)  # fmt: skip
+        _call(f"bn_act_forward_{kind}", x, x.data_ptr(), y.data_ptr(), *sizes, s.data_ptr(),
+              a.data_ptr(), b.data_ptr(), _ACTIVATION_CODES[activation], _param(param),
+              nt)  # fmt: skip
     return y
 
 
-def _activation_passes(
-    src: Tensor,
-    g: Tensor,
-    vectors: tuple[Tensor, Tensor, Tensor, Tensor],
-    code: int,
-    param: float,
-    from_output: bool,
-    coefficients: Any,
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """The two backward passes of the fused activation over ``src`` (the saved y or x).
+def _param(param: float | None) -> float:
+    return 0.0 if param is None else float(param)
 
-    ``vectors`` = (s, m, za, zb) as ``bn_act_backward_reduce`` takes them; the first pass
-    gives (sum(g'), sum(g' * (v - s)) - m * sum(g')) in float64, from which
-    ``coefficients`` returns (sum_g_x_hat, sum_g, (alpha, k1, k0) or None); with the
-    latter, the second pass writes dx = g' * alpha + (v - s) * k1 + k0.
-    """
-    plan = layout(src)
-    assert plan is not None
-    kind, rows, channels, inner = plan
+
+def _plain_loop(activation: str | None, from_output: bool) -> bool:
+    """Whether the plain loops (which fuse relu only, recomputing it from x) serve the
+    backward pass; otherwise the fused-activation loops do."""
+    return activation == "relu" or (activation in (None, "identity") and not from_output)
+
+
+def backward_reduce(
+    g: Tensor,
+    src: Tensor,
+    shift: Tensor,
+    shifted_mean: Tensor,
+    activation: str | None = None,
+    param: float | None = None,
+    from_output: bool = False,
+    z_alpha: Tensor | None = None,
+    z_beta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(sum g', sum g' * (v - shift - shifted_mean)) per channel, summed in double, in
+    one read of g and src (see :class:`bnkit.kernels.primitive.Primitives`)."""
+    kind, rows, channels, inner = _layout_of(src)
     dtype = src.dtype
     g = _as_layout_of(g, src)
-    s, m, za, zb = (_vector(v, dtype) for v in vectors)
+    s, m = _vector(shift, dtype), _vector(shifted_mean, dtype)
+    za = None if z_alpha is None else _vector(z_alpha, dtype)
+    zb = None if z_beta is None else _vector(z_beta, dtype)
     sum_g = torch.empty(channels, dtype=torch.float64)
     sum_gc = torch.empty(channels, dtype=torch.float64)
     nt = _threads(src)
-    flag = int(from_output)
-    if kind == "ncl":
-        _call("bn_act_backward_reduce_ncl", src, g.data_ptr(), src.data_ptr(), rows, channels,
-              inner, s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, param,
-              flag, sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
+    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+    if _plain_loop(activation, from_output):
+        relu = activation == "relu"
+        _call(f"bn_backward_reduce_{kind}", src, g.data_ptr(), src.data_ptr(), *sizes,
+              s.data_ptr(), m.data_ptr(), _ptr(za) if relu else None,
+              _ptr(zb) if relu else None, sum_g.data_ptr(), sum_gc.data_ptr(),
+              nt)  # fmt: skip
     else:
-        _call("bn_act_backward_reduce_nc", src, g.data_ptr(), src.data_ptr(), rows, channels,
-              s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, param, flag,
-              sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
-    sum_g_x_hat, sum_g_d, terms = coefficients(sum_g, sum_gc)
-    if terms is None:
-        return None, sum_g_x_hat, sum_g_d
-    a, k1, k0 = (_vector(v, dtype) for v in terms)
+        code = _ACTIVATION_CODES[activation or "identity"]
+        za, zb = za if za is not None else s, zb if zb is not None else s  # unread
+        _call(f"bn_act_backward_reduce_{kind}", src, g.data_ptr(), src.data_ptr(), *sizes,
+              s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, _param(param),
+              int(from_output), sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
+    return sum_g.to(dtype), sum_gc.to(dtype)
+
+
+def backward_input(
+    g: Tensor,
+    src: Tensor,
+    shift: Tensor,
+    alpha: Tensor,
+    k1: Tensor,
+    k0: Tensor,
+    activation: str | None = None,
+    param: float | None = None,
+    from_output: bool = False,
+    mask: Tensor | None = None,
+    z_alpha: Tensor | None = None,
+    z_beta: Tensor | None = None,
+) -> Tensor:
+    """dx = g' * alpha + (v - shift) * k1 + k0 (g' * alpha where ``mask`` is False), one
+    read of g and src and one write (see :class:`bnkit.kernels.primitive.Primitives`)."""
+    kind, rows, channels, inner = _layout_of(src)
+    dtype = src.dtype
+    g = _as_layout_of(g, src)
+    s, a, c1, c0 = (_vector(v, dtype) for v in (shift, alpha, k1, k0))
+    za = None if z_alpha is None else _vector(z_alpha, dtype)
+    zb = None if z_beta is None else _vector(z_beta, dtype)
     dx = _empty_like(src)
-    if kind == "ncl":
-        _call("bn_act_backward_input_ncl", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
-              rows, channels, inner, s.data_ptr(), a.data_ptr(), k1.data_ptr(), k0.data_ptr(),
-              za.data_ptr(), zb.data_ptr(), code, param, flag, nt)  # fmt: skip
+    nt = _threads(src)
+    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+    coefficients = (s.data_ptr(), a.data_ptr(), c1.data_ptr(), c0.data_ptr())
+    if mask is not None:  # no activation: the CPU kernel fuses none with a mask
+        _call(f"bn_backward_input_masked_{kind}", src, g.data_ptr(), src.data_ptr(),
+              mask.data_ptr(), dx.data_ptr(), *sizes, *coefficients, nt)  # fmt: skip
+    elif _plain_loop(activation, from_output):
+        relu = activation == "relu"
+        _call(f"bn_backward_input_{kind}", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
+              *sizes, *coefficients, _ptr(za) if relu else None, _ptr(zb) if relu else None,
+              nt)  # fmt: skip
     else:
-        _call("bn_act_backward_input_nc", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
-              rows, channels, s.data_ptr(), a.data_ptr(), k1.data_ptr(), k0.data_ptr(),
-              za.data_ptr(), zb.data_ptr(), code, param, flag, nt)  # fmt: skip
-    return dx, sum_g_x_hat, sum_g_d
+        code = _ACTIVATION_CODES[activation or "identity"]
+        za, zb = za if za is not None else s, zb if zb is not None else s  # unread
+        _call(f"bn_act_backward_input_{kind}", src, g.data_ptr(), src.data_ptr(),
+              dx.data_ptr(), *sizes, *coefficients, za.data_ptr(), zb.data_ptr(), code,
+              _param(param), int(from_output), nt)  # fmt: skip
+    return dx
 
 
-class _FastNormalizeActivate(torch.autograd.Function):
-    """y = act((x - shift) * alpha + beta') with batch statistics for an invertible
-    activation (identity, leaky_relu, elu), as :class:`portable._NormalizeActivate`.
-
-    Memory-efficient (``save_input`` False): saves y and O(C) values; the backward
-    recovers z = act^-1(y), act'(z) from y and x_hat = (z - bias) / weight on the fly, the
-    division by weight folded into per-channel coefficients. Otherwise saves x and
-    recomputes z from it bit for bit. Double backward is not supported.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        code: int,
-        param: float,
-        save_input: bool,
-    ) -> Tensor:
-        alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        y = _affine_activate(x, shift, alpha, beta, code, param)
-        if not save_input:
-            name = _ACTIVATION_NAMES[code]
-            save_input = not act.invertible(y, weight, bias, name, param)
-        if save_input:
-            ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count)
-        else:
-            ctx.save_for_backward(y, weight, bias, invstd, count)
-        ctx.save_input = save_input
-        ctx.code, ctx.param = code, param
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            act.refuse_double_backward()
-        need_input = bool(ctx.needs_input_grad[0])
-        if ctx.save_input:
-            x, weight, bias, shift, shifted_mean, invstd, count = ctx.saved_tensors
-            alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-
-            def from_input(sum_g: Tensor, sum_gc: Tensor) -> tuple[Tensor, Tensor, Any]:
-                sum_g_x_hat = (sum_gc * invstd.to(torch.float64)).to(invstd.dtype)
-                sum_g_d = sum_g.to(invstd.dtype)
-                if not need_input:
-                    return sum_g_x_hat, sum_g_d, None
-                # dx = alpha * (g' - mean(g') - x_hat * mean(g' * x_hat)) with
-                # x_hat = (x - shift) * invstd - shifted_mean * invstd.
-                k1, k0 = input_gradient_coefficients(
-                    alpha, sum_g_d, sum_g_x_hat, count, invstd, shifted_mean
-                )
-                return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
-
-            dx, sum_g_x_hat, sum_g = _activation_passes(
-                x,
-                grad_output,
-                (shift, shifted_mean, alpha, beta),
-                ctx.code,
-                ctx.param,
-                False,
-                from_input,
-            )
-        else:
-            y, weight, bias, invstd, count = ctx.saved_tensors
-            dtype = invstd.dtype
-            scale = None if weight is None else weight.to(dtype)
-            centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
-            zero = torch.zeros_like(invstd)
-
-            def from_output(sum_g: Tensor, sum_gc: Tensor) -> tuple[Tensor, Tensor, Any]:
-                # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
-                if scale is not None:
-                    sum_gc = sum_gc / scale.to(torch.float64)
-                sum_g_x_hat, sum_g_d = sum_gc.to(dtype), sum_g.to(dtype)
-                if not need_input:
-                    return sum_g_x_hat, sum_g_d, None
-                # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
-                alpha = invstd if scale is None else invstd * scale
-                per_unit = None if scale is None else 1.0 / scale
-                k1, k0 = input_gradient_coefficients(alpha, sum_g_d, sum_g_x_hat, count, per_unit)
-                return sum_g_x_hat, sum_g_d, (alpha, k1, k0)
-
-            dx, sum_g_x_hat, sum_g = _activation_passes(
-                y,
-                grad_output,
-                (centre, zero, centre, centre),
-                ctx.code,
-                ctx.param,
-                True,
-                from_output,
-            )
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 7))
+def _supports(x: Tensor, mask: Tensor | None) -> bool:
+    return supports(x) and _mask_fits(x, mask)
 
 
-class CpuKernel(portable.PortableKernel):
-    """:class:`bnkit.kernels.Kernel` with C loops for CPU float32/float64 tensors; what it
-    does not handle (see :func:`supports`) it hands to :class:`PortableKernel`."""
+#: The C loops as the shared primitives (:mod:`bnkit.kernels.primitive`).
+PRIMITIVES = Primitives(
+    name="C loops",
+    supports=_supports,
+    batch_stats=batch_stats,
+    affine=affine,
+    backward_reduce=backward_reduce,
+    backward_input=backward_input,
+    masked_activation=False,
+)
 
-    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
-        if not supports(x) or not _mask_fits(x, mask):
-            return portable.batch_stats(x, mask)
-        x = x.detach()
-        plan = layout(x)
-        assert plan is not None
-        kind, rows, channels, inner = plan
-        shift, shifted_mean, var = (x.new_empty(channels) for _ in range(3))
-        nt = _threads(x)
-        if mask is not None:
-            valid = torch.empty((), dtype=torch.float64)
-            sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
-            _call(f"bn_stats_masked_{kind}", x, x.data_ptr(), mask.data_ptr(), *sizes,
-                  shift.data_ptr(), shifted_mean.data_ptr(), var.data_ptr(), valid.data_ptr(),
-                  nt)  # fmt: skip
-            count = valid.to(x.dtype).expand(channels).clone()
-            return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
-        if kind == "ncl":
-            _call("bn_stats_ncl", x, x.data_ptr(), rows, channels, inner, shift.data_ptr(),
-                  shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
-        else:
-            _call("bn_stats_nc", x, x.data_ptr(), rows, channels, shift.data_ptr(),
-                  shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
-        count = torch.full((channels,), x.numel() // channels, dtype=x.dtype)
-        return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
-    def normalize_batch(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None = None,
-        group: Any = None,
-    ) -> Tensor:
-        if group is not None or not supports(x) or not _mask_fits(x, mask):
-            return super().normalize_batch(x, stats, weight, bias, eps, mask, group)
-        invstd = torch.rsqrt(stats.var + eps)
-        output: Tensor = _FastNormalizeWithBatchStats.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask
-        )
-        return output
+class CpuKernel(PrimitiveKernel):
+    """:class:`bnkit.kernels.pipeline.Kernel` with C loops for CPU float32/float64
+    tensors; what they do not take (see :func:`supports`) goes to the portable kernel."""
 
-    def normalize_batch_activation(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None,
-        group: Any,
-        activation: str,
-        param: float | None,
-        memory_efficient: bool,
-    ) -> Tensor:
-        fused = activation == "relu" or activation in _ACTIVATION_CODES
-        if not fused or mask is not None or group is not None or not supports(x):
-            return super().normalize_batch_activation(
-                x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
-            )
-        invstd = torch.rsqrt(stats.var + eps)
-        output: Tensor
-        if activation == "relu":
-            output = _FastNormalizeRelu.apply(  # type: ignore[no-untyped-call]
-                x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count
-            )
-            return output
-        save_input = not memory_efficient  # or, decided from the output: not invertible
-        output = _FastNormalizeActivate.apply(  # type: ignore[no-untyped-call]
-            x,
-            weight,
-            bias,
-            stats.shift,
-            stats.shifted_mean,
-            invstd,
-            stats.count,
-            _ACTIVATION_CODES[activation],
-            0.0 if param is None else float(param),
-            save_input,
-        )
-        return output
-
-    def normalize_population(
-        self,
-        x: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-    ) -> Tensor:
-        differentiable = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, mean, var, weight, bias)
-        )
-        if differentiable or not supports(x):
-            return super().normalize_population(x, mean, var, weight, bias, eps)
-        dtype = x.dtype
-        alpha = torch.rsqrt(var.to(dtype) + eps)
-        if weight is not None:
-            alpha = alpha * weight.to(dtype)
-        beta = torch.zeros_like(alpha) if bias is None else bias
-        return _affine(x, mean, alpha, beta)
+    def __init__(self) -> None:
+        super().__init__(PRIMITIVES)
 
     def update_running_stats(
         self,

@@ -1,7 +1,9 @@
 """Batch norm in Triton for CUDA GPUs: the CPU kernel's primitives, with the same semantics.
 
 :class:`TritonKernel` implements :class:`bnkit.kernels.Kernel` (pass
-``kernel=TritonKernel()`` to :func:`bnkit.kernels.batch_norm`) from four primitives,
+``kernel=TritonKernel()`` to :func:`bnkit.kernels.batch_norm`) from four primitives
+(:data:`PRIMITIVES`, with the autograd functions of :mod:`bnkit.kernels.primitive`, which
+the CPU kernel shares),
 each one pass over memory and each a ``torch.library.triton_op`` (``bnkit_triton::*``)
 that ``torch.compile`` can trace into:
 
@@ -64,7 +66,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from bnkit.kernels.gpu.kernel import KERNEL, TritonKernel, supports
+from bnkit.kernels.gpu.kernel import KERNEL, PRIMITIVES, TritonKernel, supports
 from bnkit.kernels.gpu.primitives import (
     affine,
     backward_input,
@@ -75,6 +77,7 @@ from bnkit.kernels.gpu.primitives import (
 
 __all__ = [
     "KERNEL",
+    "PRIMITIVES",
     "TritonKernel",
     "affine",
     "available",
