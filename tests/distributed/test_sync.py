@@ -42,6 +42,15 @@ def test_synchronized_equals_one_process(world_size: int, scenario: str, tmp_pat
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
+def test_synchronized_c_loops_equal_one_process(world_size: int, tmp_path: Path) -> None:
+    from bnkit.kernels import native
+
+    if native.library() is None:
+        pytest.skip(f"no native CPU kernel: {native.load_error()}")
+    spawn(world_size, "native", tmp_path)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
 def test_synchronized_triton_kernels_equal_one_process(
     world_size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,6 +157,22 @@ def triton_kernels_synchronize(rank: int, world_size: int) -> None:
     run_scenario(rank, sizes, options, True, list(range(world_size)))
 
 
+def native_kernels_synchronize(rank: int, world_size: int) -> None:
+    """On the CPU a synchronized layer runs the C loops (down to one value, for these
+    small test tensors; an empty local batch still takes the portable kernel), mask
+    included, and equals one process."""
+    from bnkit.kernels import cpu
+
+    cpu.SMALL_THRESHOLD = 1
+    synced, _ = make_layers({}, None)
+    y = synced(torch.randn(4, 3, 4, dtype=torch.float64))
+    assert y.grad_fn is not None
+    assert y.grad_fn.prims is cpu.PRIMITIVES  # type: ignore[attr-defined]
+    sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
+    run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
+    run_scenario(rank, sizes, {}, masked=True, members=list(range(world_size)))
+
+
 def worker(rank: int, world_size: int, store_path: str, scenario: str) -> None:
     init(rank, world_size, store_path)
     try:
@@ -177,6 +193,8 @@ def worker(rank: int, world_size: int, store_path: str, scenario: str) -> None:
             ghost_batches_stay_local(rank, [4, 6, 2][:world_size])
         elif scenario == "subgroup":
             run_scenario(rank, [3, 4, 2], {}, masked=False, members=[0, 2])
+        elif scenario == "native":
+            native_kernels_synchronize(rank, world_size)
         elif scenario == "triton":
             triton_kernels_synchronize(rank, world_size)
         elif scenario == "eval":
