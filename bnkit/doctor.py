@@ -41,7 +41,7 @@ def _devices() -> list[str]:
 _PATHS = {
     "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
     "_ExpressBatchNormBackward": "express, ctypes calling the native C loops",
-    "_FastNormalizeBackward": "native kernel: {prims} (bnkit.kernels.primitive)",
+    "_FastNormalizeBackward": "bnkit operators (bnkit.kernels.ops) running the {prims}",
 }
 
 
@@ -64,6 +64,7 @@ def describe() -> list[Choice]:
     import torch
 
     import bnkit
+    from bnkit.kernels import ops
 
     rows = []
     for device in _devices():
@@ -73,9 +74,9 @@ def describe() -> list[Choice]:
             if dtype == torch.float64:
                 layer = layer.double()
             x = torch.randn(32, 64, 8, 8, device=device).to(dtype).requires_grad_()
-            grad_fn = layer(x).grad_fn
-            node = type(grad_fn).__name__
-            prims = getattr(getattr(grad_fn, "prims", None), "name", "")
+            node = type(layer(x).grad_fn).__name__
+            passes = ops.native_passes(x)
+            prims = "composite torch operations" if passes is None else passes.name
             why = _PATHS[node].format(prims=prims) if node in _PATHS else _why_portable(device)
             rows.append(Choice(device, name, node.removesuffix("Backward"), why))
     return rows

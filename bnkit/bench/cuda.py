@@ -406,10 +406,15 @@ def _cases(options: Options) -> list[tuple[tuple[int, ...], str, str]]:
 
 
 def kernel_name(device: Device) -> str:
-    """The kernel bnkit dispatches a tensor on ``device`` to (TritonKernel expected)."""
-    from bnkit.kernels import select_kernel
+    """What runs bnkit's passes for a tensor on ``device``: the native passes behind its
+    operators ("Triton" expected), else the kernel's class (``PortableKernel``)."""
+    from bnkit.kernels import ops, select_kernel
 
-    return type(select_kernel(torch.zeros(2, 2, 2, 2, device=device.type))).__name__
+    x = torch.zeros(2, 2, 2, 2, device=device.type)
+    passes = ops.native_passes(x)
+    if select_kernel(x) is not ops.KERNEL or passes is None:
+        return type(select_kernel(x)).__name__
+    return passes.name
 
 
 def run(

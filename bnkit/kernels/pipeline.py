@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bnkit import distributed
-from bnkit.kernels import cpu, gpu, portable
+from bnkit.kernels import cpu, gpu, ops, portable
 from bnkit.kernels.activation import activate
 from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
 
@@ -119,29 +119,27 @@ class Kernel(Protocol):
 
 
 def select_kernel(x: Tensor) -> Kernel:
-    """The kernel for this input: the Triton kernel (:mod:`.gpu`) for CUDA tensors where
-    Triton is installed, the fast CPU kernel (:mod:`.cpu`) for CPU float32 and float64
-    tensors in eager mode that it handles (:func:`bnkit.kernels.cpu.supports`), else the
-    portable kernel, whose autograd functions have vmap and forward-mode rules
-    (every call inside a torch.func transform takes it). The CPU kernel hands masks and
-    process groups to the portable one itself.
+    """The kernel for this input: the operators' kernel (:mod:`.ops`) where a native pass
+    takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
+    tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU float32 or float64 tensor
+    they handle, :func:`bnkit.kernels.cpu.supports`), in eager mode and outside torch.func
+    transforms; else the portable kernel, whose autograd functions have vmap and
+    forward-mode rules and whose operations ``torch.compile`` compiles. Which native
+    implementation runs is the operators' dispatch, by device.
 
     Example:
         >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
         'PortableKernel'
     """
-    if _triton_takes(x):
-        return gpu.KERNEL
-    if cpu.supports(x):
-        return cpu.KERNEL
+    if _triton_takes(x) or cpu.supports(x):
+        return ops.KERNEL
     return portable.KERNEL
 
 
 def _triton_takes(x: Tensor) -> bool:
     """Whether :mod:`.gpu`'s Triton kernels take ``x``: a CUDA tensor (or any tensor with
     ``BNKIT_KERNEL=triton``, which the tests use with ``TRITON_INTERPRET=1``) in eager mode,
-    outside torch.func transforms, with Triton installed. Under torch.compile the portable
-    kernel's operations are compiled instead."""
+    outside torch.func transforms, with Triton installed."""
     if not (x.is_cuda or gpu.forced()) or torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:

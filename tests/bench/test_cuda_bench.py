@@ -45,10 +45,10 @@ def test_dry_run_measures_every_row_through_the_triton_kernels(tmp_path: Path) -
         timeout=120,
     )
     assert process.returncode == 0, process.stderr
-    assert "TritonKernel" in process.stdout.splitlines()[0]
+    assert process.stdout.splitlines()[0].endswith("Triton; torch.compile backend aot_eager")
     assert "copy (floor)" in process.stdout
     report = json.loads(out.read_text())
-    assert report["machine"]["kernel"] == "TritonKernel"  # bnkit's layer ran the Triton kernels
+    assert report["machine"]["kernel"] == "Triton"  # bnkit's layer ran the Triton kernels
     assert report["machine"]["compile_backend"] == "aot_eager"
     assert report["skipped"] == []
     rows = report["rows"]
@@ -151,7 +151,7 @@ def test_cpu_device_times_and_skips_peak_memory() -> None:
 
 
 def test_the_budget_skips_what_it_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda, "kernel_name", lambda device: "TritonKernel")
+    monkeypatch.setattr(cuda, "kernel_name", lambda device: "Triton")
     measured: list[object] = []
     monkeypatch.setattr(cuda, "measure_row", lambda *args: measured.append(args))
     options = cuda.Options(shapes=cuda.DRY_RUN_SHAPES, dtypes=("float32",), budget_s=1e-9)

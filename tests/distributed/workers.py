@@ -143,14 +143,16 @@ def eval_communicates_nothing(rank: int) -> None:
 def triton_kernels_synchronize(rank: int, world_size: int) -> None:
     """With ``BNKIT_KERNEL=triton`` (under ``TRITON_INTERPRET=1``) a synchronized layer runs
     the Triton kernels, fused activation and mask included, and equals one process."""
-    from bnkit.kernels import gpu
+    from bnkit.kernels import gpu, ops
 
     assert gpu.forced()
     assert gpu.available(), gpu.import_error()
     synced, _ = make_layers({"activation": "leaky_relu"}, None)
-    y = synced(torch.randn(4, 3, 4, dtype=torch.float64))
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    y = synced(x)
     assert y.grad_fn is not None
-    assert y.grad_fn.prims is gpu.PRIMITIVES  # type: ignore[attr-defined]
+    assert y.grad_fn.prims is ops.OPERATORS  # type: ignore[attr-defined]
+    assert ops.native_passes(x) is gpu.PRIMITIVES
     sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
     run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
     options = {"activation": "leaky_relu", "activation_param": 0.1}
@@ -161,13 +163,15 @@ def native_kernels_synchronize(rank: int, world_size: int) -> None:
     """On the CPU a synchronized layer runs the C loops (down to one value, for these
     small test tensors; an empty local batch still takes the portable kernel), mask
     included, and equals one process."""
-    from bnkit.kernels import cpu
+    from bnkit.kernels import cpu, ops
 
     cpu.SMALL_THRESHOLD = 1
     synced, _ = make_layers({}, None)
-    y = synced(torch.randn(4, 3, 4, dtype=torch.float64))
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    y = synced(x)
     assert y.grad_fn is not None
-    assert y.grad_fn.prims is cpu.PRIMITIVES  # type: ignore[attr-defined]
+    assert y.grad_fn.prims is ops.OPERATORS  # type: ignore[attr-defined]
+    assert ops.native_passes(x) is cpu.PRIMITIVES
     sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
     run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
     run_scenario(rank, sizes, {}, masked=True, members=list(range(world_size)))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bnkit import reference as ref
 from bnkit.functional import batch_norm as functional_batch_norm
-from bnkit.kernels import Activation, batch_norm, cpu, native, portable, select_kernel
+from bnkit.kernels import Activation, batch_norm, cpu, native, ops, portable, select_kernel
 from tests.cases import CASE_IDS, CASES, Case
 from tests.helpers import assert_close_to_scale
 
@@ -135,7 +135,8 @@ def test_cases_match_reference(case: Case) -> None:
         x = x.detach().clone().requires_grad_(True)  # clone keeps the layout
         w = torch.from_numpy(gamma).requires_grad_(True)
         b = torch.from_numpy(beta).requires_grad_(True)
-        assert isinstance(select_kernel(x), cpu.CpuKernel)
+        assert select_kernel(x) is ops.KERNEL
+        assert ops.native_passes(x) is cpu.PRIMITIVES
         y = functional_batch_norm(x, None, None, w, b, training=True, eps=case.eps)
         y.backward(torch.from_numpy(dy_np))
         for ours, theirs in (
@@ -220,7 +221,8 @@ def test_precision_far_from_zero(shape: tuple[int, ...]) -> None:
     channel_loc = 1e4 * (1 + 0.1 * torch.rand(shape[1], generator=g, dtype=torch.float64))
     x64 = channel_loc.view(view) + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
     x = x64.float()
-    assert isinstance(select_kernel(x), cpu.CpuKernel)
+    assert select_kernel(x) is ops.KERNEL
+    assert ops.native_passes(x) is cpu.PRIMITIVES
     exact = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
     mean, var = torch.zeros(shape[1]), torch.ones(shape[1])
     y = functional_batch_norm(x, mean, var, training=True, momentum=1.0)
@@ -260,7 +262,8 @@ def test_double_backward_matches_portable() -> None:
     """create_graph=True: the backward is the portable one, differentiable twice."""
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert isinstance(select_kernel(x), cpu.CpuKernel)
+    assert select_kernel(x) is ops.KERNEL
+    assert ops.native_passes(x) is cpu.PRIMITIVES
     torch.autograd.gradgradcheck(
         lambda x, w: functional_batch_norm(x, None, None, w, None, training=True), (x, w)
     )
@@ -283,7 +286,8 @@ def test_gradcheck_fused_relu() -> None:
 
 def test_unsupported_inputs_go_to_the_portable_kernel() -> None:
     big = torch.randn(8, 4, 10, 10)
-    assert isinstance(select_kernel(big), cpu.CpuKernel)
+    assert select_kernel(big) is ops.KERNEL
+    assert ops.native_passes(big) is cpu.PRIMITIVES
     for x in (
         big.half(),
         big.bfloat16(),

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnkit import reference as ref
-from bnkit.kernels import Activation, Chunk, batch_norm, ghost_chunks, gpu, portable
+from bnkit.kernels import Activation, Chunk, batch_norm, ghost_chunks, gpu, ops, portable
 from bnkit.kernels.gpu import primitives as prim
 from tests.helpers import assert_close_to_scale
 
@@ -632,14 +632,15 @@ def test_layer_dispatches_to_triton_when_asked(
     monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton at import
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64, device=DEVICE)
-    assert isinstance(select_kernel(x), gpu.TritonKernel)
+    assert select_kernel(x) is ops.KERNEL
+    assert ops.native_passes(x) is gpu.PRIMITIVES
     ours = BatchNorm2d(3, dtype=torch.float64, device=DEVICE).train(training)
     theirs = torch.nn.BatchNorm2d(3, dtype=torch.float64, device=DEVICE).train(training)
     x_ours, x_theirs = (x.clone().requires_grad_() for _ in range(2))
     y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
     if training:  # the output's node is the shared autograd Function on Triton's passes
         assert type(y_ours.grad_fn).__name__ == "_FastNormalizeBackward"
-        assert y_ours.grad_fn.prims is gpu.PRIMITIVES
+        assert y_ours.grad_fn.prims is ops.OPERATORS
     dy = torch.randn_like(x)
     y_ours.backward(dy)
     y_theirs.backward(dy)

@@ -1,0 +1,282 @@
+"""bnkit's operators: the four passes of a native kernel as ``torch.library`` operators.
+
+``bnkit::batch_stats``, ``bnkit::affine``, ``bnkit::backward_reduce`` and
+``bnkit::backward_input`` have the meaning of :class:`bnkit.kernels.primitive.Primitives`'
+fields, a schema each, and an implementation per dispatch key:
+
+- ``CPU``: the C loops (:data:`bnkit.kernels.cpu.PRIMITIVES`) where they take the
+  tensors; the Triton kernels under ``BNKIT_KERNEL=triton`` (which the tests run through
+  Triton's interpreter);
+- ``CUDA``: the Triton kernels (:data:`bnkit.kernels.gpu.PRIMITIVES`) where Triton is
+  available;
+- ``CompositeExplicitAutograd``: torch operations, for every other device and for what
+  the native passes do not take;
+- a fake (meta) implementation, so that ``torch.compile`` and ``torch.export`` can trace
+  a graph that calls them.
+
+So torch's dispatcher, not bnkit, picks the implementation for a tensor's device.
+:data:`OPERATORS` puts them behind the :class:`~bnkit.kernels.primitive.Primitives`
+interface, and :class:`bnkit.kernels.primitive.PrimitiveKernel` writes the autograd
+formulas over it once. The operators themselves carry no autograd: the formulas (and
+forward-mode rules, which torch 2.13 cannot attach to an operator) stay in the
+``autograd.Function``s.
+
+They are registered with ``torch.library.Library`` rather than ``custom_op``: a call
+through ``custom_op``'s Python wrapper costs several times more (measured: about 37 us
+against 5 us per call on this project's 2-core machine), and a training step calls four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnkit.kernels import activation as act
+from bnkit.kernels import cpu, gpu, portable
+from bnkit.kernels.primitive import PrimitiveKernel, Primitives
+from bnkit.kernels.stats import BatchStats, compute_dtype
+
+__all__ = ["KERNEL", "OPERATORS", "OperatorKernel", "composite", "native_passes"]
+
+_LIB = torch.library.Library("bnkit", "DEF")  # type: ignore[no-untyped-call]
+_define: Callable[[str], Any] = _LIB.define
+_impl: Callable[[str, Callable[..., Any], str], Any] = _LIB.impl
+_define("batch_stats(Tensor x, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)")
+_define(
+    "affine(Tensor x, Tensor shift, Tensor alpha, Tensor beta, str? activation, "
+    "float? param) -> Tensor"
+)
+_define(
+    "backward_reduce(Tensor g, Tensor src, Tensor shift, Tensor shifted_mean, "
+    "str? activation, float? param, bool from_output, Tensor? z_alpha, Tensor? z_beta) "
+    "-> (Tensor, Tensor)"
+)
+_define(
+    "backward_input(Tensor g, Tensor src, Tensor shift, Tensor alpha, Tensor k1, "
+    "Tensor k0, str? activation, float? param, bool from_output, Tensor? mask, "
+    "Tensor? z_alpha, Tensor? z_beta) -> Tensor"
+)
+
+
+# --- the composite implementation: torch operations, any device -----------------------
+
+
+def _batch_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    stats = portable.batch_stats(x, mask)
+    return stats.count, stats.shift, stats.shifted_mean, stats.var
+
+
+def _vectors(x: Tensor, *vectors: Tensor) -> list[Tensor]:
+    """(C,) vectors in x's compute dtype, shaped to broadcast against x."""
+    view = portable._channel_view(x)
+    return [v.to(compute_dtype(x.dtype)).view(view) for v in vectors]
+
+
+def _output(y: Tensor, like: Tensor) -> Tensor:
+    return y.to(like.dtype).contiguous(memory_format=portable._output_memory_format(like))
+
+
+def _affine(
+    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: str | None,
+    param: float | None,
+) -> Tensor:  # fmt: skip
+    s, a, b = _vectors(x, shift, alpha, beta)
+    z = torch.addcmul(b, x - s, a)
+    return _output(z if activation is None else act.activate(z, activation, param), x)
+
+
+def _slope_and_value(
+    src: Tensor, shift: Tensor, activation: str | None, param: float | None,
+    from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """(act'(z), or None for slope 1; v): v is src itself (x), or with ``from_output``
+    the pre-activation z recovered from the output y (finite where an elu saturated,
+    where the slope is 0)."""
+    name = activation or "identity"
+    dtype = compute_dtype(src.dtype)
+    if from_output:
+        z, slope = act.preactivation_and_slope(src.to(dtype), name, param)
+        return slope, torch.where(slope == 0, 0.0, z)
+    if name == "identity" or z_alpha is None or z_beta is None:
+        return None, src.to(dtype)
+    s, za, zb = _vectors(src, shift, z_alpha, z_beta)
+    z = torch.addcmul(zb, src - s, za)
+    form = act.activate(z, name, param) if act.saves_output(name) else z
+    return act.preactivation_and_slope(form, name, param)[1], src.to(dtype)
+
+
+def _backward_reduce(
+    g: Tensor, src: Tensor, shift: Tensor, shifted_mean: Tensor, activation: str | None,
+    param: float | None, from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
+    g = g.to(v.dtype) if slope is None else g.to(v.dtype) * slope
+    s, m = _vectors(src, shift, shifted_mean)
+    dims = portable._reduce_dims(src)
+    return g.sum(dims), portable._sum_of_products(g, (v - s).sub_(m), dims)
+
+
+def _backward_input(
+    g: Tensor, src: Tensor, shift: Tensor, alpha: Tensor, k1: Tensor, k0: Tensor,
+    activation: str | None, param: float | None, from_output: bool, mask: Tensor | None,
+    z_alpha: Tensor | None, z_beta: Tensor | None,
+) -> Tensor:  # fmt: skip
+    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
+    g = g.to(v.dtype) if slope is None else g.to(v.dtype) * slope
+    s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
+    through_stats = torch.addcmul(c0, v - s, c1)
+    if mask is not None:  # the statistics do not depend on padding
+        through_stats = torch.where(mask.unsqueeze(1), through_stats, 0.0)
+    return _output(torch.addcmul(through_stats, g, a), src)
+
+
+#: The composite implementation of each operator (torch operations, any device).
+composite: dict[str, Callable[..., Any]] = {
+    "batch_stats": _batch_stats,
+    "affine": _affine,
+    "backward_reduce": _backward_reduce,
+    "backward_input": _backward_input,
+}
+
+
+# --- the native implementations, and the fake ones -------------------------------------
+
+
+def _native(name: str, device: str) -> Callable[..., Any]:
+    """The operator's kernel for ``device`` ("cpu", "cuda"): the device's native pass
+    where it takes the tensors (the first is x or g, the second, for the backward
+    passes, src; the mask is the backward input's tenth argument), else the composite."""
+
+    def kernel(*args: Any) -> Any:
+        data = args[1] if name.startswith("backward") else args[0]
+        mask = args[1] if name == "batch_stats" else args[9] if name == "backward_input" else None
+        prims = _native_primitives(device, data, mask)
+        fused = name == "backward_input" and args[6] not in (None, "identity")
+        if prims is not None and mask is not None and fused and not prims.masked_activation:
+            prims = None  # the C loops fuse no activation with a mask
+        if prims is None:
+            return composite[name](*args)
+        if name == "batch_stats":
+            stats = prims.batch_stats(*args)
+            return stats.count, stats.shift, stats.shifted_mean, stats.var
+        return getattr(prims, name)(*args)
+
+    return kernel
+
+
+def _native_primitives(device: str, x: Tensor, mask: Tensor | None) -> Primitives | None:
+    """The native passes that take (x, mask) on ``device``, or None."""
+    if (device == "cuda" or gpu.forced()) and gpu.available() and gpu.supports(x, mask):
+        return gpu.PRIMITIVES
+    if device == "cpu" and cpu.PRIMITIVES.supports(x, mask):
+        return cpu.PRIMITIVES
+    return None
+
+
+def _fake_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    dtype = compute_dtype(x.dtype)
+    return tuple(x.new_empty(c, dtype=dtype) for _ in range(4))  # type: ignore[return-value]
+
+
+def _fake_output(x: Tensor, *rest: Any) -> Tensor:
+    return torch.empty_like(x, memory_format=portable._output_memory_format(x))
+
+
+def _fake_sums(g: Tensor, src: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
+    c = src.shape[1]
+    dtype = compute_dtype(src.dtype)
+    return src.new_empty(c, dtype=dtype), src.new_empty(c, dtype=dtype)
+
+
+def _fake_input(g: Tensor, src: Tensor, *rest: Any) -> Tensor:
+    return _fake_output(src)
+
+
+for _name, _fake in (
+    ("batch_stats", _fake_stats),
+    ("affine", _fake_output),
+    ("backward_reduce", _fake_sums),
+    ("backward_input", _fake_input),
+):
+    _impl(_name, composite[_name], "CompositeExplicitAutograd")
+    _impl(_name, _native(_name, "cpu"), "CPU")
+    _impl(_name, _native(_name, "cuda"), "CUDA")
+    torch.library.register_fake(f"bnkit::{_name}", _fake, lib=_LIB)
+
+_OPS = torch.ops.bnkit
+
+
+def _op_batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
+    count, shift, shifted_mean, var = _OPS.batch_stats.default(x.detach(), mask)
+    return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
+
+
+def _op_affine(
+    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: str | None = None,
+    param: float | None = None,
+) -> Tensor:  # fmt: skip
+    y: Tensor = _OPS.affine.default(x, shift, alpha, beta, activation, param)
+    return y
+
+
+def _op_backward_reduce(
+    g: Tensor, src: Tensor, shift: Tensor, shifted_mean: Tensor,
+    activation: str | None = None, param: float | None = None, from_output: bool = False,
+    z_alpha: Tensor | None = None, z_beta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    sums: tuple[Tensor, Tensor] = _OPS.backward_reduce.default(
+        g, src, shift, shifted_mean, activation, param, from_output, z_alpha, z_beta
+    )
+    return sums
+
+
+def _op_backward_input(
+    g: Tensor, src: Tensor, shift: Tensor, alpha: Tensor, k1: Tensor, k0: Tensor,
+    activation: str | None = None, param: float | None = None, from_output: bool = False,
+    mask: Tensor | None = None, z_alpha: Tensor | None = None, z_beta: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    dx: Tensor = _OPS.backward_input.default(
+        g, src, shift, alpha, k1, k0, activation, param, from_output, mask, z_alpha, z_beta
+    )
+    return dx
+
+
+def native_passes(x: Tensor, mask: Tensor | None = None) -> Primitives | None:
+    """The native passes the operators run for (x, mask): the C loops, the Triton kernels,
+    or None (the composite torch operations)."""
+    return _native_primitives(x.device.type, x, mask)
+
+
+def _supports(x: Tensor, mask: Tensor | None) -> bool:
+    """Where a native pass takes (x, mask): the tensors the operators exist to serve."""
+    return native_passes(x, mask) is not None
+
+
+#: The operators behind the :class:`Primitives` interface: the passes of whichever
+#: native kernel torch's dispatcher finds for the tensor's device.
+OPERATORS = Primitives(
+    name="bnkit operators",
+    supports=_supports,
+    batch_stats=_op_batch_stats,
+    affine=_op_affine,
+    backward_reduce=_op_backward_reduce,
+    backward_input=_op_backward_input,
+    masked_activation=True,  # where a device's loops do not, the composite pass does
+)
+
+
+class OperatorKernel(cpu.CpuKernel):
+    """:class:`PrimitiveKernel` on :data:`OPERATORS`: the kernel
+    :func:`bnkit.kernels.pipeline.select_kernel` picks for the tensors a native pass
+    takes. It keeps the CPU kernel's update of the running statistics (one C call where
+    they are plain CPU tensors, else torch operations on (C,) vectors)."""
+
+    def __init__(self) -> None:
+        PrimitiveKernel.__init__(self, OPERATORS)
+
+
+KERNEL = OperatorKernel()

@@ -1,0 +1,162 @@
+"""bnkit's torch.library operators: schemas, fake kernels and dispatch (opcheck), and every
+implementation of each operator against the others (composite torch operations, the C
+loops, the Triton kernels through the interpreter)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+from bnkit.kernels import cpu, gpu, native, ops
+from bnkit.kernels.stats import compute_dtype
+
+ACTIVATIONS = [(None, None), ("relu", None), ("leaky_relu", 0.1), ("elu", 1.0)]
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> dict[str, Any]:
+    """x, a mask, per-channel vectors and a gradient, far from zero on purpose."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = 3.0 + 2.0 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    g = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    vector = lambda: torch.rand(c, generator=generator, dtype=torch.float64) + 0.5  # noqa: E731
+    mask = torch.rand((shape[0], *shape[2:]), generator=generator) > 0.3
+    mask.view(-1)[0] = True
+    cdt = compute_dtype(dtype)
+    return {
+        "x": x.to(dtype),
+        "g": g.to(dtype),
+        "mask": mask,
+        "vectors": [vector().to(cdt) for _ in range(5)],
+    }
+
+
+def _calls(data: dict[str, Any], activation: str | None, param: float | None) -> list[Any]:
+    """(operator, args) for every operator on these inputs."""
+    x, g, mask = data["x"], data["g"], data["mask"]
+    s, a, b, k1, k0 = data["vectors"]
+    y = torch.ops.bnkit.affine(x, s, a, b, activation, param)
+    calls = [
+        (torch.ops.bnkit.batch_stats.default, (x, None)),
+        (torch.ops.bnkit.batch_stats.default, (x, mask)),
+        (torch.ops.bnkit.affine.default, (x, s, a, b, activation, param)),
+        (torch.ops.bnkit.backward_reduce.default, (g, x, s, k0, activation, param, False, a, b)),
+        (torch.ops.bnkit.backward_input.default,
+         (g, x, s, a, k1, k0, activation, param, False, None, a, b)),
+    ]  # fmt: skip
+    if activation in ("leaky_relu", "elu", None):  # the memory-efficient form, from y
+        calls.append(
+            (torch.ops.bnkit.backward_reduce.default,
+             (g, y, b, torch.zeros_like(b), activation, param, True, None, None))
+        )  # fmt: skip
+        calls.append(
+            (torch.ops.bnkit.backward_input.default,
+             (g, y, b, a, k1, k0, activation, param, True, mask if activation is None else None,
+              None, None))
+        )  # fmt: skip
+    if activation is None:
+        calls.append(
+            (torch.ops.bnkit.backward_input.default,
+             (g, x, s, a, k1, k0, None, None, False, mask, None, None))
+        )  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize(("activation", "param"), ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck(activation: str | None, param: float | None, dtype: torch.dtype) -> None:
+    """Schemas, fake kernels, no aliasing or hidden mutation (torch.library.opcheck)."""
+    data = _inputs((4, 3, 5, 6), dtype, channels_last=False)
+    for op, args in _calls(data, activation, param):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _composite(op: Any, args: tuple[Any, ...]) -> Any:
+    return ops.composite[op._schema.name.split("::")[1]](*args)
+
+
+def _close(ours: Any, theirs: Any, tolerance: float, what: str) -> None:
+    for a, b in zip(
+        ours if isinstance(ours, tuple) else (ours,),
+        theirs if isinstance(theirs, tuple) else (theirs,),
+        strict=True,
+    ):
+        assert a.shape == b.shape, what
+        assert a.dtype == b.dtype, what
+        scale = max(1.0, float(b.double().abs().max()))
+        error = float((a.double() - b.double()).abs().max())
+        assert error <= tolerance * scale, f"{what}: {error:.3g}"
+
+
+def _same_as_composite(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> None:
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for activation, param in ACTIVATIONS:
+        data = _inputs(shape, dtype, channels_last)
+        for op, args in _calls(data, activation, param):
+            if op is torch.ops.bnkit.batch_stats.default:
+                ours, theirs = op(*args), _composite(op, args)
+                # the shift is any value close to the data: compare the mean it gives
+                _close(ours[2] + ours[1], theirs[2] + theirs[1], tolerance, f"{op} mean")
+                _close((ours[0], ours[3]), (theirs[0], theirs[3]), tolerance, str(op))
+                continue
+            _close(op(*args), _composite(op, args), tolerance, f"{op} {activation}")
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"no native code: {native.load_error()}")
+@pytest.mark.parametrize(
+    ("dtype", "channels_last"),
+    list(itertools.product([torch.float32, torch.float64], [False, True])),
+)
+def test_c_loops_agree_with_the_composite(dtype: torch.dtype, channels_last: bool) -> None:
+    shape = (8, 6, 7, 9)
+    x = torch.empty(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert ops.native_passes(x) is cpu.PRIMITIVES
+    _same_as_composite(shape, dtype, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_agrees_with_the_composite(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not gpu.available():
+        pytest.skip(f"no Triton: {gpu.import_error()}")
+    monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton
+    assert ops.native_passes(torch.empty(2, 3, 4, 5, dtype=dtype)) is gpu.PRIMITIVES
+    tolerance_dtype = torch.float32 if dtype == torch.float32 else None
+    if tolerance_dtype is None:  # bfloat16 data: compare in float32 against its composite
+        shape = (4, 3, 5, 6)
+        for activation, param in ACTIVATIONS:
+            data = _inputs(shape, dtype, channels_last=False)
+            for op, args in _calls(data, activation, param)[2:]:
+                ours, theirs = op(*args), _composite(op, args)
+                _close(ours, theirs, 2e-2, f"{op} {activation}")
+        return
+    _same_as_composite((4, 3, 5, 6), dtype, channels_last=False)
+
+
+def test_other_dtypes_take_the_composite() -> None:
+    x = torch.randn(4, 3, 5, dtype=torch.float16)
+    assert ops.native_passes(x) is None
+    count, shift, shifted_mean, var = torch.ops.bnkit.batch_stats(x, None)
+    assert var.dtype == torch.float32
+    assert count.tolist() == [20.0, 20.0, 20.0]
+    torch.testing.assert_close(shift + shifted_mean, x.float().mean((0, 2)))
+    torch.testing.assert_close(var, x.float().var((0, 2), correction=0))
+
+
+def test_meta_tensors_trace() -> None:
+    x = torch.empty(4, 3, 5, 6, device="meta").contiguous(memory_format=torch.channels_last)
+    v = torch.empty(3, device="meta")
+    y = torch.ops.bnkit.affine(x, v, v, v, "relu", None)
+    assert y.device.type == "meta"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    sums = torch.ops.bnkit.backward_reduce(x, x, v, v, None, None, False, None, None)
+    assert [t.shape for t in sums] == [(3,), (3,)]
