@@ -2,9 +2,9 @@
 # The Triton kernels on an NVIDIA GPU, from a fresh checkout, in about 8 minutes:
 #
 #   1. a virtual environment with torch (its CUDA build), triton and bnkit[lab,dev];
-#   2. tests/kernels/test_triton.py compiled for the GPU (BNKIT_TEST_DEVICE=cuda, no
-#      interpreter);
-#      and tests/bench/test_cuda_bench.py (the benchmark's dry run and errors);
+#   2. tests/kernels/test_triton.py and test_ops.py compiled for the GPU
+#      (BNKIT_TEST_DEVICE=cuda, no interpreter), and tests/bench/test_cuda_bench.py (the
+#      benchmark's dry run and errors);
 #   3. bnkit bench --device cuda (bnkit/bench/cuda.py): torch's nn.BatchNorm2d (cuDNN),
 #      its torch.compile and bnkit's layer (the Triton kernels), forward and forward +
 #      backward, timed interleaved on ResNet-50's batch-norm shapes at batch 256 then 32,
@@ -61,7 +61,8 @@ status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     say "tests on $BENCH_DEVICE (TRITON_INTERPRET=$interpret)"
     BNKIT_TEST_DEVICE=$BENCH_DEVICE TRITON_INTERPRET=$interpret timeout 270 \
-        "$PY" -m pytest tests/kernels/test_triton.py tests/bench/test_cuda_bench.py \
+        "$PY" -m pytest tests/kernels/test_triton.py tests/kernels/test_ops.py \
+        tests/bench/test_cuda_bench.py \
         -q -p no:cacheprovider -rs --durations=5
     status=$?
     say "tests exited with $status"

@@ -160,3 +160,23 @@ def test_meta_tensors_trace() -> None:
     assert y.is_contiguous(memory_format=torch.channels_last)
     sums = torch.ops.bnkit.backward_reduce(x, x, v, v, None, None, False, None, None)
     assert [t.shape for t in sums] == [(3,), (3,)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_dispatch_to_triton() -> None:
+    x = torch.randn(8, 4, 6, 6, device="cuda")
+    if not gpu.available():
+        pytest.skip(f"no Triton: {gpu.import_error()}")
+    assert ops.native_passes(x) is gpu.PRIMITIVES
+    for activation, param in ACTIVATIONS:
+        data = _inputs((8, 4, 6, 6), torch.float32, False)
+        data = {
+            "x": data["x"].cuda(),
+            "g": data["g"].cuda(),
+            "mask": data["mask"].cuda(),
+            "vectors": [v.cuda() for v in data["vectors"]],
+        }
+        for op, args in _calls(data, activation, param):
+            if op is torch.ops.bnkit.batch_stats.default:
+                continue
+            _close(op(*args), _composite(op, args), 2e-5, f"{op} {activation}")
