@@ -39,7 +39,7 @@ _COMPUTE = {
     torch.bfloat16: torch.float32,
     torch.float16: torch.float32,
 }
-_transforming = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
+_transformed = portable.transformed  # torch.func or forward-mode AD
 _compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _threads = torch.get_num_threads
@@ -110,7 +110,7 @@ def batch_norm(
     """
     if _FAST is None and not _started:
         _start()
-    if _FAST is not None and not _compiling() and _transforming() is None:
+    if _FAST is not None and not _compiling() and not _transformed():
         result: tuple[Tensor, bool | None] | None = _FAST(
             x, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked, unbiased, skip_nonfinite, relu,
@@ -125,7 +125,7 @@ def batch_norm(
     if forward is None and (dtype not in _SUFFIX or (forward := _load(dtype)) is None):
         return None
     numel = x.numel()
-    if numel < cpu.SMALL_THRESHOLD or _compiling() or _transforming() is not None:
+    if numel < cpu.SMALL_THRESHOLD or _compiling() or _transformed():
         return None
     shape = x.shape
     if len(shape) < 2:

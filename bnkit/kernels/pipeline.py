@@ -123,17 +123,17 @@ def select_kernel(x: Tensor) -> Kernel:
     takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
     tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU float32 or float64 tensor
     they handle, :func:`bnkit.kernels.cpu.supports`), in eager mode and outside torch.func
-    transforms; else the portable kernel, whose autograd functions have vmap and
-    forward-mode rules and whose operations ``torch.compile`` compiles. Which native
+    transforms and forward-mode AD; else the portable kernel, whose autograd functions
+    have vmap and forward-mode rules and whose operations ``torch.compile`` compiles. Which native
     implementation runs is the operators' dispatch, by device.
 
     Example:
         >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
         'PortableKernel'
     """
-    if _triton_takes(x) or cpu.supports(x):
-        return ops.KERNEL
-    return portable.KERNEL
+    if portable.transformed() or not (_triton_takes(x) or cpu.supports(x)):
+        return portable.KERNEL
+    return ops.KERNEL
 
 
 def _triton_takes(x: Tensor) -> bool:

@@ -34,13 +34,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
 from bnkit.kernels.stats import BatchStats, compute_dtype, input_gradient_coefficients
 
-__all__ = ["KERNEL", "PortableKernel", "batch_stats"]
+__all__ = ["KERNEL", "PortableKernel", "batch_stats", "transformed"]
+
+
+_interpreters = torch._C._functorch.peek_interpreter_stack
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform or forward-mode AD (``torch.autograd.forward_ad``)
+    is active: the calls this kernel takes whatever the tensors, since only its autograd
+    functions have vmap and forward-mode rules."""
+    return _interpreters() is not None or forward_ad._current_level >= 0
 
 
 def _channel_view(x: Tensor) -> list[int]:

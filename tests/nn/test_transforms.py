@@ -111,6 +111,51 @@ def test_forward_mode_with_parameters_and_fused_activation() -> None:
     torch.testing.assert_close(tangent(fused)[1], slope * expected, **TOL)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    ("options", "activation"),
+    [
+        ({}, None),
+        ({"activation": "leaky_relu"}, torch.nn.LeakyReLU(0.01)),
+        ({"activation": "relu"}, torch.nn.ReLU()),
+    ],
+)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_eager_forward_mode_ad_matches_torch(
+    training: bool, options: dict[str, object], activation: torch.nn.Module | None,
+    layout: torch.memory_format,
+) -> None:  # fmt: skip
+    """torch.autograd.forward_ad with dual tensors, on tensors the native kernels would
+    take (they have no forward-mode rule, so such calls go to the portable kernel)."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 8, 8).contiguous(memory_format=layout)
+    tangent = torch.randn_like(x)
+    ours = bnkit.BatchNorm2d(16, **options).train(training)  # type: ignore[arg-type]
+    theirs = torch.nn.BatchNorm2d(16).train(training)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 1.5)
+        ours.weight.copy_(theirs.weight)
+        ours.bias.copy_(theirs.bias)
+        ours.running_mean.copy_(theirs.running_mean)
+        ours.running_var.copy_(theirs.running_var)
+    results = []
+    for layer in (ours, torch.nn.Sequential(theirs, activation or torch.nn.Identity())):
+        with fwad.dual_level():
+            y = layer(fwad.make_dual(x, tangent))
+            results.append(tuple(t.detach() for t in fwad.unpack_dual(y)[:2]))
+    (y_ours, t_ours), (y_theirs, t_theirs) = results
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_ours, t_theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
 def test_forward_and_reverse_jacobians_agree_with_a_mask() -> None:
     torch.manual_seed(0)
     layer = bnkit.BatchNorm1d(2, track_running_stats=False, dtype=torch.float64)
