@@ -143,6 +143,15 @@ def _complete(stored: dict[str, Any] | None, config: dict[str, Any], out: Path) 
     return all((out / str(figure.get("file"))).is_file() for figure in figures)
 
 
+def _prepare_native_code() -> None:
+    """Build (or load) bnkit's native CPU code before the first progress bar starts: a
+    first build takes about a minute (it says so on stderr), and a bar running meanwhile
+    would show its first step as taking that long, and an absurd estimate."""
+    from bnkit.kernels import native
+
+    native.library()
+
+
 def run_lab(
     experiments: Sequence[str] | None = None,
     *,
@@ -210,6 +219,7 @@ def run_lab(
                 )
             else:
                 if not loaded:
+                    _prepare_native_code()
                     loaded.append(load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir))
                 context = RunContext(dataset=loaded[0], seed=seed, progress=make_bar)
                 measured = experiment.run(
