@@ -342,3 +342,30 @@ def test_full_configuration_uses_the_published_steps() -> None:
     assert get_experiment("ics").config(full=False).batch_size == 60
     scaled = get_experiment("test-process").config(steps_scale=0.001)
     assert (scaled.steps, scaled.recalibration_batches) == (2, 2)  # 2000, 100 steps scaled
+
+
+def test_native_code_is_ready_before_the_first_progress_bar(
+    tmp_path: Path, tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first build takes about a minute: it must not run under a progress bar (whose
+    first step would then show that minute, and an estimate of days)."""
+    from bnkit.kernels import native
+    from bnkit.lab import runner
+
+    events: list[str] = []
+    library = native.library
+    monkeypatch.setattr(native, "library", lambda: (events.append("native"), library())[1])
+
+    def bars(stream: object) -> object:
+        def make(total: int, desc: str) -> object:
+            events.append("bar")
+            return runner.no_progress(total, desc)
+
+        return make
+
+    monkeypatch.setattr(runner, "_tqdm_progress", bars)
+    argv = lab_argv(tmp_path / "out", tiny_data_dir, "training-process")
+    status, _, stderr = run_cli([arg for arg in argv if arg != "--no-progress"])
+    assert status == 0, stderr
+    assert "bar" in events
+    assert events.index("native") < events.index("bar")
