@@ -263,7 +263,7 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     nt = _threads(x)
     if mask is not None:
         valid = torch.empty((), dtype=torch.float64)
-        sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+        sizes = _sizes(kind, rows, channels, inner)
         _call(f"bn_stats_masked_{kind}", x, x.data_ptr(), mask.data_ptr(), *sizes,
               shift.data_ptr(), shifted_mean.data_ptr(), var.data_ptr(), valid.data_ptr(),
               nt)  # fmt: skip
@@ -292,7 +292,7 @@ def affine(
     s, a, b = (_vector(v, x.dtype) for v in (shift, alpha, beta))
     y = _empty_like(x)
     nt = _threads(x)
-    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+    sizes = _sizes(kind, rows, channels, inner)
     if activation in (None, "identity", "relu"):
         _call(f"bn_affine_{kind}", x, x.data_ptr(), y.data_ptr(), *sizes, s.data_ptr(),
               a.data_ptr(), b.data_ptr(), int(activation == "relu"), nt)  # fmt: skip
@@ -305,6 +305,24 @@ def affine(
 
 def _param(param: float | None) -> float:
     return 0.0 if param is None else float(param)
+
+
+def _sizes(kind: str, rows: int, channels: int, inner: int) -> tuple[int, ...]:
+    """The loops' size arguments: (N, C, L) for ncl, (M, C) for nc."""
+    return (rows, channels, inner) if kind == "ncl" else (rows, channels)
+
+
+def _z_pointers(
+    z_alpha: Tensor | None, z_beta: Tensor | None, dtype: torch.dtype, plain: bool,
+    relu: bool, placeholder: Tensor,
+) -> tuple[int | None, int | None]:  # fmt: skip
+    """Pointers to the coefficients of z = (x - shift) * z_alpha + z_beta as the loops take
+    them: the plain loops read them for relu only (null otherwise, or where absent); the
+    fused-activation loops take an unread placeholder for an absent one."""
+    if plain and (not relu or z_alpha is None or z_beta is None):
+        return None, None
+    za, zb = (placeholder if v is None else _vector(v, dtype) for v in (z_alpha, z_beta))
+    return za.data_ptr(), zb.data_ptr()
 
 
 def _plain_loop(activation: str | None, from_output: bool) -> bool:
@@ -330,24 +348,21 @@ def backward_reduce(
     dtype = src.dtype
     g = _as_layout_of(g, src)
     s, m = _vector(shift, dtype), _vector(shifted_mean, dtype)
-    za = None if z_alpha is None else _vector(z_alpha, dtype)
-    zb = None if z_beta is None else _vector(z_beta, dtype)
     sum_g = torch.empty(channels, dtype=torch.float64)
     sum_gc = torch.empty(channels, dtype=torch.float64)
     nt = _threads(src)
-    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
-    if _plain_loop(activation, from_output):
-        relu = activation == "relu"
+    sizes = _sizes(kind, rows, channels, inner)
+    plain = _plain_loop(activation, from_output)
+    za, zb = _z_pointers(z_alpha, z_beta, dtype, plain, activation == "relu", s)
+    if plain:
         _call(f"bn_backward_reduce_{kind}", src, g.data_ptr(), src.data_ptr(), *sizes,
-              s.data_ptr(), m.data_ptr(), _ptr(za) if relu else None,
-              _ptr(zb) if relu else None, sum_g.data_ptr(), sum_gc.data_ptr(),
+              s.data_ptr(), m.data_ptr(), za, zb, sum_g.data_ptr(), sum_gc.data_ptr(),
               nt)  # fmt: skip
     else:
         code = _ACTIVATION_CODES[activation or "identity"]
-        za, zb = za if za is not None else s, zb if zb is not None else s  # unread
         _call(f"bn_act_backward_reduce_{kind}", src, g.data_ptr(), src.data_ptr(), *sizes,
-              s.data_ptr(), m.data_ptr(), za.data_ptr(), zb.data_ptr(), code, _param(param),
-              int(from_output), sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
+              s.data_ptr(), m.data_ptr(), za, zb, code, _param(param), int(from_output),
+              sum_g.data_ptr(), sum_gc.data_ptr(), nt)  # fmt: skip
     return sum_g.to(dtype), sum_gc.to(dtype)
 
 
@@ -371,26 +386,24 @@ def backward_input(
     dtype = src.dtype
     g = _as_layout_of(g, src)
     s, a, c1, c0 = (_vector(v, dtype) for v in (shift, alpha, k1, k0))
-    za = None if z_alpha is None else _vector(z_alpha, dtype)
-    zb = None if z_beta is None else _vector(z_beta, dtype)
     dx = _empty_like(src)
     nt = _threads(src)
-    sizes = (rows, channels, inner) if kind == "ncl" else (rows, channels)
+    sizes = _sizes(kind, rows, channels, inner)
     coefficients = (s.data_ptr(), a.data_ptr(), c1.data_ptr(), c0.data_ptr())
+    plain = _plain_loop(activation, from_output)
     if mask is not None:  # no activation: the CPU kernel fuses none with a mask
         _call(f"bn_backward_input_masked_{kind}", src, g.data_ptr(), src.data_ptr(),
               mask.data_ptr(), dx.data_ptr(), *sizes, *coefficients, nt)  # fmt: skip
-    elif _plain_loop(activation, from_output):
-        relu = activation == "relu"
+        return dx
+    za, zb = _z_pointers(z_alpha, z_beta, dtype, plain, activation == "relu", s)
+    if plain:
         _call(f"bn_backward_input_{kind}", src, g.data_ptr(), src.data_ptr(), dx.data_ptr(),
-              *sizes, *coefficients, _ptr(za) if relu else None, _ptr(zb) if relu else None,
-              nt)  # fmt: skip
+              *sizes, *coefficients, za, zb, nt)  # fmt: skip
     else:
         code = _ACTIVATION_CODES[activation or "identity"]
-        za, zb = za if za is not None else s, zb if zb is not None else s  # unread
         _call(f"bn_act_backward_input_{kind}", src, g.data_ptr(), src.data_ptr(),
-              dx.data_ptr(), *sizes, *coefficients, za.data_ptr(), zb.data_ptr(), code,
-              _param(param), int(from_output), nt)  # fmt: skip
+              dx.data_ptr(), *sizes, *coefficients, za, zb, code, _param(param),
+              int(from_output), nt)  # fmt: skip
     return dx
 
 

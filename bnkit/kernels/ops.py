@@ -145,26 +145,41 @@ composite: dict[str, Callable[..., Any]] = {
 # --- the native implementations, and the fake ones -------------------------------------
 
 
-def _native(name: str, device: str) -> Callable[..., Any]:
-    """The operator's kernel for ``device`` ("cpu", "cuda"): the device's native pass
-    where it takes the tensors (the first is x or g, the second, for the backward
-    passes, src; the mask is the backward input's tenth argument), else the composite."""
+def _native(device: str) -> dict[str, Callable[..., Any]]:
+    """Each operator's kernel for ``device`` ("cpu", "cuda"): the device's native pass
+    where it takes the tensors, else the composite one."""
 
-    def kernel(*args: Any) -> Any:
-        data = args[1] if name.startswith("backward") else args[0]
-        mask = args[1] if name == "batch_stats" else args[9] if name == "backward_input" else None
-        prims = _native_primitives(device, data, mask)
-        fused = name == "backward_input" and args[6] not in (None, "identity")
-        if prims is not None and mask is not None and fused and not prims.masked_activation:
-            prims = None  # the C loops fuse no activation with a mask
+    def batch_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        prims = _native_primitives(device, x, mask)
         if prims is None:
-            return composite[name](*args)
-        if name == "batch_stats":
-            stats = prims.batch_stats(*args)
-            return stats.count, stats.shift, stats.shifted_mean, stats.var
-        return getattr(prims, name)(*args)
+            return _batch_stats(x, mask)
+        stats = prims.batch_stats(x, mask)
+        return stats.count, stats.shift, stats.shifted_mean, stats.var
 
-    return kernel
+    def affine(x: Tensor, *rest: Any) -> Tensor:
+        prims = _native_primitives(device, x, None)
+        return _affine(x, *rest) if prims is None else prims.affine(x, *rest)
+
+    def backward_reduce(g: Tensor, src: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
+        prims = _native_primitives(device, src, None)
+        if prims is None:
+            return _backward_reduce(g, src, *rest)
+        return prims.backward_reduce(g, src, *rest)
+
+    def backward_input(g: Tensor, src: Tensor, *rest: Any) -> Tensor:
+        activation, mask = rest[4], rest[7]
+        prims = _native_primitives(device, src, mask)
+        fused = activation not in (None, "identity")
+        if prims is None or (mask is not None and fused and not prims.masked_activation):
+            return _backward_input(g, src, *rest)  # the C loops fuse no activation with a mask
+        return prims.backward_input(g, src, *rest)
+
+    return {
+        "batch_stats": batch_stats,
+        "affine": affine,
+        "backward_reduce": backward_reduce,
+        "backward_input": backward_input,
+    }
 
 
 def _native_primitives(device: str, x: Tensor, mask: Tensor | None) -> Primitives | None:
@@ -196,6 +211,7 @@ def _fake_input(g: Tensor, src: Tensor, *rest: Any) -> Tensor:
     return _fake_output(src)
 
 
+_CPU, _CUDA = _native("cpu"), _native("cuda")
 for _name, _fake in (
     ("batch_stats", _fake_stats),
     ("affine", _fake_output),
@@ -203,8 +219,8 @@ for _name, _fake in (
     ("backward_input", _fake_input),
 ):
     _impl(_name, composite[_name], "CompositeExplicitAutograd")
-    _impl(_name, _native(_name, "cpu"), "CPU")
-    _impl(_name, _native(_name, "cuda"), "CUDA")
+    _impl(_name, _CPU[_name], "CPU")
+    _impl(_name, _CUDA[_name], "CUDA")
     torch.library.register_fake(f"bnkit::{_name}", _fake, lib=_LIB)
 
 _OPS = torch.ops.bnkit

@@ -139,10 +139,8 @@ def select_kernel(x: Tensor) -> Kernel:
 def _triton_takes(x: Tensor) -> bool:
     """Whether :mod:`.gpu`'s Triton kernels take ``x``: a CUDA tensor (or any tensor with
     ``BNKIT_KERNEL=triton``, which the tests use with ``TRITON_INTERPRET=1``) in eager mode,
-    outside torch.func transforms, with Triton installed."""
+    with Triton installed (transforms are :func:`select_kernel`'s first question)."""
     if not (x.is_cuda or gpu.forced()) or torch.compiler.is_compiling():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return gpu.available() and gpu.supports(x)
 

@@ -140,20 +140,28 @@ def eval_communicates_nothing(rank: int) -> None:
     dist.barrier()
 
 
-def triton_kernels_synchronize(rank: int, world_size: int) -> None:
-    """With ``BNKIT_KERNEL=triton`` (under ``TRITON_INTERPRET=1``) a synchronized layer runs
-    the Triton kernels, fused activation and mask included, and equals one process."""
-    from bnkit.kernels import gpu, ops
+def _runs_on(passes: object, options: dict[str, Any]) -> list[int]:
+    """Check that a synchronized layer with ``options`` runs the operators on ``passes``;
+    the local batch sizes of the scenarios (one empty with 3 processes)."""
+    from bnkit.kernels import ops
 
-    assert gpu.forced()
-    assert gpu.available(), gpu.import_error()
-    synced, _ = make_layers({"activation": "leaky_relu"}, None)
+    synced, _ = make_layers(options, None)
     x = torch.randn(4, 3, 4, dtype=torch.float64)
     y = synced(x)
     assert y.grad_fn is not None
     assert y.grad_fn.prims is ops.OPERATORS  # type: ignore[attr-defined]
-    assert ops.native_passes(x) is gpu.PRIMITIVES
-    sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
+    assert ops.native_passes(x) is passes
+    return [3, 0, 5][: dist.get_world_size()] if dist.get_world_size() == 3 else [4, 1]
+
+
+def triton_kernels_synchronize(rank: int, world_size: int) -> None:
+    """With ``BNKIT_KERNEL=triton`` (under ``TRITON_INTERPRET=1``) a synchronized layer runs
+    the Triton kernels, fused activation and mask included, and equals one process."""
+    from bnkit.kernels import gpu
+
+    assert gpu.forced()
+    assert gpu.available(), gpu.import_error()
+    sizes = _runs_on(gpu.PRIMITIVES, {"activation": "leaky_relu"})
     run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
     options = {"activation": "leaky_relu", "activation_param": 0.1}
     run_scenario(rank, sizes, options, True, list(range(world_size)))
@@ -163,16 +171,10 @@ def native_kernels_synchronize(rank: int, world_size: int) -> None:
     """On the CPU a synchronized layer runs the C loops (down to one value, for these
     small test tensors; an empty local batch still takes the portable kernel), mask
     included, and equals one process."""
-    from bnkit.kernels import cpu, ops
+    from bnkit.kernels import cpu
 
     cpu.SMALL_THRESHOLD = 1
-    synced, _ = make_layers({}, None)
-    x = torch.randn(4, 3, 4, dtype=torch.float64)
-    y = synced(x)
-    assert y.grad_fn is not None
-    assert y.grad_fn.prims is ops.OPERATORS  # type: ignore[attr-defined]
-    assert ops.native_passes(x) is cpu.PRIMITIVES
-    sizes = [3, 0, 5][:world_size] if world_size == 3 else [4, 1]
+    sizes = _runs_on(cpu.PRIMITIVES, {})
     run_scenario(rank, sizes, {}, masked=False, members=list(range(world_size)))
     run_scenario(rank, sizes, {}, masked=True, members=list(range(world_size)))
 

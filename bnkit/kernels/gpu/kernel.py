@@ -37,23 +37,12 @@ def supports(x: Tensor, mask: Tensor | None = None) -> bool:
     )
 
 
-def _affine(
-    x: Tensor,
-    shift: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    activation: str | None = None,
-    param: float | None = None,
-) -> Tensor:
-    return prim.affine(x, shift, alpha, beta, activation, param)
-
-
 #: The Triton kernels as the shared primitives (:mod:`bnkit.kernels.primitive`).
 PRIMITIVES = Primitives(
     name="Triton",
     supports=supports,
     batch_stats=prim.batch_stats,
-    affine=_affine,
+    affine=prim.affine,
     backward_reduce=prim.backward_reduce,
     backward_input=prim.backward_input,
     masked_activation=True,
