@@ -37,11 +37,10 @@ def _devices() -> list[str]:
     return devices
 
 
-#: the autograd node of a plain training call's output -> the path that ran it
-_PATHS = {
+#: the autograd node of a plain express call's output -> the path that ran it
+_EXPRESS = {
     "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
     "_ExpressBatchNormBackward": "express, ctypes calling the native C loops",
-    "_FastNormalizeBackward": "bnkit operators (bnkit.kernels.ops) running the {prims}",
 }
 
 
@@ -74,10 +73,16 @@ def describe() -> list[Choice]:
             if dtype == torch.float64:
                 layer = layer.double()
             x = torch.randn(32, 64, 8, 8, device=device).to(dtype).requires_grad_()
-            node = type(layer(x).grad_fn).__name__
-            passes = ops.native_passes(x)
-            prims = "composite torch operations" if passes is None else passes.name
-            why = _PATHS[node].format(prims=prims) if node in _PATHS else _why_portable(device)
+            grad_fn = layer(x).grad_fn
+            node = type(grad_fn).__name__
+            if node in _EXPRESS:
+                why = _EXPRESS[node]
+            elif getattr(grad_fn, "prims", None) is ops.OPERATORS:
+                passes = ops.native_passes(x)
+                prims = "composite torch operations" if passes is None else passes.name
+                why = f"bnkit operators (bnkit.kernels.ops) running the {prims}"
+            else:
+                why = _why_portable(device)
             rows.append(Choice(device, name, node.removesuffix("Backward"), why))
     return rows
 

@@ -27,12 +27,13 @@ Passes over memory (a pass reads or writes the tensor once):
 - a mask (padded sequences, (N, *spatial) bool): the same 3 + 5; the statistics skip the
   padding (for channels-last and 2D inputs whole rows of C values), the backward's sums
   run over every position and dx adds the paths through the statistics to valid
-  positions only. A fused activation with a mask goes to the portable kernel.
+  positions only. A fused activation with a mask takes the portable input-gradient pass.
 - fused BN + identity / leaky_relu / elu: the same 3 + 5 (normalization and activation in
   one pass; g' = g * act'(z) computed on the fly in both backward passes). The
   memory-efficient form saves only the output y (and O(C) vectors) and recovers, per value,
   z = act^-1(y), act'(z) from y and x_hat = (z - bias) / gamma (the division folded into
-  per-channel coefficients), as :class:`portable._NormalizeActivate` does; with
+  per-channel coefficients), as :class:`bnkit.kernels.primitive._NormalizeActivate`
+  does for every kernel; with
   ``memory_efficient=False``, or where :func:`bnkit.kernels.activation.invertible` says
   the output does not give x_hat back (gamma = 0, |beta| >> |gamma|, a saturated elu), it
   saves x and recomputes z from it bit for bit.
@@ -42,8 +43,7 @@ channels, or over blocks of rows when there are few channels, on
 ``torch.get_num_threads()`` threads. The per-channel coefficients are computed with
 torch on (C,) vectors, in the compute dtype, the same expressions as the portable kernel.
 
-The fused ReLU saves the input x (not the pre-activation z as the portable kernel's
-memory-efficient form does): the same number of bytes, and exact for any gamma.
+The fused ReLU saves the input x: exact for any gamma.
 """
 
 from __future__ import annotations

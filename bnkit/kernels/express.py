@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import activation, cpu, native, outputs, pipeline, portable
+from bnkit.kernels import activation, cpu, native, outputs, pipeline, portable, primitive
 
 __all__ = ["batch_norm"]
 
@@ -436,7 +436,7 @@ def _double_backward(
         use_batch_stats=training,
         momentum=0.0,
         eps=eps,
-        kernel=portable.KERNEL,
+        kernel=primitive.PORTABLE,
     ).output
     grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))
     return tuple(  # type: ignore[return-value]

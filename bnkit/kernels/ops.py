@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import activation as act
 from bnkit.kernels import cpu, gpu, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
 from bnkit.kernels.stats import BatchStats, compute_dtype
@@ -69,76 +68,12 @@ def _batch_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor
     return stats.count, stats.shift, stats.shifted_mean, stats.var
 
 
-def _vectors(x: Tensor, *vectors: Tensor) -> list[Tensor]:
-    """(C,) vectors in x's compute dtype, shaped to broadcast against x."""
-    view = portable._channel_view(x)
-    return [v.to(compute_dtype(x.dtype)).view(view) for v in vectors]
-
-
-def _output(y: Tensor, like: Tensor) -> Tensor:
-    return y.to(like.dtype).contiguous(memory_format=portable._output_memory_format(like))
-
-
-def _affine(
-    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: str | None,
-    param: float | None,
-) -> Tensor:  # fmt: skip
-    s, a, b = _vectors(x, shift, alpha, beta)
-    z = torch.addcmul(b, x - s, a)
-    return _output(z if activation is None else act.activate(z, activation, param), x)
-
-
-def _slope_and_value(
-    src: Tensor, shift: Tensor, activation: str | None, param: float | None,
-    from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
-) -> tuple[Tensor | None, Tensor]:  # fmt: skip
-    """(act'(z), or None for slope 1; v): v is src itself (x), or with ``from_output``
-    the pre-activation z recovered from the output y (finite where an elu saturated,
-    where the slope is 0)."""
-    name = activation or "identity"
-    dtype = compute_dtype(src.dtype)
-    if from_output:
-        z, slope = act.preactivation_and_slope(src.to(dtype), name, param)
-        return slope, torch.where(slope == 0, 0.0, z)
-    if name == "identity" or z_alpha is None or z_beta is None:
-        return None, src.to(dtype)
-    s, za, zb = _vectors(src, shift, z_alpha, z_beta)
-    z = torch.addcmul(zb, src - s, za)
-    form = act.activate(z, name, param) if act.saves_output(name) else z
-    return act.preactivation_and_slope(form, name, param)[1], src.to(dtype)
-
-
-def _backward_reduce(
-    g: Tensor, src: Tensor, shift: Tensor, shifted_mean: Tensor, activation: str | None,
-    param: float | None, from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
-    g = g.to(v.dtype) if slope is None else g.to(v.dtype) * slope
-    s, m = _vectors(src, shift, shifted_mean)
-    dims = portable._reduce_dims(src)
-    return g.sum(dims), portable._sum_of_products(g, (v - s).sub_(m), dims)
-
-
-def _backward_input(
-    g: Tensor, src: Tensor, shift: Tensor, alpha: Tensor, k1: Tensor, k0: Tensor,
-    activation: str | None, param: float | None, from_output: bool, mask: Tensor | None,
-    z_alpha: Tensor | None, z_beta: Tensor | None,
-) -> Tensor:  # fmt: skip
-    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
-    g = g.to(v.dtype) if slope is None else g.to(v.dtype) * slope
-    s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
-    through_stats = torch.addcmul(c0, v - s, c1)
-    if mask is not None:  # the statistics do not depend on padding
-        through_stats = torch.where(mask.unsqueeze(1), through_stats, 0.0)
-    return _output(torch.addcmul(through_stats, g, a), src)
-
-
 #: The composite implementation of each operator (torch operations, any device).
 composite: dict[str, Callable[..., Any]] = {
     "batch_stats": _batch_stats,
-    "affine": _affine,
-    "backward_reduce": _backward_reduce,
-    "backward_input": _backward_input,
+    "affine": portable.affine,
+    "backward_reduce": portable.backward_reduce,
+    "backward_input": portable.backward_input,
 }
 
 
@@ -158,12 +93,12 @@ def _native(device: str) -> dict[str, Callable[..., Any]]:
 
     def affine(x: Tensor, *rest: Any) -> Tensor:
         prims = _native_primitives(device, x, None)
-        return _affine(x, *rest) if prims is None else prims.affine(x, *rest)
+        return portable.affine(x, *rest) if prims is None else prims.affine(x, *rest)
 
     def backward_reduce(g: Tensor, src: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
         prims = _native_primitives(device, src, None)
         if prims is None:
-            return _backward_reduce(g, src, *rest)
+            return portable.backward_reduce(g, src, *rest)
         return prims.backward_reduce(g, src, *rest)
 
     def backward_input(g: Tensor, src: Tensor, *rest: Any) -> Tensor:
@@ -171,7 +106,8 @@ def _native(device: str) -> dict[str, Callable[..., Any]]:
         prims = _native_primitives(device, src, mask)
         fused = activation not in (None, "identity")
         if prims is None or (mask is not None and fused and not prims.masked_activation):
-            return _backward_input(g, src, *rest)  # the C loops fuse no activation with a mask
+            # the C loops fuse no activation with a mask
+            return portable.backward_input(g, src, *rest)
         return prims.backward_input(g, src, *rest)
 
     return {

@@ -14,10 +14,10 @@ the statistics to valid positions, ghost batches are chunks normalized with thei
 statistics and merged for the update, batch renormalization is a change of the affine
 parameters (:func:`renorm_affine`), and micro-batch accumulation defers the update.
 
-A kernel is any object with those four methods (:class:`Kernel`). :mod:`.portable` is
-written with plain torch operations, so it runs on every device and under
-``torch.compile``; the CPU (:mod:`.cpu`) and Triton (:mod:`.gpu`) kernels implement the
-same methods.
+A kernel is any object with those four methods (:class:`Kernel`). Every kernel bnkit
+has is a :class:`bnkit.kernels.primitive.PrimitiveKernel`: the same autograd functions
+over a set of passes, the operators of :mod:`.ops` (C loops, Triton) or the torch
+operations of :mod:`.portable`, which run on every device and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bnkit import distributed
-from bnkit.kernels import cpu, gpu, ops, portable
+from bnkit.kernels import cpu, gpu, ops, portable, primitive
 from bnkit.kernels.activation import activate
 from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
 
@@ -123,8 +123,9 @@ def select_kernel(x: Tensor) -> Kernel:
     takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
     tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU float32 or float64 tensor
     they handle, :func:`bnkit.kernels.cpu.supports`), in eager mode and outside torch.func
-    transforms and forward-mode AD; else the portable kernel, whose autograd functions
-    have vmap and forward-mode rules and whose operations ``torch.compile`` compiles. Which native
+    transforms and forward-mode AD; else the portable kernel: the same autograd functions
+    on passes in torch operations, which the generated vmap rule batches and
+    ``torch.compile`` compiles (the operators have no batching rule). Which native
     implementation runs is the operators' dispatch, by device.
 
     Example:
@@ -132,7 +133,7 @@ def select_kernel(x: Tensor) -> Kernel:
         'PortableKernel'
     """
     if portable.transformed() or not (_triton_takes(x) or cpu.supports(x)):
-        return portable.KERNEL
+        return primitive.PORTABLE
     return ops.KERNEL
 
 

@@ -21,27 +21,38 @@ Numerics (why it is written this way):
   not the folded normalization, costs a float64 copy of the input, and float64 is slow or
   missing on many GPUs (and absent on MPS).
 
-Gradients: training-mode normalization is one :class:`torch.autograd.Function` with the
-analytic backward (it saves the input and per-channel statistics only, like torch's own
-kernel). Its backward is written in differentiable operations and, when a double backward
-is requested, recomputes the statistics from the input so that second derivatives include
-their dependence on it. Inference-mode normalization is composed operations that autograd
-differentiates.
+What is here: the four passes of :class:`bnkit.kernels.stats.Primitives` in torch
+operations (:data:`PRIMITIVES`; also the composite implementation of :mod:`.ops`'
+operators), inference-mode normalization (composed operations that autograd
+differentiates) and the update of the running statistics. The autograd formulas over the
+passes, the same for every kernel, are :mod:`bnkit.kernels.primitive`'s;
+:data:`bnkit.kernels.primitive.PORTABLE` is the kernel on these passes. Each pass works
+in place on its own scratch tensor where it may (no autograd recording, no ``torch.func``
+transform), so a training step keeps no more input-sized tensors alive than torch's
+layer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
-from bnkit.kernels.stats import BatchStats, compute_dtype, input_gradient_coefficients
+from bnkit.kernels.stats import BatchStats, Primitives, compute_dtype
 
-__all__ = ["KERNEL", "PortableKernel", "batch_stats", "transformed"]
+__all__ = [
+    "PRIMITIVES",
+    "affine",
+    "backward_input",
+    "backward_reduce",
+    "batch_stats",
+    "normalize_population",
+    "transformed",
+    "update_running_stats",
+]
 
 
 _interpreters = torch._C._functorch.peek_interpreter_stack
@@ -180,464 +191,176 @@ def _masked_batch_stats(x: Tensor, mask: Tensor) -> BatchStats:
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
-class _NormalizeWithBatchStats(torch.autograd.Function):
-    """y = (x - shift - shifted_mean) * invstd * weight + bias, with the batch statistics
-    treated as functions of x in the backward pass.
-
-    With a mask, the statistics are functions of the valid entries only: every output
-    (padding included) goes through the same affine map, and the paths through the mean
-    and variance reach the valid inputs only.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        eps: float,
-        mask: Tensor | None,
-        group: Any,
-    ) -> Tensor:
-        view = _channel_view(x)
-        alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
-        # x - shift is the one new tensor; scaling and shifting it in place keeps a single
-        # input-sized tensor alive, as torch's kernel does
-        if _in_place():
-            y = (x - shift.view(view)).mul_(alpha.view(view)).add_(beta.view(view))
-        else:
-            y = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
-        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group = inputs
-        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
-        ctx.save_for_forward(x, weight, shift, shifted_mean, invstd, count, mask)
-        ctx.eps = eps
-        ctx.group = group
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        view = _channel_view(x)
-        dims = _reduce_dims(x)
-        shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
-        if torch.is_grad_enabled():
-            # Double backward: the saved statistics carry no graph, so recompute them from
-            # x to let autograd see how they depend on it.
-            if ctx.group is not None:
-                raise RuntimeError(
-                    "batch_norm: double backward through statistics synchronized across "
-                    "processes is not supported (sync=True)"
-                )
-            if mask is None:
-                shifted_mean, var = _two_pass_moments(shifted, dims, view, in_place=False)
-            else:
-                shifted_mean, var = _masked_moments(shifted, _valid(mask), count, dims, view)
-            invstd = torch.rsqrt(var + ctx.eps)
-        # dL/dy per value; the sums below run over each channel's count values.
-        g = grad_output.to(invstd.dtype)
-        first_order = not torch.is_grad_enabled() and _in_place(grad_output)
-        if first_order:  # the scratch becomes x_hat, then dx: one input-sized tensor
-            x_hat = shifted.mul_(invstd.view(view)).add_((-shifted_mean * invstd).view(view))
-        else:
-            x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
-        grad_input, grad_w, grad_b = _gradients(
-            ctx, g, x_hat, weight, invstd, count, mask, x.dtype, view, dims, scratch=first_order
-        )
-        return grad_input, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-def _sum_of_products(a: Tensor, b: Tensor, dims: list[int]) -> Tensor:
-    """Per-channel sum of a * b over ``dims``, with the products formed a slice of the
-    batch at a time (at most an eighth of the input alive, not a whole product tensor)."""
-    rows = a.shape[0]
-    step = max(1, -(-rows // 8))
-    if step >= rows or torch.is_grad_enabled():
-        return (a * b).sum(dims)
-    total = (a[:step] * b[:step]).sum(dims)
-    for start in range(step, rows, step):
-        total = total + (a[start : start + step] * b[start : start + step]).sum(dims)
-    return total
-
-
-def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) -> Tensor:
-    """x_hat = (x - shift - shifted_mean) * invstd, in the compute dtype."""
-    view = _channel_view(x)
-    shifted = x - shift.view(view)
-    return torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
-
-
-def _no_sync_derivative(group: Any, kind: str) -> None:
-    if group is not None:
-        raise RuntimeError(
-            f"batch_norm: {kind} derivatives through statistics synchronized across "
-            f"processes are not supported (sync=True)"
-        )
-
-
-def _tangent(
-    x_hat: Tensor,
-    x_t: Tensor | None,
-    weight: Tensor | None,
-    weight_t: Tensor | None,
-    bias_t: Tensor | None,
-    invstd: Tensor,
-    count: Tensor,
-    mask: Tensor | None,
-) -> Tensor:
-    """The tangent of z = weight * x_hat + bias with batch statistics::
-
-        z_t = weight * invstd * (x_t - mean(x_t) - x_hat * mean(x_hat * x_t))
-              + weight_t * x_hat + bias_t
-
-    (the means over the valid values; the two subtracted terms are the tangents of the
-    batch mean and variance, the transpose of the backward pass's two paths)."""
-    view = _channel_view(x_hat)
-    dims = _reduce_dims(x_hat)
-    z_t = torch.zeros_like(x_hat)
-    if x_t is not None:
-        t = x_t.to(x_hat.dtype)
-        valid = t if mask is None else torch.where(_valid(mask), t, 0.0)
-        mean_t = valid.sum(dims) / count
-        mean_xt = (valid * x_hat).sum(dims) / count
-        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        centred = t - mean_t.view(view) - x_hat * mean_xt.view(view)
-        z_t = centred * alpha.view(view)
-    if weight_t is not None:
-        z_t = z_t + x_hat * weight_t.to(x_hat.dtype).view(view)
-    if bias_t is not None:
-        z_t = z_t + bias_t.to(x_hat.dtype).view(view)
-    return z_t
-
-
-def _gradients(
-    ctx: Any,
-    g: Tensor,
-    x_hat: Tensor,
-    weight: Tensor | None,
-    invstd: Tensor,
-    count: Tensor,
-    mask: Tensor | None,
-    input_dtype: torch.dtype,
-    view: list[int],
-    dims: list[int],
-    *,
-    scratch: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dx, dweight, dbias) of batch normalization with batch statistics, from the
-    gradient g reaching its affine output and the normalized input x_hat. With
-    ``scratch`` x_hat is this call's own tensor, and dx is computed in it."""
-    grad_bias = g.sum(dims)  # (C,)
-    grad_weight = _sum_of_products(g, x_hat, dims)  # (C,)
-    # With synchronized statistics the means below run over the global batch: sum the
-    # sums over the processes (every process, whatever it needs, to keep in step).
-    sum_g, sum_g_x_hat = grad_bias, grad_weight
-    if ctx.group is not None:
-        sum_g, sum_g_x_hat = all_reduce_sum(torch.stack([sum_g, sum_g_x_hat]), ctx.group)
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
-        # are the paths through the batch mean and the batch variance. Evaluated as
-        # alpha * g + (x_hat * k1 + k0), two fused passes.
-        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        k1, k0 = input_gradient_coefficients(alpha, sum_g, sum_g_x_hat, count)
-        if scratch:
-            through_stats = x_hat.mul_(k1.view(view)).add_(k0.view(view))
-        else:
-            through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
-        if mask is not None:  # the statistics do not depend on padding
-            through_stats = torch.where(_valid(mask), through_stats, 0.0)
-        if scratch:
-            grad_input = through_stats.addcmul_(g, alpha.view(view)).to(input_dtype)
-        else:
-            grad_input = torch.addcmul(through_stats, g, alpha.view(view)).to(input_dtype)
-    grad_w = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        grad_w = grad_weight.to(weight.dtype)
-    grad_b = None
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        grad_b = grad_bias.to(ctx.bias_dtype)
-    return grad_input, grad_w, grad_b
-
-
-class _NormalizeActivate(torch.autograd.Function):
-    """y = act(z), z = (x - shift - shifted_mean) * invstd * weight + bias, in one node.
-
-    Memory-efficient (``save_input`` False): saves y (z for relu) and O(C) values; the
-    backward recovers z and x_hat = (z - bias) / weight from it (see
-    :mod:`bnkit.kernels.activation`). Otherwise saves x and recomputes z from it. Either
-    way the gradient is exact; double backward is not supported.
-    """
-
-    @staticmethod
-    def forward(
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        mask: Tensor | None,
-        group: Any,
-        activation: str,
-        param: float | None,
-        save_input: bool,
-    ) -> Tensor:
-        view = _channel_view(x)
-        alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
-        z = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
-        y = act.activate(z, activation, param)
-        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        (
-            x,
-            weight,
-            bias,
-            shift,
-            shifted_mean,
-            invstd,
-            count,
-            mask,
-            group,
-            activation,
-            param,
-            save_input,
-        ) = inputs
-        if not save_input and act.saves_output(activation):
-            save_input = not act.invertible(output, weight, bias, activation, param)
-        if save_input:
-            saved = x
-        elif act.saves_output(activation):
-            saved = output
-        else:  # relu: keep the pre-activation, which the output cannot give back
-            view = _channel_view(x)
-            alpha, beta = _affine_terms(shifted_mean, invstd, weight, bias)
-            saved = torch.addcmul(beta.view(view), x - shift.view(view), alpha.view(view))
-            saved = saved.to(x.dtype)
-        ctx.save_for_backward(saved, weight, bias, shift, shifted_mean, invstd, count, mask)
-        ctx.save_for_forward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
-        ctx.save_input = save_input
-        ctx.group = group
-        ctx.activation, ctx.param = activation, param
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.input_dtype = x.dtype
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        saved, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            act.refuse_double_backward()
-        view = _channel_view(saved)
-        dims = _reduce_dims(saved)
-        dtype = invstd.dtype
-        scale = None if weight is None else weight.to(dtype)
-        if ctx.save_input:
-            x_hat = (saved - shift.view(view) - shifted_mean.view(view)) * invstd.view(view)
-            z = x_hat if scale is None else x_hat * scale.view(view)
-            if bias is not None:
-                z = z + bias.to(dtype).view(view)
-            # the slope from what the memory-efficient form would have saved: y, or z (relu)
-            form = (
-                act.activate(z, ctx.activation, ctx.param)
-                if act.saves_output(ctx.activation)
-                else z
-            )
-            _, slope = act.preactivation_and_slope(form, ctx.activation, ctx.param)
-        else:
-            z, slope = act.preactivation_and_slope(saved.to(dtype), ctx.activation, ctx.param)
-            centred = z if bias is None else z - bias.to(dtype).view(view)
-            x_hat = centred if scale is None else centred / scale.view(view)
-        g = grad_output.to(dtype) * slope  # dL/dz
-        grad_input, grad_w, grad_b = _gradients(
-            ctx, g, x_hat, weight, invstd, count, mask, ctx.input_dtype, view, dims
-        )
-        return grad_input, grad_w, grad_b, *([None] * 9)
-
-
-class _NormalizeWithBatchStatsForwardAD(_NormalizeWithBatchStats):
-    """:class:`_NormalizeWithBatchStats` with a forward-mode rule, for eager calls
-    (torch.compile cannot trace an autograd Function that defines one)."""
-
-    @staticmethod
-    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
-            *stats_t: Any) -> Tensor:  # fmt: skip
-        """Forward-mode derivative (torch.func.jvp, jacfwd, hessian): the statistics are
-        functions of x, as in the backward pass (see :func:`_tangent`)."""
-        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        _no_sync_derivative(ctx.group, "forward-mode")
-        x_hat = _normalized(x, shift, shifted_mean, invstd)
-        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
-        return z_t.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
-
-
-class _NormalizeActivateForwardAD(_NormalizeActivate):
-    """:class:`_NormalizeActivate` with a forward-mode rule, for eager calls."""
-
-    @staticmethod
-    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
-            *stats_t: Any) -> Tensor:  # fmt: skip
-        """Forward-mode derivative: act'(z) times the tangent of z (see :func:`_tangent`)."""
-        x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        _no_sync_derivative(ctx.group, "forward-mode")
-        x_hat = _normalized(x, shift, shifted_mean, invstd)
-        dtype = invstd.dtype
-        z = x_hat if weight is None else x_hat * weight.to(dtype).view(_channel_view(x))
-        if bias is not None:
-            z = z + bias.to(dtype).view(_channel_view(x))
-        form = act.activate(z, ctx.activation, ctx.param)
-        _, slope = act.preactivation_and_slope(
-            form if act.saves_output(ctx.activation) else z, ctx.activation, ctx.param
-        )
-        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
-        return (z_t * slope).to(x.dtype).contiguous(memory_format=_output_memory_format(x))
-
-
-def _eager_or(compiled: Any, eager: Any) -> Any:
-    """The autograd Function to apply: with the forward-mode rule unless compiling."""
-    return compiled if torch.compiler.is_compiling() else eager
-
-
 def _update_dtype(device: torch.device) -> torch.dtype:
     """Running statistics are blended in float64 where the device has it (C values: free),
     which reproduces torch's CPU update ``m * batch + (1 - m) * running`` in double."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class PortableKernel:
-    """:class:`bnkit.kernels.Kernel` in plain torch operations (any device, torch.compile)."""
+def _scratch(*operands: Tensor) -> bool:
+    """Whether a pass may overwrite a tensor it made: nothing records it for autograd and
+    :func:`_in_place` allows it for ``operands``."""
+    return not torch.is_grad_enabled() and _in_place(*operands)
 
-    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
-        return batch_stats(x, mask)
 
-    def normalize_batch(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None = None,
-        group: Any = None,
-    ) -> Tensor:
-        invstd = torch.rsqrt(stats.var + eps)
-        # torch types Function.apply without annotations.
-        function = _eager_or(_NormalizeWithBatchStats, _NormalizeWithBatchStatsForwardAD)
-        output: Tensor = function.apply(
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask, group
-        )
-        return output
+def _vectors(x: Tensor, *vectors: Tensor) -> list[Tensor]:
+    """(C,) vectors in x's compute dtype, shaped to broadcast against x."""
+    view = _channel_view(x)
+    return [v.to(compute_dtype(x.dtype)).view(view) for v in vectors]
 
-    def normalize_batch_activation(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None,
-        group: Any,
-        activation: str,
-        param: float | None,
-        memory_efficient: bool,
-    ) -> Tensor:
-        invstd = torch.rsqrt(stats.var + eps)
-        save_input = not memory_efficient  # or, decided from the output: not invertible
-        function = _eager_or(_NormalizeActivate, _NormalizeActivateForwardAD)
-        output: Tensor = function.apply(
-            x,
-            weight,
-            bias,
-            stats.shift,
-            stats.shifted_mean,
-            invstd,
-            stats.count,
-            mask,
-            group,
-            activation,
-            param,
-            save_input,
-        )
-        return output
 
-    def normalize_population(
-        self,
-        x: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-    ) -> Tensor:
-        dtype = compute_dtype(x.dtype)
-        view = _channel_view(x)
-        alpha = torch.rsqrt(var.to(dtype) + eps)
-        if weight is not None:
-            alpha = alpha * weight.to(dtype)
-        # (x - mean) is exact for x near mean, unlike x * alpha - mean * alpha.
-        centred = x - mean.to(dtype).view(view)  # (N, C, *) in the compute dtype
-        if bias is None:
-            y = centred * alpha.view(view)
-        else:
-            y = torch.addcmul(bias.to(dtype).view(view), centred, alpha.view(view))
-        return y.to(x.dtype).contiguous(memory_format=_output_memory_format(x))
+def _output(y: Tensor, like: Tensor) -> Tensor:
+    return y.to(like.dtype).contiguous(memory_format=_output_memory_format(like))
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        stats: BatchStats,
-        momentum: float | None,
-        *,
-        num_batches_tracked: Tensor | None,
-        unbiased: bool,
-        skip_nonfinite: bool,
-    ) -> Tensor | None:
-        with torch.no_grad():
-            dtype = _update_dtype(stats.var.device)
-            # Formed in the update dtype, so a float32 mean far from zero is rounded once.
-            batch_mean = stats.shift.to(dtype) + stats.shifted_mean.to(dtype)
-            batch_var = stats.var.to(dtype)
-            if unbiased:
-                count = stats.count.to(dtype)
-                batch_var = batch_var * count / (count - 1)
-            recorded = None
-            if skip_nonfinite:
-                # A 0-d device tensor: deciding with torch.where keeps the update free of
-                # host synchronization and of graph breaks under torch.compile.
-                recorded = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-            if num_batches_tracked is not None:
-                if recorded is None:
-                    num_batches_tracked.add_(1)
-                else:
-                    num_batches_tracked.add_(recorded.to(num_batches_tracked.dtype))
-            factor: float | Tensor
-            if momentum is None:
-                # Cumulative average: the k-th recorded batch gets weight 1/k.
-                if num_batches_tracked is None:
-                    raise ValueError("momentum=None needs num_batches_tracked")
-                factor = 1.0 / num_batches_tracked.to(dtype)
+
+def affine(
+    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: str | None = None,
+    param: float | None = None,
+) -> Tensor:  # fmt: skip
+    """y = act((x - shift) * alpha + beta), in x's dtype and torch's output layout. The
+    difference ``x - shift`` is the one new input-sized tensor where it may be scaled and
+    shifted in place (see :func:`_scratch`), as torch's kernel keeps one."""
+    s, a, b = _vectors(x, shift, alpha, beta)
+    scratch = _scratch(x, shift, alpha, beta)
+    z = (x - s).mul_(a).add_(b) if scratch else torch.addcmul(b, x - s, a)
+    return _output(z if activation is None else act.activate(z, activation, param), x)
+
+
+def _slope_and_value(
+    src: Tensor, shift: Tensor, activation: str | None, param: float | None,
+    from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """(act'(z), or None for slope 1; v): v is src itself (x), or with ``from_output``
+    the pre-activation z recovered from the output y (finite where an elu saturated,
+    where the slope is 0)."""
+    name = activation or "identity"
+    dtype = compute_dtype(src.dtype)
+    if from_output:
+        z, slope = act.preactivation_and_slope(src.to(dtype), name, param)
+        return slope, torch.where(slope == 0, 0.0, z)
+    if name == "identity" or z_alpha is None or z_beta is None:
+        return None, src.to(dtype)
+    s, za, zb = _vectors(src, shift, z_alpha, z_beta)
+    z = torch.addcmul(zb, src - s, za)
+    form = act.activate(z, name, param) if act.saves_output(name) else z
+    return act.preactivation_and_slope(form, name, param)[1], src.to(dtype)
+
+
+def _slope_gradient(g: Tensor, slope: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """g' = g * act'(z) in the compute dtype."""
+    return g.to(dtype) if slope is None else g.to(dtype) * slope
+
+
+def backward_reduce(
+    g: Tensor, src: Tensor, shift: Tensor, shifted_mean: Tensor, activation: str | None = None,
+    param: float | None = None, from_output: bool = False, z_alpha: Tensor | None = None,
+    z_beta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(sum g', sum g' * (v - shift - shifted_mean)) per channel (see
+    :class:`bnkit.kernels.stats.Primitives`)."""
+    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
+    g = _slope_gradient(g, slope, v.dtype)
+    s, m = _vectors(src, shift, shifted_mean)
+    dims = _reduce_dims(src)
+    if _scratch(g, src, shifted_mean):  # one new input-sized tensor: v - s, then its products
+        return g.sum(dims), (v - s).sub_(m).mul_(g).sum(dims)
+    return g.sum(dims), (g * (v - s - m)).sum(dims)
+
+
+def backward_input(
+    g: Tensor, src: Tensor, shift: Tensor, alpha: Tensor, k1: Tensor, k0: Tensor,
+    activation: str | None = None, param: float | None = None, from_output: bool = False,
+    mask: Tensor | None = None, z_alpha: Tensor | None = None, z_beta: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """dx = g' * alpha + (v - shift) * k1 + k0 (g' * alpha where ``mask`` is False), in
+    src's dtype and layout; ``v - shift`` becomes dx in place where it may."""
+    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
+    g = _slope_gradient(g, slope, v.dtype)
+    s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
+    scratch = _scratch(g, src, alpha, k1, k0)
+    through_stats = (v - s).mul_(c1).add_(c0) if scratch else torch.addcmul(c0, v - s, c1)
+    if mask is not None:  # the statistics do not depend on padding
+        through_stats = torch.where(_valid(mask), through_stats, 0.0)
+    if scratch:
+        return _output(through_stats.addcmul_(g, a), src)
+    return _output(torch.addcmul(through_stats, g, a), src)
+
+
+#: The four passes in torch operations: any device, dtype and layout, every option,
+#: ``torch.func`` transforms and ``torch.compile``.
+PRIMITIVES = Primitives(
+    name="torch operations",
+    supports=lambda x, mask: True,
+    batch_stats=batch_stats,
+    affine=affine,
+    backward_reduce=backward_reduce,
+    backward_input=backward_input,
+    masked_activation=True,
+)
+
+
+def normalize_population(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, affine_pass: Callable[..., Tensor] | None = None,
+) -> Tensor:  # fmt: skip
+    """Inference-mode normalization, ``(x - mean) * weight / sqrt(var + eps) + bias``:
+    the (C,) coefficients in torch operations, then ``affine_pass`` (a kernel's
+    :attr:`~bnkit.kernels.stats.Primitives.affine`; by default :func:`affine`, which
+    autograd differentiates with respect to every argument). ``x - mean`` is exact for x
+    near the mean, unlike x * alpha - mean * alpha."""
+    dtype = compute_dtype(x.dtype)
+    alpha = torch.rsqrt(var.to(dtype) + eps)
+    if weight is not None:
+        alpha = alpha * weight.to(dtype)
+    beta = torch.zeros_like(alpha) if bias is None else bias.to(dtype)
+    return (affine_pass or affine)(x, mean.to(dtype), alpha, beta)
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stats: BatchStats,
+    momentum: float | None,
+    *,
+    num_batches_tracked: Tensor | None,
+    unbiased: bool,
+    skip_nonfinite: bool,
+) -> Tensor | None:
+    """Fold the batch statistics into the running ones, in place, in torch operations on
+    (C,) vectors (no host synchronization); see
+    :meth:`bnkit.kernels.pipeline.Kernel.update_running_stats`."""
+    with torch.no_grad():
+        dtype = _update_dtype(stats.var.device)
+        # Formed in the update dtype, so a float32 mean far from zero is rounded once.
+        batch_mean = stats.shift.to(dtype) + stats.shifted_mean.to(dtype)
+        batch_var = stats.var.to(dtype)
+        if unbiased:
+            count = stats.count.to(dtype)
+            batch_var = batch_var * count / (count - 1)
+        recorded = None
+        if skip_nonfinite:
+            # A 0-d device tensor: deciding with torch.where keeps the update free of
+            # host synchronization and of graph breaks under torch.compile.
+            recorded = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+        if num_batches_tracked is not None:
+            if recorded is None:
+                num_batches_tracked.add_(1)
             else:
-                factor = momentum
-            for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
-                if running is None:
-                    continue
-                old = running.to(dtype)
-                new = batch * factor + old * (1.0 - factor)
-                if recorded is not None:
-                    new = torch.where(recorded, new, old)
-                running.copy_(new)
-            return recorded
-
-
-KERNEL = PortableKernel()
+                num_batches_tracked.add_(recorded.to(num_batches_tracked.dtype))
+        factor: float | Tensor
+        if momentum is None:
+            # Cumulative average: the k-th recorded batch gets weight 1/k.
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None needs num_batches_tracked")
+            factor = 1.0 / num_batches_tracked.to(dtype)
+        else:
+            factor = momentum
+        for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+            if running is None:
+                continue
+            old = running.to(dtype)
+            new = batch * factor + old * (1.0 - factor)
+            if recorded is not None:
+                new = torch.where(recorded, new, old)
+            running.copy_(new)
+        return recorded

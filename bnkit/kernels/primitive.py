@@ -1,19 +1,32 @@
-"""A kernel from four primitives: the autograd functions the C loops (:mod:`.cpu`) and
-the Triton kernels (:mod:`.gpu`) share.
+"""The autograd formulas of batch normalization, once, over any kernel's four passes.
 
-Both native kernels implement the same four passes over memory, with the same meaning
-(:class:`Primitives`): per-channel statistics, the affine map fused with an activation,
-the backward pass's two reductions, and the input gradient. :class:`PrimitiveKernel`
-builds the :class:`bnkit.kernels.pipeline.Kernel` protocol on any such set, so the
-autograd formulas (which tensors are saved, the memory-efficient inversion of a fused
-activation, the reductions summed over a process group, the hand-over to the portable
-kernel for a double backward) are written once, here, for every device.
+Every kernel implements the same four passes over memory with the same meaning
+(:class:`bnkit.kernels.stats.Primitives`): per-channel statistics, the affine map fused
+with an activation, the backward pass's two reductions, and the input gradient. The C
+loops (:mod:`.cpu`), the Triton kernels (:mod:`.gpu`), the operators that dispatch
+between them (:mod:`.ops`) and torch operations (:mod:`.portable`) are such sets.
+:class:`PrimitiveKernel` builds the :class:`bnkit.kernels.pipeline.Kernel` protocol on
+one, and the two autograd functions here are the only ones a training-mode call
+records, whatever runs its passes:
+
+- :class:`_Normalize`, y = (x - shift - shifted_mean) * invstd * weight + bias, and
+  :class:`_NormalizeActivate`, y = act(that), with the memory-efficient inversion of a
+  fused activation;
+- a backward of one reduction pass and one input-gradient pass, the reductions summed
+  over a process group for synchronized statistics; a double backward
+  (``create_graph=True``, ``torch.func.grad``) in differentiable operations that
+  recompute the statistics from x;
+- a forward-mode rule (``jvp``: ``torch.func.jvp``, ``jacfwd``, ``hessian``,
+  ``torch.autograd.forward_ad``), which the classes eager calls use define and their
+  ``...Traceable`` bases for ``torch.compile`` do not (Dynamo refuses a Function that
+  defines one);
+- a vmap rule generated from the formulas (``generate_vmap_rule``), for the passes in
+  torch operations, which :func:`bnkit.kernels.pipeline.select_kernel` picks inside
+  ``torch.func`` transforms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,39 +35,12 @@ from torch import Tensor
 from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
 from bnkit.kernels import portable
-from bnkit.kernels.stats import BatchStats, compute_dtype, input_gradient_coefficients
+from bnkit.kernels.stats import BatchStats, Primitives, input_gradient_coefficients
 
-__all__ = ["PrimitiveKernel", "Primitives"]
+__all__ = ["PORTABLE", "PortableKernel", "PrimitiveKernel", "Primitives"]
 
-
-@dataclass(frozen=True)
-class Primitives:
-    """One device's passes over memory. Each takes and returns tensors in the input's
-    memory format; per-channel vectors and sums are in the compute dtype.
-
-    Attributes:
-        name: what runs them, for messages ("C loops", "Triton").
-        supports: whether the passes take ``(x, mask)`` at all.
-        batch_stats: ``(x, mask) -> BatchStats``, one read of x.
-        affine: ``(x, shift, alpha, beta, activation, param) -> y``,
-            y = act((x - shift) * alpha + beta); one read, one write.
-        backward_reduce: ``(g, src, shift, shifted_mean, activation, param, from_output,
-            z_alpha, z_beta) -> (sum g', sum g' * (v - shift - shifted_mean))`` with
-            g' = g * act'(z); src is x (z = (x - shift) * z_alpha + z_beta) or, with
-            ``from_output``, the output y of the fused activation (v = z = act^-1(y)).
-        backward_input: ``(g, src, shift, alpha, k1, k0, activation, param, from_output,
-            mask, z_alpha, z_beta) -> dx = g' * alpha + (v - shift) * k1 + k0`` (g' * alpha
-            where ``mask`` is False).
-        masked_activation: whether ``backward_input`` takes a mask with an activation.
-    """
-
-    name: str
-    supports: Callable[[Tensor, Tensor | None], bool]
-    batch_stats: Callable[..., BatchStats]
-    affine: Callable[..., Tensor]
-    backward_reduce: Callable[..., tuple[Tensor, Tensor]]
-    backward_input: Callable[..., Tensor]
-    masked_activation: bool
+_view = portable._channel_view
+_dims = portable._reduce_dims
 
 
 def _parameter_gradients(
@@ -80,41 +66,118 @@ def _global(ctx: Any, sum_g: Tensor, sum_g_x_hat: Tensor) -> tuple[Tensor, Tenso
     return both[0], both[1]
 
 
-class _FastNormalize(torch.autograd.Function):
-    """Training normalization with batch statistics: forward one affine pass, backward
-    one reduction pass and one dx pass, by the ``prims`` of the tensor's device. Saves what
-    :class:`portable._NormalizeWithBatchStats` saves, so a double backward
-    (``create_graph=True``) runs the portable backward. With a process ``group`` the
-    statistics are the group's, and the backward sums its reductions over the group."""
+def _no_sync_derivative(group: Any, kind: str) -> None:
+    if group is not None:
+        raise RuntimeError(
+            f"batch_norm: {kind} through statistics synchronized across processes is not "
+            f"supported (sync=True)"
+        )
+
+
+def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) -> Tensor:
+    """x_hat = (x - shift - shifted_mean) * invstd, in the compute dtype."""
+    view = _view(x)
+    return torch.addcmul((-shifted_mean * invstd).view(view), x - shift.view(view),
+                         invstd.view(view))  # fmt: skip
+
+
+def _differentiable_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias) in differentiable operations, for a double backward: the
+    saved statistics carry no graph, so they are recomputed from x to let autograd see
+    how they depend on it."""
+    x, weight, shift, _, _, count, mask = ctx.saved_tensors
+    _no_sync_derivative(ctx.group, "double backward")
+    view, dims = _view(x), _dims(x)
+    shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
+    if mask is None:
+        shifted_mean, var = portable._two_pass_moments(shifted, dims, view, in_place=False)
+    else:
+        valid = portable._valid(mask)
+        shifted_mean, var = portable._masked_moments(shifted, valid, count, dims, view)
+    invstd = torch.rsqrt(var + ctx.eps)
+    x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
+    g = grad_output.to(invstd.dtype)
+    sum_g, sum_g_x_hat = g.sum(dims), (g * x_hat).sum(dims)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
+        # are the paths through the batch mean and the batch variance.
+        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        k1, k0 = input_gradient_coefficients(alpha, sum_g, sum_g_x_hat, count)
+        through_stats = torch.addcmul(k0.view(view), x_hat, k1.view(view))
+        if mask is not None:  # the statistics do not depend on padding
+            through_stats = torch.where(portable._valid(mask), through_stats, 0.0)
+        dx = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
+    return dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g)
+
+
+def _tangent(
+    x_hat: Tensor, x_t: Tensor | None, weight: Tensor | None, weight_t: Tensor | None,
+    bias_t: Tensor | None, invstd: Tensor, count: Tensor, mask: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """The tangent of z = weight * x_hat + bias with batch statistics::
+
+        z_t = weight * invstd * (x_t - mean(x_t) - x_hat * mean(x_hat * x_t))
+              + weight_t * x_hat + bias_t
+
+    (the means over the valid values; the two subtracted terms are the tangents of the
+    batch mean and variance, the transpose of the backward pass's two paths)."""
+    view, dims = _view(x_hat), _dims(x_hat)
+    z_t = torch.zeros_like(x_hat)
+    if x_t is not None:
+        t = x_t.to(x_hat.dtype)
+        valid = t if mask is None else torch.where(portable._valid(mask), t, 0.0)
+        mean_t = valid.sum(dims) / count
+        mean_xt = (valid * x_hat).sum(dims) / count
+        alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        centred = t - mean_t.view(view) - x_hat * mean_xt.view(view)
+        z_t = centred * alpha.view(view)
+    if weight_t is not None:
+        z_t = z_t + x_hat * weight_t.to(x_hat.dtype).view(view)
+    if bias_t is not None:
+        z_t = z_t + bias_t.to(x_hat.dtype).view(view)
+    return z_t
+
+
+def _tangent_output(z_t: Tensor, x: Tensor) -> Tensor:
+    return z_t.to(x.dtype).contiguous(memory_format=portable._output_memory_format(x))
+
+
+class _NormalizeTraceable(torch.autograd.Function):
+    """Training normalization with batch statistics, the statistics treated as functions
+    of x in every derivative. Forward: one affine pass; saves x and (C,) statistics, as
+    torch's kernel does. Backward: one reduction pass and one input-gradient pass by the
+    ``prims`` given; with a process ``group`` the reductions are summed over it.
+
+    With a mask, the statistics are functions of the valid entries only: every output
+    (padding included) goes through the same affine map, and the paths through the mean
+    and variance reach the valid inputs only.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        eps: float,
-        mask: Tensor | None,
-        group: Any,
-        prims: Primitives,
-    ) -> Tensor:
-        ctx.prims = prims
-        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
-        ctx.eps = eps
-        ctx.group = group
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
+        shifted_mean: Tensor, invstd: Tensor, count: Tensor, eps: float,
+        mask: Tensor | None, group: Any, prims: Primitives,
+    ) -> Tensor:  # fmt: skip
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         return prims.affine(x, shift, alpha, beta)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group, prims = inputs
+        ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
+        ctx.save_for_forward(x, weight, shift, shifted_mean, invstd, count, mask)
+        ctx.eps, ctx.group, ctx.prims = eps, group, prims
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        none = (None,) * 8
         if torch.is_grad_enabled():
-            grads = portable._NormalizeWithBatchStats.backward(ctx, grad_output)
-            return (*grads[:8], None, None, None)
+            return (*_differentiable_backward(ctx, grad_output), *none)
         x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         sum_g, sum_gc = ctx.prims.backward_reduce(grad_output, x, shift, shifted_mean)
         sum_g_x_hat = sum_gc * invstd
@@ -128,198 +191,221 @@ class _FastNormalize(torch.autograd.Function):
                 alpha, all_g, all_g_x_hat, count, invstd, shifted_mean
             )
             dx = ctx.prims.backward_input(grad_output, x, shift, alpha, k1, k0, mask=mask)
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 8))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *none)
 
 
-class _FastNormalizeActivate(torch.autograd.Function):
-    """y = act((x - shift) * alpha + beta') with batch statistics, in one node, as
-    :class:`portable._NormalizeActivate`.
+class _Normalize(_NormalizeTraceable):
+    """:class:`_NormalizeTraceable` with its forward-mode rule, for eager calls."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *stats_t: Any) -> Tensor:  # fmt: skip
+        """Forward-mode derivative: the statistics are functions of x, as in the backward
+        pass (see :func:`_tangent`)."""
+        x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+        _no_sync_derivative(ctx.group, "forward-mode derivatives")
+        x_hat = _normalized(x, shift, shifted_mean, invstd)
+        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
+        return _tangent_output(z_t, x)
+
+
+class _NormalizeActivateTraceable(torch.autograd.Function):
+    """y = act(z), z = (x - shift - shifted_mean) * invstd * weight + bias, in one node.
 
     ``save_input`` True (always for relu, and where
     :func:`bnkit.kernels.activation.invertible` says the output does not give x_hat back):
-    saves x and recomputes z = (x - shift) * alpha + beta' bit for bit for the slope.
-    Otherwise (identity, leaky_relu, elu) saves only y and O(C) values; the backward
-    recovers z = act^-1(y) and act'(z) from y, and x_hat = (z - bias) / weight, the
-    division folded into per-channel coefficients.
-    Double backward is not supported. With a process ``group``, as :class:`_FastNormalize`.
+    saves x and recomputes z from it, bit for bit, for the slope. Otherwise (identity,
+    leaky_relu, elu: the memory-efficient form) saves only y and O(C) values; the
+    backward recovers z = act^-1(y) and act'(z) from y, and x_hat = (z - bias) / weight,
+    the division folded into per-channel coefficients. Either way the gradient is exact;
+    double backward is not supported. With a process ``group``, as :class:`_Normalize`.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        shift: Tensor,
-        shifted_mean: Tensor,
-        invstd: Tensor,
-        count: Tensor,
-        mask: Tensor | None,
-        activation: str,
-        param: float | None,
-        save_input: bool,
-        group: Any,
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
+        shifted_mean: Tensor, invstd: Tensor, count: Tensor, mask: Tensor | None,
+        activation: str, param: float | None, save_input: bool, group: Any,
         prims: Primitives,
-    ) -> Tensor:
-        ctx.prims, ctx.group = prims, group
+    ) -> Tensor:  # fmt: skip
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        y = prims.affine(x, shift, alpha, beta, activation, param)
+        return prims.affine(x, shift, alpha, beta, activation, param)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        (x, weight, bias, shift, shifted_mean, invstd, count, mask, activation, param,
+         save_input, group, prims) = inputs  # fmt: skip
         if not save_input:
-            # The portable kernel's rule: gamma = 0, |beta| >> |gamma| or a saturated elu
-            # output make x_hat = (act^-1(y) - beta) / gamma inexact; this call then keeps
-            # its input. One host synchronization.
-            save_input = not act.invertible(y, weight, bias, activation, param)
+            # gamma = 0, |beta| >> |gamma| or a saturated elu output make
+            # x_hat = (act^-1(y) - beta) / gamma inexact; this call then keeps its input.
+            # One host synchronization.
+            save_input = not act.invertible(output, weight, bias, activation, param)
         if save_input:
             ctx.save_for_backward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
         else:
-            ctx.save_for_backward(y, weight, bias, invstd, count, mask)
-        ctx.save_input = save_input
+            ctx.save_for_backward(output, weight, bias, invstd, count, mask)
+        ctx.save_for_forward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
+        ctx.save_input, ctx.group, ctx.prims = save_input, group, prims
         ctx.activation, ctx.param = activation, param
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             act.refuse_double_backward()
-        need_input = bool(ctx.needs_input_grad[0])
-        name, param = ctx.activation, ctx.param
-        dx = None
         if ctx.save_input:
-            x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-            alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-            sum_g, sum_gc = ctx.prims.backward_reduce(
-                grad_output, x, shift, shifted_mean, name, param, False, alpha, beta
-            )
-            sum_g_x_hat = sum_gc * invstd
-            all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
-            if need_input:
-                k1, k0 = input_gradient_coefficients(
-                    alpha, all_g, all_g_x_hat, count, invstd, shifted_mean
-                )
-                dx = ctx.prims.backward_input(
-                    grad_output, x, shift, alpha, k1, k0, name, param, False, mask, alpha, beta
-                )
+            dx, sum_g, sum_g_x_hat, weight = _from_input(ctx, grad_output)
         else:
-            y, weight, bias, invstd, count, mask = ctx.saved_tensors
-            dtype = invstd.dtype
-            scale = None if weight is None else weight.to(dtype)
-            centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
-            zero = torch.zeros_like(invstd)
-            # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
-            sum_g, sum_gc = ctx.prims.backward_reduce(
-                grad_output, y, centre, zero, name, param, True
-            )
-            sum_g_x_hat = sum_gc if scale is None else sum_gc / scale
-            all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
-            if need_input:
-                # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
-                alpha = invstd if scale is None else invstd * scale
-                per_unit = None if scale is None else 1.0 / scale
-                k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, per_unit)
-                dx = ctx.prims.backward_input(
-                    grad_output, y, centre, alpha, k1, k0, name, param, True, mask
-                )
+            dx, sum_g, sum_g_x_hat, weight = _from_output(ctx, grad_output)
         return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 10))
 
 
-class PrimitiveKernel(portable.PortableKernel):
-    """:class:`bnkit.kernels.pipeline.Kernel` on a device's :class:`Primitives`; what they
-    do not take (see ``Primitives.supports``) it hands to
-    :class:`bnkit.kernels.portable.PortableKernel`, as it does the running statistics'
-    update (torch operations on (C,) vectors, no host synchronization)."""
+def _from_input(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Any]:
+    """(dx, sum g', sum g' * x_hat, weight) of :class:`_NormalizeActivate` from the saved x."""
+    x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+    name, param = ctx.activation, ctx.param
+    alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+    sum_g, sum_gc = ctx.prims.backward_reduce(
+        grad_output, x, shift, shifted_mean, name, param, False, alpha, beta
+    )
+    sum_g_x_hat = sum_gc * invstd
+    all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, invstd, shifted_mean)
+        dx = ctx.prims.backward_input(
+            grad_output, x, shift, alpha, k1, k0, name, param, False, mask, alpha, beta
+        )
+    return dx, sum_g, sum_g_x_hat, weight
+
+
+def _from_output(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Any]:
+    """(dx, sum g', sum g' * x_hat, weight) of :class:`_NormalizeActivate` from the saved
+    output y: z = act^-1(y), x_hat = (z - bias) / weight."""
+    y, weight, bias, invstd, count, mask = ctx.saved_tensors
+    name, param = ctx.activation, ctx.param
+    dtype = invstd.dtype
+    scale = None if weight is None else weight.to(dtype)
+    centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
+    # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
+    sum_g, sum_gc = ctx.prims.backward_reduce(
+        grad_output, y, centre, torch.zeros_like(invstd), name, param, True
+    )
+    sum_g_x_hat = sum_gc if scale is None else sum_gc / scale
+    all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # dx = alpha * g' + x_hat * k1 + k0, x_hat * k1 = (z - bias) * (k1 / weight)
+        alpha = invstd if scale is None else invstd * scale
+        per_unit = None if scale is None else 1.0 / scale
+        k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, per_unit)
+        dx = ctx.prims.backward_input(grad_output, y, centre, alpha, k1, k0, name, param,
+                                      True, mask)  # fmt: skip
+    return dx, sum_g, sum_g_x_hat, weight
+
+
+class _NormalizeActivate(_NormalizeActivateTraceable):
+    """:class:`_NormalizeActivateTraceable` with its forward-mode rule, for eager calls."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *stats_t: Any) -> Tensor:  # fmt: skip
+        """Forward-mode derivative: act'(z) times the tangent of z (see :func:`_tangent`)."""
+        x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
+        _no_sync_derivative(ctx.group, "forward-mode derivatives")
+        x_hat = _normalized(x, shift, shifted_mean, invstd)
+        view, dtype = _view(x), invstd.dtype
+        z = x_hat if weight is None else x_hat * weight.to(dtype).view(view)
+        if bias is not None:
+            z = z + bias.to(dtype).view(view)
+        name, param = ctx.activation, ctx.param
+        form = act.activate(z, name, param) if act.saves_output(name) else z
+        _, slope = act.preactivation_and_slope(form, name, param)
+        z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
+        return _tangent_output(z_t * slope, x)
+
+
+def _function(compiled: Any, eager: Any) -> Any:
+    """The autograd Function to apply: with the forward-mode rule unless compiling."""
+    return compiled if torch.compiler.is_compiling() else eager
+
+
+class PrimitiveKernel:
+    """:class:`bnkit.kernels.pipeline.Kernel` on a set of :class:`Primitives`; what they
+    do not take (see ``Primitives.supports``) runs on the passes in torch operations
+    (:data:`bnkit.kernels.portable.PRIMITIVES`), through the same autograd functions, as
+    does the update of the running statistics (torch operations on (C,) vectors, no host
+    synchronization)."""
 
     def __init__(self, prims: Primitives) -> None:
         self.prims = prims
 
+    def _passes(self, x: Tensor, mask: Tensor | None) -> Primitives:
+        return self.prims if self.prims.supports(x, mask) else portable.PRIMITIVES
+
     def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
-        if not self.prims.supports(x, mask):
-            return super().batch_stats(x, mask)
-        return self.prims.batch_stats(x, mask)
+        return self._passes(x, mask).batch_stats(x, mask)
 
     def normalize_batch(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None = None,
-        group: Any = None,
-    ) -> Tensor:
-        if not self.prims.supports(x, mask):
-            return super().normalize_batch(x, stats, weight, bias, eps, mask, group)
+        self, x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None,
+        eps: float, mask: Tensor | None = None, group: Any = None,
+    ) -> Tensor:  # fmt: skip
         invstd = torch.rsqrt(stats.var + eps)
-        output: Tensor = _FastNormalize.apply(  # type: ignore[no-untyped-call]
-            x,
-            weight,
-            bias,
-            stats.shift,
-            stats.shifted_mean,
-            invstd,
-            stats.count,
-            eps,
-            mask,
-            group,
-            self.prims,
-        )
+        function = _function(_NormalizeTraceable, _Normalize)
+        output: Tensor = function.apply(
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask,
+            group, self._passes(x, mask),
+        )  # fmt: skip
         return output
 
     def normalize_batch_activation(
-        self,
-        x: Tensor,
-        stats: BatchStats,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        mask: Tensor | None,
-        group: Any,
-        activation: str,
-        param: float | None,
+        self, x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None,
+        eps: float, mask: Tensor | None, group: Any, activation: str, param: float | None,
         memory_efficient: bool,
-    ) -> Tensor:
-        masked = mask is not None and not self.prims.masked_activation
-        if masked or not self.prims.supports(x, mask):
-            return super().normalize_batch_activation(
-                x, stats, weight, bias, eps, mask, group, activation, param, memory_efficient
-            )
+    ) -> Tensor:  # fmt: skip
+        prims = self._passes(x, mask)
+        if mask is not None and not prims.masked_activation:
+            prims = portable.PRIMITIVES
         invstd = torch.rsqrt(stats.var + eps)
-        # or, decided from the output: not invertible (see _FastNormalizeActivate.forward)
+        # or, decided from the output: not invertible (see its setup_context)
         save_input = activation == "relu" or not memory_efficient
-        output: Tensor = _FastNormalizeActivate.apply(  # type: ignore[no-untyped-call]
-            x,
-            weight,
-            bias,
-            stats.shift,
-            stats.shifted_mean,
-            invstd,
-            stats.count,
-            mask,
-            activation,
-            param,
-            save_input,
-            group,
-            self.prims,
-        )
+        function = _function(_NormalizeActivateTraceable, _NormalizeActivate)
+        output: Tensor = function.apply(
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, mask,
+            activation, param, save_input, group, prims,
+        )  # fmt: skip
         return output
 
     def normalize_population(
-        self,
-        x: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-    ) -> Tensor:
+        self, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+        bias: Tensor | None, eps: float,
+    ) -> Tensor:  # fmt: skip
         differentiable = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, mean, var, weight, bias)
         )
-        if differentiable or not self.prims.supports(x, None):
-            return super().normalize_population(x, mean, var, weight, bias, eps)
-        dtype = compute_dtype(x.dtype)
-        alpha = torch.rsqrt(var.to(dtype) + eps)
-        if weight is not None:
-            alpha = alpha * weight.to(dtype)
-        beta = torch.zeros_like(alpha) if bias is None else bias.to(dtype)
-        return self.prims.affine(x, mean.to(dtype), alpha, beta)
+        prims = portable.PRIMITIVES if differentiable else self._passes(x, None)
+        return portable.normalize_population(x, mean, var, weight, bias, eps, prims.affine)
+
+    def update_running_stats(
+        self, running_mean: Tensor | None, running_var: Tensor | None, stats: BatchStats,
+        momentum: float | None, *, num_batches_tracked: Tensor | None, unbiased: bool,
+        skip_nonfinite: bool,
+    ) -> Tensor | None:  # fmt: skip
+        return portable.update_running_stats(
+            running_mean, running_var, stats, momentum, num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+
+
+class PortableKernel(PrimitiveKernel):
+    """The kernel on the passes in torch operations: any device, dtype and layout, every
+    option, ``torch.func`` transforms (their vmap rule) and ``torch.compile``."""
+
+    def __init__(self) -> None:
+        super().__init__(portable.PRIMITIVES)
+
+
+#: The portable kernel (:func:`bnkit.kernels.pipeline.select_kernel`'s other choice).
+PORTABLE = PortableKernel()

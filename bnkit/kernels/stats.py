@@ -11,7 +11,7 @@ only formed for the running statistics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bnkit.errors import ShapeError
 
-__all__ = ["BatchStats", "compute_dtype", "merge_stats"]
+__all__ = ["BatchStats", "Primitives", "compute_dtype", "merge_stats"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,6 +64,37 @@ class BatchStats:
     def unbiased_var(self) -> Tensor:
         """The sample variance M2 / (count - 1): what ``running_var`` stores by default."""
         return self.m2 / (self.count - 1)
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """One kernel's four passes over memory; :mod:`bnkit.kernels.primitive` writes the
+    autograd formulas over them once. Each takes and returns tensors in the input's
+    memory format; per-channel vectors and sums are in the compute dtype.
+
+    Attributes:
+        name: what runs them, for messages ("C loops", "Triton", "torch operations").
+        supports: whether the passes take ``(x, mask)`` at all.
+        batch_stats: ``(x, mask) -> BatchStats``, one read of x.
+        affine: ``(x, shift, alpha, beta, activation, param) -> y``,
+            y = act((x - shift) * alpha + beta); one read, one write.
+        backward_reduce: ``(g, src, shift, shifted_mean, activation, param, from_output,
+            z_alpha, z_beta) -> (sum g', sum g' * (v - shift - shifted_mean))`` with
+            g' = g * act'(z); src is x (z = (x - shift) * z_alpha + z_beta) or, with
+            ``from_output``, the output y of the fused activation (v = z = act^-1(y)).
+        backward_input: ``(g, src, shift, alpha, k1, k0, activation, param, from_output,
+            mask, z_alpha, z_beta) -> dx = g' * alpha + (v - shift) * k1 + k0`` (g' * alpha
+            where ``mask`` is False).
+        masked_activation: whether ``backward_input`` takes a mask with an activation.
+    """
+
+    name: str
+    supports: Callable[[Tensor, Tensor | None], bool]
+    batch_stats: Callable[..., BatchStats]
+    affine: Callable[..., Tensor]
+    backward_reduce: Callable[..., tuple[Tensor, Tensor]]
+    backward_input: Callable[..., Tensor]
+    masked_activation: bool
 
 
 def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:

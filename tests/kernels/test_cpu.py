@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 
 from bnkit import reference as ref
 from bnkit.functional import batch_norm as functional_batch_norm
-from bnkit.kernels import Activation, batch_norm, cpu, native, ops, portable, select_kernel
+from bnkit.kernels import (
+    Activation,
+    batch_norm,
+    cpu,
+    native,
+    ops,
+    portable,
+    primitive,
+    select_kernel,
+)
 from tests.cases import CASE_IDS, CASES, Case
 from tests.helpers import assert_close_to_scale
 
@@ -106,7 +115,7 @@ def _compare_with_portable(
         options = {"momentum": case.momentum, "eps": case.eps}
     assert cpu.supports(x)
     ours = _run(cpu.KERNEL, x, weight, bias, dy, activation=activation, **options)
-    theirs = _run(portable.KERNEL, x, weight, bias, dy, activation=activation, **options)
+    theirs = _run(primitive.PORTABLE, x, weight, bias, dy, activation=activation, **options)
     assert ours["y"].stride() == theirs["y"].stride()
     for key in ("y", "dx", "dw", "db", "mean", "var"):
         if theirs[key] is None:
@@ -242,7 +251,7 @@ def test_eval_matches_portable(dtype: torch.dtype) -> None:
     for inp in _layouts(x):
         for w, b in ((weight, bias), (None, None)):
             ours = cpu.KERNEL.normalize_population(inp, mean, var, w, b, 1e-5)
-            theirs = portable.KERNEL.normalize_population(inp, mean, var, w, b, 1e-5)
+            theirs = primitive.PORTABLE.normalize_population(inp, mean, var, w, b, 1e-5)
             assert ours.stride() == theirs.stride()
             _close(ours, theirs, dtype)
 
@@ -295,9 +304,9 @@ def test_unsupported_inputs_go_to_the_portable_kernel() -> None:
         big[:, :, ::2],
         torch.randn(3),
     ):
-        assert select_kernel(x) is portable.KERNEL
+        assert select_kernel(x) is primitive.PORTABLE
     cpu.SMALL_THRESHOLD = 10**9
-    assert select_kernel(big) is portable.KERNEL
+    assert select_kernel(big) is primitive.PORTABLE
 
 
 def _masked_case(
@@ -380,7 +389,7 @@ def test_masked_layer_matches_portable(layout: str, dtype: torch.dtype, pattern:
     bias = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
     results = []
-    for kernel in (cpu.KERNEL, portable.KERNEL):
+    for kernel in (cpu.KERNEL, primitive.PORTABLE):
         xg = x.clone().requires_grad_(True)
         wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
         mean, var = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
@@ -423,7 +432,7 @@ def test_running_stats_update_matches_portable_bit_for_bit(
     stats = cpu.KERNEL.batch_stats(x)
     for skip in (True, False):
         states = []
-        for kernel in (cpu.KERNEL, portable.KERNEL):
+        for kernel in (cpu.KERNEL, primitive.PORTABLE):
             g = torch.Generator().manual_seed(5)
             mean = torch.randn(4, generator=g, dtype=dtype)
             var = torch.rand(4, generator=g, dtype=dtype)
@@ -560,7 +569,11 @@ _NO_AFFINE: Any = _NoAffine()
 
 
 def _fused_node(y: torch.Tensor) -> str:
+    """The autograd node y's call left, or "portable" where its passes were the torch
+    operations (the same autograd functions run every kernel's passes)."""
     assert y.grad_fn is not None
+    if getattr(y.grad_fn, "prims", None) is portable.PRIMITIVES:
+        return "portable"
     return type(y.grad_fn).__name__
 
 
@@ -596,7 +609,7 @@ def test_fused_invertible_activation_takes_the_fast_path(name: str, param: float
     b = torch.randn(3, requires_grad=True)
     for memory_efficient in (True, False):
         y, saved = _fused_call(x, w, b, name, param, memory_efficient)
-        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        assert _fused_node(y) == "_NormalizeActivateBackward"
         full = [t for t in saved if t.numel() == x.numel()]
         assert len(full) == 1
         expected = y if memory_efficient else x
@@ -621,12 +634,12 @@ def test_fused_invertible_activation_gamma_zero_falls_back_to_the_input(
         bias[1] = 1.0
         activation = Activation(name, param)
         ours = _run(cpu.KERNEL, x, weight, bias, dy, activation=activation)
-        theirs = _run(portable.KERNEL, x, weight, bias, dy, activation=activation)
+        theirs = _run(primitive.PORTABLE, x, weight, bias, dy, activation=activation)
         for key in ("y", "dx", "dw", "db"):
             _close(ours[key], theirs[key], dtype)
         xr = x.clone().requires_grad_(True)
         y, saved = _fused_call(xr, weight, bias, name, param, True)
-        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        assert _fused_node(y) == "_NormalizeActivateBackward"
         assert any(t.data_ptr() == xr.data_ptr() for t in saved)
         assert not any(t.data_ptr() == y.data_ptr() for t in saved)
 
@@ -668,7 +681,7 @@ def test_fused_invertible_activation_matches_torch_modules(
         y = module(inp)
         y.backward(dy)
         results.append((y, inp.grad, params.weight.grad, params.bias.grad))
-    assert _fused_node(results[0][0]) == "_FastNormalizeActivateBackward"
+    assert _fused_node(results[0][0]) == "_NormalizeActivateBackward"
     for a, b in zip(*results, strict=True):
         _close(a, b, dtype)
     _close(ours.running_mean, reference.running_mean, dtype)
@@ -680,7 +693,7 @@ def test_fused_invertible_activation_refuses_double_backward() -> None:
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     for memory_efficient in (True, False):
         y, _ = _fused_call(x, w, None, "leaky_relu", 0.1, memory_efficient)
-        assert _fused_node(y) == "_FastNormalizeActivateBackward"
+        assert _fused_node(y) == "_NormalizeActivateBackward"
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(y.sum(), x, create_graph=True)
 
@@ -709,7 +722,7 @@ def test_fused_leaky_relu_stack_saves_little() -> None:
     ours_model = stack("bnkit", "leaky_relu", 16)
     fused = ours_model[1]
     y = fused(ours_model[0](x))
-    assert _fused_node(y) == "_FastNormalizeActivateBackward"
+    assert _fused_node(y) == "_NormalizeActivateBackward"
     ours = saved_bytes(lambda: ours_model(x))
     theirs = saved_bytes(lambda: stack("torch", "leaky_relu", 16)(x))
     assert ours <= 0.6 * theirs
@@ -723,7 +736,7 @@ def test_fused_activation_with_mask_is_delegated() -> None:
     y = cpu.KERNEL.normalize_batch_activation(
         x, cpu.KERNEL.batch_stats(x, mask), None, None, 1e-5, mask, None, "leaky_relu", 0.1, True
     )
-    assert _fused_node(y) != "_FastNormalizeActivateBackward"
+    assert _fused_node(y) != "_NormalizeActivateBackward"
 
 
 @given(
@@ -775,7 +788,7 @@ def test_fused_invertible_activation_on_threads(
                 for memory_efficient in (True, False):
                     activation = Activation(name, param, memory_efficient)
                     ours = _run(cpu.KERNEL, inp, weight, bias, dy, activation=activation)
-                    theirs = _run(portable.KERNEL, inp, weight, bias, dy, activation=activation)
+                    theirs = _run(primitive.PORTABLE, inp, weight, bias, dy, activation=activation)
                     for key in ("y", "dx", "dw", "db"):
                         if theirs[key] is None:
                             assert ours[key] is None

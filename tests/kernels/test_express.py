@@ -17,7 +17,7 @@ from bnkit import reference as ref
 from bnkit.errors import NonFiniteStatsWarning
 from bnkit.functional import batch_norm
 from bnkit.kernels import batch_norm as pipeline
-from bnkit.kernels import express, native, portable
+from bnkit.kernels import express, native, primitive
 from tests.helpers import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(
@@ -94,7 +94,7 @@ def _step(
             eps=1e-5,
             num_batches_tracked=tracked if training else None,
             unbiased=unbiased,
-            kernel=portable.KERNEL,
+            kernel=primitive.PORTABLE,
         ).output
         if relu:
             y = torch.relu(y)
@@ -332,7 +332,7 @@ def test_16_bit_inputs_match_the_portable_kernel(
             y = result[0]
         else:
             y = pipeline(xg, mean, var, wg, bg, use_batch_stats=training, momentum=0.1,
-                         eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+                         eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
             y = torch.relu(y) if relu else y
         y.backward(dy)
         results.append({"y": y, "dx": xg.grad, "dw": wg.grad, "db": bg.grad, "mean": mean,
@@ -412,7 +412,7 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
                                     True, False)  # fmt: skip
         assert result is not None
         theirs = pipeline(x, mean, var, weight, bias, use_batch_stats=False, momentum=0.1,
-                          eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+                          eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
     assert result[0].dtype == dtype
     assert_close_to_scale(result[0].float(), theirs.float(), HALF_ULP[dtype])
     assert express.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, None, True, True,
@@ -432,7 +432,7 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
                 y = taken[0]
             else:
                 y = pipeline(x, rm, rv, weight, bias, use_batch_stats=True, momentum=0.1,
-                             eps=1e-5, kernel=portable.KERNEL).output  # fmt: skip
+                             eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
         runs.append((y, rm, rv))
     assert_close_to_scale(runs[0][0].float(), runs[1][0].float(), HALF_ULP[dtype])
     for ours, theirs in zip(runs[0][1:], runs[1][1:], strict=True):

@@ -16,6 +16,7 @@ from bnkit.kernels import (
     compute_dtype,
     merge_stats,
     portable,
+    primitive,
     select_kernel,
 )
 
@@ -67,7 +68,7 @@ def test_pipeline_with_explicit_kernel() -> None:
     """The pipeline runs any object with the kernel's four methods."""
     calls: list[str] = []
 
-    class Recording(portable.PortableKernel):
+    class Recording(primitive.PortableKernel):
         def batch_stats(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> BatchStats:
             calls.append("stats")
             return super().batch_stats(x, mask)
@@ -94,7 +95,7 @@ def test_pipeline_with_explicit_kernel() -> None:
     assert bool(result.recorded)
     assert torch.allclose(running_mean, x.mean(0))
     assert torch.allclose(running_var, x.var(0))
-    assert select_kernel(x.half()) is portable.KERNEL  # half precision: the portable kernel
+    assert select_kernel(x.half()) is primitive.PORTABLE  # half precision: the portable kernel
 
 
 @pytest.mark.slow
@@ -104,11 +105,11 @@ def test_without_the_c_library_everything_runs_on_the_portable_kernel() -> None:
     script = """
 import torch
 import bnkit
-from bnkit.kernels import native, portable, select_kernel
+from bnkit.kernels import native, primitive, select_kernel
 from bnkit.kernels import express
 x = torch.randn(8, 16, 12, 12, dtype=torch.float64, requires_grad=True)
 assert native.library() is None and "BNKIT_NATIVE=0" in native.load_error()
-assert select_kernel(x) is portable.KERNEL
+assert select_kernel(x) is primitive.PORTABLE
 assert express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None, True, True,
                           False) is None
 ours, theirs = bnkit.BatchNorm2d(16).double(), torch.nn.BatchNorm2d(16).double()

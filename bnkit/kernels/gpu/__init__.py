@@ -27,7 +27,7 @@ Each primitive is one launch over the tensor (plus the tiny merge for the two
 reductions), and a training step is 3 passes forward (statistics, normalization) and 5 backward
 (reductions, dx), as the CPU kernel; inference is 2. The per-channel coefficients
 (alpha, beta', k1, k0) are torch operations on (C,) vectors, and the running statistics
-are updated by :class:`bnkit.kernels.portable.PortableKernel`'s torch operations: no host
+are updated by :func:`bnkit.kernels.portable.update_running_stats`'s torch operations: no host
 synchronization anywhere, except the memory-efficient fused activation's check that its
 output can be inverted (:func:`bnkit.kernels.activation.invertible`, as in the portable
 kernel).

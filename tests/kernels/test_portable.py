@@ -1,0 +1,109 @@
+"""The portable kernel: the shared autograd functions on passes in torch operations.
+
+Its peak memory is held against torch's layer exactly (counted storages, not timings),
+and every kernel is checked to record the same autograd function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnkit
+from bnkit.bench.memory import peak_bytes
+from bnkit.kernels import ops, portable, primitive, select_kernel
+from bnkit.kernels.pipeline import batch_norm
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> None:
+    y = layer(x)
+    if backward:
+        y.backward(dy)
+
+
+def _portable_layer(channels: int) -> torch.nn.Module:
+    """A bnkit layer whose calls run on the portable kernel (no C loops, no express)."""
+
+    class Portable(bnkit.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert self.running_mean is not None
+            assert self.running_var is not None
+            return batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                use_batch_stats=True, momentum=0.1, eps=self.eps,
+                kernel=primitive.PORTABLE,
+            ).output  # fmt: skip
+
+    return Portable(channels)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_portable_peak_memory_is_torchs(backward: bool, layout: str) -> None:
+    """A training step keeps no more input-sized tensors alive than torch's layer: one
+    forward (the output), two with the backward (output and dx). What may differ is a
+    few per-channel vectors (here 16 values each), far below a sixteenth of an input."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 12, 12)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(backward)
+    dy = torch.randn_like(x)
+    ours, theirs = _portable_layer(16), torch.nn.BatchNorm2d(16)
+    peaks = [peak_bytes(lambda m=m: _step(m, x, dy, backward)) for m in (ours, theirs)]
+    input_size = x.numel() * x.element_size()
+    assert peaks[1] >= input_size  # torch's output at least: the count sees allocations
+    assert peaks[0] < peaks[1] + input_size / 16, f"portable {peaks[0]} bytes, torch {peaks[1]}"
+
+
+def test_portable_layer_matches_torch() -> None:
+    """The helper layer above really is batch norm (so the memory test measures one)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 12, 12, dtype=torch.float64, requires_grad=True)
+    ours, theirs = _portable_layer(16).double(), torch.nn.BatchNorm2d(16).double()
+    y, y_torch = ours(x), theirs(x)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_torch,) = torch.autograd.grad(y_torch, x, dy)
+    torch.testing.assert_close(y, y_torch)
+    torch.testing.assert_close(dx, dx_torch)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("activation", [None, "leaky_relu"])
+def test_every_kernel_records_the_same_autograd_function(activation: str | None) -> None:
+    """The portable kernel and the operators' kernel leave the same node; only the passes
+    it runs (``grad_fn.prims``) differ."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 5, 5) > 0.3  # a mask keeps the call off the express path
+    nodes = []
+    for kernel in (primitive.PORTABLE, select_kernel(x)):
+        y = batch_norm(
+            x, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
+            kernel=kernel, mask=mask,
+            activation=None if activation is None else bnkit.kernels.Activation(activation, 0.1),
+        ).output  # fmt: skip
+        assert y.grad_fn is not None
+        nodes.append((type(y.grad_fn).__name__, y.grad_fn.prims))
+    expected = "_NormalizeBackward" if activation is None else "_NormalizeActivateBackward"
+    assert nodes[0] == (expected, portable.PRIMITIVES)
+    if ops.native_passes(x, mask) is not None:  # the C loops are built here
+        assert nodes[1] == (expected, ops.OPERATORS)
+
+
+def test_double_backward_through_the_operators_matches_the_portable_kernel() -> None:
+    """A second derivative of the native kernel's output (the differentiable backward)
+    equals the portable kernel's."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    results = []
+    for kernel in (primitive.PORTABLE, select_kernel(x)):
+        inp = x.clone().requires_grad_()
+        y = batch_norm(
+            inp, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
+            kernel=kernel,
+        ).output  # fmt: skip
+        (g,) = torch.autograd.grad(y.pow(3).sum(), inp, create_graph=True)
+        (h,) = torch.autograd.grad(g.square().sum(), inp)
+        results.append(h)
+    torch.testing.assert_close(results[0], results[1])
