@@ -35,6 +35,7 @@ __all__ = [
     "invertible",
     "preactivation_and_slope",
     "saves_output",
+    "slope",
 ]
 
 #: The activations batch norm can be fused with.
@@ -76,18 +77,18 @@ def check_activation(where: str, name: str | None, param: float | None) -> float
     return float(value)
 
 
-def activate(z: Tensor, name: str, param: float | None) -> Tensor:
-    """y = act(z)."""
+def activate(z: Tensor, name: str, param: float | None, inplace: bool = False) -> Tensor:
+    """y = act(z); with ``inplace``, written over z (a tensor nothing else needs)."""
     if name == "identity":
         return z
     if name == "relu":
-        return torch.relu(z)
+        return torch.relu_(z) if inplace else torch.relu(z)
     assert param is not None
     if name == "leaky_relu":
-        return F.leaky_relu(z, param)
+        return F.leaky_relu(z, param, inplace=inplace)
     # torch's elu: its gradient is finite for any z (a torch.where of both branches would
     # back-propagate 0 * inf where expm1 overflows in the branch not taken)
-    return F.elu(z, param)
+    return F.elu(z, param, inplace=inplace)
 
 
 def saves_output(name: str) -> bool:
@@ -128,24 +129,42 @@ def invertible(
     return True
 
 
-def preactivation_and_slope(saved: Tensor, name: str, param: float | None) -> tuple[Tensor, Tensor]:
-    """(z, act'(z)) from what the forward pass saved: y, or z itself for relu.
-
-    leaky_relu: z = y / a where y < 0. elu: z = log1p(y / alpha) where y <= 0, and
-    act'(z) = alpha * exp(z) = y + alpha there (exact from y, even where the inverse loses
-    precision: y close to -alpha, i.e. z below about -15).
-    """
+def slope(saved: Tensor, name: str, param: float | None) -> Tensor:
+    """act'(z) from what the forward pass saved: y, or z itself for relu (a new tensor of
+    saved's shape; elu's is y + alpha where y <= 0, exact from y)."""
     one = saved.new_ones(())
     if name == "identity":
-        return saved, one.expand_as(saved)
-    if name == "relu":
-        return saved, (saved > 0).to(saved.dtype)
-    assert param is not None
+        return one.expand_as(saved).clone()
     positive = saved > 0
+    if name == "relu":
+        return positive.to(saved.dtype)
+    assert param is not None
     if name == "leaky_relu":
-        return torch.where(positive, saved, saved / param), torch.where(positive, one, one * param)
-    z = torch.where(positive, saved, torch.log1p(saved / param))  # elu
-    return z, torch.where(positive, one, saved + param)
+        return torch.where(positive, one, one * param)
+    return torch.where(positive, one, saved + param)  # elu
+
+
+def preactivation_and_slope(
+    saved: Tensor, name: str, param: float | None, lean: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(z, act'(z)) from what the forward pass saved: y, or z itself for relu.
+
+    leaky_relu: z = y / a where y < 0 (y divided by its slope). elu: z = log1p(y / alpha)
+    where y <= 0, and act'(z) = alpha * exp(z) = y + alpha there (exact from y, even where
+    the inverse loses precision: y close to -alpha, i.e. z below about -15). With
+    ``lean`` (no autograd, no ``torch.func`` transform) elu's z is formed in one new
+    tensor rather than three.
+    """
+    d = slope(saved, name, param)
+    if name in ("identity", "relu"):
+        return saved, d
+    if name == "leaky_relu":
+        return saved / d, d
+    assert param is not None
+    if lean:  # elu
+        z = (saved / param).log1p_()
+        return torch.where(saved > 0, saved, z, out=z), d
+    return torch.where(saved > 0, saved, torch.log1p(saved / param)), d
 
 
 def refuse_double_backward() -> None:

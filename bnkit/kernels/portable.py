@@ -35,6 +35,7 @@ layer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -213,42 +214,62 @@ def _output(y: Tensor, like: Tensor) -> Tensor:
     return y.to(like.dtype).contiguous(memory_format=_output_memory_format(like))
 
 
+def _z(x: Tensor, s: Tensor, a: Tensor, b: Tensor, scratch: bool) -> Tensor:
+    """z = (x - s) * a + b for broadcast vectors s, a, b: in place on the new ``x - s``
+    with ``scratch``, rounded the same way either way (a backward recomputing the
+    forward's z gets it bit for bit)."""
+    t = x - s
+    return t.mul_(a).add_(b) if scratch else t * a + b
+
+
 def affine(
     x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: str | None = None,
     param: float | None = None,
 ) -> Tensor:  # fmt: skip
     """y = act((x - shift) * alpha + beta), in x's dtype and torch's output layout. The
-    difference ``x - shift`` is the one new input-sized tensor where it may be scaled and
-    shifted in place (see :func:`_scratch`), as torch's kernel keeps one."""
-    s, a, b = _vectors(x, shift, alpha, beta)
+    difference ``x - shift`` is the one new input-sized tensor where it may be scaled,
+    shifted and activated in place (see :func:`_scratch`), as torch's kernel keeps one."""
     scratch = _scratch(x, shift, alpha, beta)
-    z = (x - s).mul_(a).add_(b) if scratch else torch.addcmul(b, x - s, a)
-    return _output(z if activation is None else act.activate(z, activation, param), x)
+    s, a, b = _vectors(x, shift, alpha, beta)
+    z = _z(x, s, a, b, scratch)
+    return _output(z if activation is None else act.activate(z, activation, param, scratch), x)
 
 
-def _slope_and_value(
-    src: Tensor, shift: Tensor, activation: str | None, param: float | None,
-    from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None,
-) -> tuple[Tensor | None, Tensor]:  # fmt: skip
-    """(act'(z), or None for slope 1; v): v is src itself (x), or with ``from_output``
-    the pre-activation z recovered from the output y (finite where an elu saturated,
-    where the slope is 0)."""
+class _Gradient(NamedTuple):
+    """What both backward passes start from: g' = g * act'(z) and v (x, or the z
+    recovered from the output), in the compute dtype; ``fresh`` when v is a new tensor
+    the pass may overwrite."""
+
+    g: Tensor
+    v: Tensor
+    fresh: bool
+
+
+def _gradient(
+    g: Tensor, src: Tensor, shift: Tensor, activation: str | None, param: float | None,
+    from_output: bool, z_alpha: Tensor | None, z_beta: Tensor | None, scratch: bool,
+) -> _Gradient:  # fmt: skip
+    """g' and v: src is x (the slope from z = (x - shift) * z_alpha + z_beta, recomputed as
+    the forward pass computed it) or, with ``from_output``, the output y (v = act^-1(y),
+    0 where an elu saturated, where the slope is 0). With ``scratch`` at most two new
+    input-sized tensors are alive at once."""
     name = activation or "identity"
     dtype = compute_dtype(src.dtype)
-    if from_output:
-        z, slope = act.preactivation_and_slope(src.to(dtype), name, param)
-        return slope, torch.where(slope == 0, 0.0, z)
-    if name == "identity" or z_alpha is None or z_beta is None:
-        return None, src.to(dtype)
-    s, za, zb = _vectors(src, shift, z_alpha, z_beta)
-    z = torch.addcmul(zb, src - s, za)
-    form = act.activate(z, name, param) if act.saves_output(name) else z
-    return act.preactivation_and_slope(form, name, param)[1], src.to(dtype)
-
-
-def _slope_gradient(g: Tensor, slope: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """g' = g * act'(z) in the compute dtype."""
-    return g.to(dtype) if slope is None else g.to(dtype) * slope
+    if from_output and name != "identity":
+        v, slope = act.preactivation_and_slope(src.to(dtype), name, param, scratch)
+        if name == "elu" and scratch:
+            v = v.masked_fill_(slope == 0, 0.0)
+        elif name == "elu":
+            v = torch.where(slope == 0, 0.0, v)
+        fresh = True
+    elif name == "identity" or z_alpha is None or z_beta is None:  # slope 1
+        return _Gradient(g.to(dtype), src.to(dtype), False)
+    else:
+        s, za, zb = _vectors(src, shift, z_alpha, z_beta)
+        z = _z(src, s, za, zb, scratch)
+        form = act.activate(z, name, param, scratch) if act.saves_output(name) else z
+        slope, v, fresh = act.slope(form, name, param), src.to(dtype), False
+    return _Gradient(slope.mul_(g) if scratch else slope * g, v, fresh)
 
 
 def backward_reduce(
@@ -258,13 +279,14 @@ def backward_reduce(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(sum g', sum g' * (v - shift - shifted_mean)) per channel (see
     :class:`bnkit.kernels.stats.Primitives`)."""
-    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
-    g = _slope_gradient(g, slope, v.dtype)
+    scratch = _scratch(g, src, shifted_mean)
+    grad = _gradient(g, src, shift, activation, param, from_output, z_alpha, z_beta, scratch)
     s, m = _vectors(src, shift, shifted_mean)
     dims = _reduce_dims(src)
-    if _scratch(g, src, shifted_mean):  # one new input-sized tensor: v - s, then its products
-        return g.sum(dims), (v - s).sub_(m).mul_(g).sum(dims)
-    return g.sum(dims), (g * (v - s - m)).sum(dims)
+    if scratch:  # v - s - m in place (on v itself where it is new), then its products
+        centred = grad.v.sub_(s) if grad.fresh else grad.v - s
+        return grad.g.sum(dims), centred.sub_(m).mul_(grad.g).sum(dims)
+    return grad.g.sum(dims), (grad.g * (grad.v - s - m)).sum(dims)
 
 
 def backward_input(
@@ -274,16 +296,20 @@ def backward_input(
 ) -> Tensor:  # fmt: skip
     """dx = g' * alpha + (v - shift) * k1 + k0 (g' * alpha where ``mask`` is False), in
     src's dtype and layout; ``v - shift`` becomes dx in place where it may."""
-    slope, v = _slope_and_value(src, shift, activation, param, from_output, z_alpha, z_beta)
-    g = _slope_gradient(g, slope, v.dtype)
-    s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
     scratch = _scratch(g, src, alpha, k1, k0)
-    through_stats = (v - s).mul_(c1).add_(c0) if scratch else torch.addcmul(c0, v - s, c1)
-    if mask is not None:  # the statistics do not depend on padding
+    grad = _gradient(g, src, shift, activation, param, from_output, z_alpha, z_beta, scratch)
+    s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
+    if scratch:
+        through_stats = (grad.v.sub_(s) if grad.fresh else grad.v - s).mul_(c1).add_(c0)
+    else:
+        through_stats = torch.addcmul(c0, grad.v - s, c1)
+    if mask is not None and scratch:  # the statistics do not depend on padding
+        through_stats = through_stats.masked_fill_(~_valid(mask), 0.0)
+    elif mask is not None:
         through_stats = torch.where(_valid(mask), through_stats, 0.0)
     if scratch:
-        return _output(through_stats.addcmul_(g, a), src)
-    return _output(torch.addcmul(through_stats, g, a), src)
+        return _output(through_stats.addcmul_(grad.g, a), src)
+    return _output(torch.addcmul(through_stats, grad.g, a), src)
 
 
 #: The four passes in torch operations: any device, dtype and layout, every option,

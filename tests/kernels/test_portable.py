@@ -107,3 +107,37 @@ def test_double_backward_through_the_operators_matches_the_portable_kernel() -> 
         (h,) = torch.autograd.grad(g.square().sum(), inp)
         results.append(h)
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize(
+    ("name", "module"), [("leaky_relu", torch.nn.LeakyReLU), ("elu", torch.nn.ELU)]
+)
+def test_portable_fused_activation_peak_is_at_most_torchs_pair(
+    backward: bool, name: str, module: type[torch.nn.Module]
+) -> None:
+    """The memory-efficient fused layer on the portable kernel keeps no more input-sized
+    tensors alive than torch's BatchNorm2d + activation: one forward (the pair keeps
+    two), three with the backward, as the pair (elu: a bool mask more)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 12, 12, requires_grad=backward)
+    dy = torch.randn_like(x)
+    param = 0.1 if name == "leaky_relu" else 1.0
+
+    def ours() -> torch.Tensor:
+        return batch_norm(
+            x, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
+            kernel=primitive.PORTABLE, activation=bnkit.kernels.Activation(name, param),
+        ).output  # fmt: skip
+
+    pair = torch.nn.Sequential(torch.nn.BatchNorm2d(16, affine=False), module(param))
+    peaks = []
+    for f in (ours, lambda: pair(x)):
+        peaks.append(peak_bytes(lambda f=f: f().backward(dy) if backward else f()))
+    input_size = x.numel() * x.element_size()
+    assert peaks[1] >= (3 if backward else 2) * input_size  # what torch's pair keeps
+    # elu's backward also holds a bool mask (a quarter of a float32 input) for y > 0
+    slack = input_size / (3 if name == "elu" else 16)
+    assert peaks[0] < peaks[1] + slack, f"portable {peaks[0]}, torch {peaks[1]}"
+    if not backward:
+        assert peaks[0] < peaks[1] - input_size / 2  # one tensor fewer than the pair
