@@ -230,5 +230,12 @@ class OperatorKernel(cpu.CpuKernel):
     def __init__(self) -> None:
         PrimitiveKernel.__init__(self, OPERATORS)
 
+    def ghost_passes(self, x: Tensor, mask: Tensor | None) -> Primitives | None:
+        """The native passes themselves where they take ghost batches in one launch (the
+        Triton kernels, ``torch.library.triton_op``s of their own): the operators'
+        schemas have no ghost batches."""
+        passes = native_passes(x, mask)
+        return passes if passes is not None and passes.ghost_batches else None
+
 
 KERNEL = OperatorKernel()

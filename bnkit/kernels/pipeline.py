@@ -47,7 +47,13 @@ __all__ = [
 
 
 class Kernel(Protocol):
-    """The four steps of batch normalization; implementations must agree to rounding."""
+    """The four steps of batch normalization; implementations must agree to rounding.
+
+    A kernel that also has ``ghost_passes(x, mask)`` (see
+    :meth:`bnkit.kernels.primitive.PrimitiveKernel.ghost_passes`) is given ``ghosts=k``
+    by the first three methods where that returns passes: k ghost batches in one launch,
+    statistics and parameters as vectors of k * C values. Others never see it.
+    """
 
     def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
         """Per-channel statistics of ``x`` (N, C, *) over every dimension but 1, over the
@@ -309,6 +315,19 @@ def batch_norm(
     return BatchNormResult(output, recorded)
 
 
+def _repeat(v: Tensor | None, times: int) -> Tensor | None:
+    """A (C,) vector repeated for ``times`` ghost batches (itself for one)."""
+    return v if v is None or times == 1 else v.repeat(times)
+
+
+def _split(stats: BatchStats, ghosts: int) -> list[BatchStats]:
+    """Statistics of ``ghosts`` ghost batches (vectors of ghosts * C values) as one
+    :class:`BatchStats` per ghost batch."""
+    fields = (stats.count, stats.shift, stats.shifted_mean, stats.var)
+    parts = [t.chunk(ghosts) for t in fields]
+    return [BatchStats(*(part[j] for part in parts)) for j in range(ghosts)]
+
+
 class Activation(NamedTuple):
     """An activation fused with batch norm: its name, parameter, and whether training
     saves the output (memory-efficient) rather than the input for the backward pass."""
@@ -340,27 +359,38 @@ class _Normalization:
     activation: Activation | None
 
     def with_batch_stats(
-        self, x: Tensor, stats: BatchStats, mask: Tensor | None, group: Any = None
+        self,
+        x: Tensor,
+        stats: BatchStats,
+        mask: Tensor | None,
+        group: Any = None,
+        ghosts: int = 1,
     ) -> Tensor:
         """Normalize with batch statistics, renormalized towards the running ones if asked,
-        and fused with the activation if there is one."""
-        scale, shift = self.weight, self.bias
+        and fused with the activation if there is one. With ``ghosts`` > 1 the statistics
+        are the ghost batches' (ghosts * C values) and the (C,) parameters are repeated
+        to match; autograd sums their gradients back."""
+        scale, shift = _repeat(self.weight, ghosts), _repeat(self.bias, ghosts)
         if self.renorm_limits is not None:
             if self.running_mean is None or self.running_var is None:
                 raise ValueError("batch_norm pipeline: renorm needs the running statistics")
             scale, shift = renorm_affine(
                 stats,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
+                self.running_mean.repeat(ghosts),
+                self.running_var.repeat(ghosts),
+                scale,
+                shift,
                 self.eps,
                 self.renorm_limits,
             )
+        many: dict[str, Any] = {} if ghosts == 1 else {"ghosts": ghosts}
         if self.activation is None:
-            return self.kernel.normalize_batch(x, stats, scale, shift, self.eps, mask, group)
+            return self.kernel.normalize_batch(
+                x, stats, scale, shift, self.eps, mask, group, **many
+            )
+        name, param, memory_efficient = self.activation
         return self.kernel.normalize_batch_activation(
-            x, stats, scale, shift, self.eps, mask, group, *self.activation
+            x, stats, scale, shift, self.eps, mask, group, name, param, memory_efficient, **many
         )
 
     def fallback(self, x: Tensor, mode: str) -> Tensor:
@@ -382,6 +412,11 @@ class _Normalization:
         """Each chunk (ghost batch, or the whole batch) normalized with its own statistics;
         returns the output and the chunks' statistics merged (None if no chunk had any)."""
         plan = list(chunks) if chunks is not None else [Chunk(0, x.shape[0])]
+        ghosts = self._one_launch(x, mask, plan)
+        if ghosts > 1:
+            stats = self.kernel.batch_stats(x, mask, ghosts=ghosts)  # type: ignore[call-arg]
+            output = self.with_batch_stats(x, stats, mask, ghosts=ghosts)
+            return output, merge_stats(_split(stats, ghosts))
         whole = len(plan) == 1
         outputs, parts = [], []
         for chunk in plan:
@@ -399,6 +434,16 @@ class _Normalization:
         if not parts:
             return output, None
         return output, parts[0] if len(parts) == 1 else merge_stats(parts)
+
+    def _one_launch(self, x: Tensor, mask: Tensor | None, plan: Sequence[Chunk]) -> int:
+        """How many ghost batches the kernel normalizes in one launch: all of them where
+        they are equal, each has its own statistics, and the kernel's passes take ghost
+        batches for (x, mask) (the Triton kernels); else 1, one at a time."""
+        size = plan[0].stop - plan[0].start
+        if len(plan) < 2 or any(c.mode != "batch" or c.stop - c.start != size for c in plan):
+            return 1
+        ghost_passes = getattr(self.kernel, "ghost_passes", None)
+        return len(plan) if ghost_passes is not None and ghost_passes(x, mask) else 1
 
     def synchronized(
         self,

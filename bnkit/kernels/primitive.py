@@ -74,6 +74,26 @@ def _no_sync_derivative(group: Any, kind: str) -> None:
         )
 
 
+def _no_ghost_derivative(ghosts: int) -> None:
+    if ghosts > 1:  # forward-mode AD takes the portable kernel, whose passes loop instead
+        raise RuntimeError(
+            "batch_norm: forward-mode derivatives of ghost batches normalized in one "
+            "launch are not supported"
+        )
+
+
+def _ghosts(n: int) -> dict[str, int]:
+    """The keyword asking a pass for ``n`` ghost batches in one launch; none for the whole
+    batch, so passes without ghost batches never see it."""
+    return {} if n == 1 else {"ghosts": n}
+
+
+def _per_ghost(n: int, *tensors: Tensor | None) -> list[list[Tensor | None]]:
+    """Each ghost batch's part of ``tensors``: a batch tensor's j-th of n equal slices, a
+    vector of n * C values' j-th C (None stays None)."""
+    return [[None if t is None else t.chunk(n)[j] for t in tensors] for j in range(n)]
+
+
 def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) -> Tensor:
     """x_hat = (x - shift - shifted_mean) * invstd, in the compute dtype."""
     view = _view(x)
@@ -84,9 +104,25 @@ def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) 
 def _differentiable_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """(dx, dweight, dbias) in differentiable operations, for a double backward: the
     saved statistics carry no graph, so they are recomputed from x to let autograd see
-    how they depend on it."""
+    how they depend on it. Ghost batches one at a time."""
     x, weight, shift, _, _, count, mask = ctx.saved_tensors
     _no_sync_derivative(ctx.group, "double backward")
+    need_dx = bool(ctx.needs_input_grad[0])
+    parts = [
+        _differentiable_gradients(*part, ctx.eps, need_dx)  # type: ignore[arg-type,call-arg]
+        for part in _per_ghost(ctx.ghosts, x, weight, shift, count, mask, grad_output)
+    ]
+    dx = None if not need_dx else torch.cat([p[0] for p in parts])  # type: ignore[misc]
+    sum_g_x_hat = torch.cat([p[1] for p in parts])
+    sum_g = torch.cat([p[2] for p in parts])
+    return dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g)
+
+
+def _differentiable_gradients(
+    x: Tensor, weight: Tensor | None, shift: Tensor, count: Tensor, mask: Tensor | None,
+    grad_output: Tensor, eps: float, need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+    """(dx, sum g * x_hat, sum g) of one batch, in differentiable operations."""
     view, dims = _view(x), _dims(x)
     shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
     if mask is None:
@@ -94,12 +130,12 @@ def _differentiable_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | No
     else:
         valid = portable._valid(mask)
         shifted_mean, var = portable._masked_moments(shifted, valid, count, dims, view)
-    invstd = torch.rsqrt(var + ctx.eps)
+    invstd = torch.rsqrt(var + eps)
     x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
     g = grad_output.to(invstd.dtype)
     sum_g, sum_g_x_hat = g.sum(dims), (g * x_hat).sum(dims)
     dx = None
-    if ctx.needs_input_grad[0]:
+    if need_dx:
         # dx = alpha * (g - mean(g) - x_hat * mean(g * x_hat)): the two subtracted terms
         # are the paths through the batch mean and the batch variance.
         alpha = invstd if weight is None else invstd * weight.to(invstd.dtype)
@@ -108,7 +144,7 @@ def _differentiable_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | No
         if mask is not None:  # the statistics do not depend on padding
             through_stats = torch.where(portable._valid(mask), through_stats, 0.0)
         dx = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
-    return dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g)
+    return dx, sum_g_x_hat, sum_g
 
 
 def _tangent(
@@ -160,26 +196,28 @@ class _NormalizeTraceable(torch.autograd.Function):
     def forward(
         x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
         shifted_mean: Tensor, invstd: Tensor, count: Tensor, eps: float,
-        mask: Tensor | None, group: Any, prims: Primitives,
+        mask: Tensor | None, group: Any, prims: Primitives, ghosts: int,
     ) -> Tensor:  # fmt: skip
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        return prims.affine(x, shift, alpha, beta)
+        return prims.affine(x, shift, alpha, beta, **_ghosts(ghosts))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group, prims = inputs
+        (x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, group, prims,
+         ghosts) = inputs  # fmt: skip
         ctx.save_for_backward(x, weight, shift, shifted_mean, invstd, count, mask)
         ctx.save_for_forward(x, weight, shift, shifted_mean, invstd, count, mask)
-        ctx.eps, ctx.group, ctx.prims = eps, group, prims
+        ctx.eps, ctx.group, ctx.prims, ctx.ghosts = eps, group, prims, ghosts
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        none = (None,) * 8
+        none = (None,) * 9
         if torch.is_grad_enabled():
             return (*_differentiable_backward(ctx, grad_output), *none)
         x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
-        sum_g, sum_gc = ctx.prims.backward_reduce(grad_output, x, shift, shifted_mean)
+        ghosts = _ghosts(ctx.ghosts)
+        sum_g, sum_gc = ctx.prims.backward_reduce(grad_output, x, shift, shifted_mean, **ghosts)
         sum_g_x_hat = sum_gc * invstd
         all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
         dx = None
@@ -190,7 +228,7 @@ class _NormalizeTraceable(torch.autograd.Function):
             k1, k0 = input_gradient_coefficients(
                 alpha, all_g, all_g_x_hat, count, invstd, shifted_mean
             )
-            dx = ctx.prims.backward_input(grad_output, x, shift, alpha, k1, k0, mask=mask)
+            dx = ctx.prims.backward_input(grad_output, x, shift, alpha, k1, k0, mask=mask, **ghosts)
         return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *none)
 
 
@@ -204,6 +242,7 @@ class _Normalize(_NormalizeTraceable):
         pass (see :func:`_tangent`)."""
         x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         _no_sync_derivative(ctx.group, "forward-mode derivatives")
+        _no_ghost_derivative(ctx.ghosts)
         x_hat = _normalized(x, shift, shifted_mean, invstd)
         z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
         return _tangent_output(z_t, x)
@@ -228,15 +267,15 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
         x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
         shifted_mean: Tensor, invstd: Tensor, count: Tensor, mask: Tensor | None,
         activation: str, param: float | None, save_input: bool, group: Any,
-        prims: Primitives,
+        prims: Primitives, ghosts: int,
     ) -> Tensor:  # fmt: skip
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
-        return prims.affine(x, shift, alpha, beta, activation, param)
+        return prims.affine(x, shift, alpha, beta, activation, param, **_ghosts(ghosts))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         (x, weight, bias, shift, shifted_mean, invstd, count, mask, activation, param,
-         save_input, group, prims) = inputs  # fmt: skip
+         save_input, group, prims, ghosts) = inputs  # fmt: skip
         if not save_input:
             # gamma = 0, |beta| >> |gamma| or a saturated elu output make
             # x_hat = (act^-1(y) - beta) / gamma inexact; this call then keeps its input.
@@ -247,7 +286,7 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
         else:
             ctx.save_for_backward(output, weight, bias, invstd, count, mask)
         ctx.save_for_forward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
-        ctx.save_input, ctx.group, ctx.prims = save_input, group, prims
+        ctx.save_input, ctx.group, ctx.prims, ctx.ghosts = save_input, group, prims, ghosts
         ctx.activation, ctx.param = activation, param
         ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -259,7 +298,7 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
             dx, sum_g, sum_g_x_hat, weight = _from_input(ctx, grad_output)
         else:
             dx, sum_g, sum_g_x_hat, weight = _from_output(ctx, grad_output)
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 10))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 11))
 
 
 def _from_input(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Any]:
@@ -267,8 +306,9 @@ def _from_input(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, T
     x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
     name, param = ctx.activation, ctx.param
     alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
+    ghosts = _ghosts(ctx.ghosts)
     sum_g, sum_gc = ctx.prims.backward_reduce(
-        grad_output, x, shift, shifted_mean, name, param, False, alpha, beta
+        grad_output, x, shift, shifted_mean, name, param, False, alpha, beta, **ghosts
     )
     sum_g_x_hat = sum_gc * invstd
     all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
@@ -276,7 +316,7 @@ def _from_input(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, T
     if ctx.needs_input_grad[0]:
         k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, invstd, shifted_mean)
         dx = ctx.prims.backward_input(
-            grad_output, x, shift, alpha, k1, k0, name, param, False, mask, alpha, beta
+            grad_output, x, shift, alpha, k1, k0, name, param, False, mask, alpha, beta, **ghosts
         )
     return dx, sum_g, sum_g_x_hat, weight
 
@@ -290,8 +330,9 @@ def _from_output(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, 
     scale = None if weight is None else weight.to(dtype)
     centre = torch.zeros_like(invstd) if bias is None else bias.to(dtype)
     # sum_gc = sum(g' * (z - bias)) = weight * sum(g' * x_hat)
+    ghosts = _ghosts(ctx.ghosts)
     sum_g, sum_gc = ctx.prims.backward_reduce(
-        grad_output, y, centre, torch.zeros_like(invstd), name, param, True
+        grad_output, y, centre, torch.zeros_like(invstd), name, param, True, **ghosts
     )
     sum_g_x_hat = sum_gc if scale is None else sum_gc / scale
     all_g, all_g_x_hat = _global(ctx, sum_g, sum_g_x_hat)
@@ -302,7 +343,7 @@ def _from_output(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, 
         per_unit = None if scale is None else 1.0 / scale
         k1, k0 = input_gradient_coefficients(alpha, all_g, all_g_x_hat, count, per_unit)
         dx = ctx.prims.backward_input(grad_output, y, centre, alpha, k1, k0, name, param,
-                                      True, mask)  # fmt: skip
+                                      True, mask, **ghosts)  # fmt: skip
     return dx, sum_g, sum_g_x_hat, weight
 
 
@@ -315,6 +356,7 @@ class _NormalizeActivate(_NormalizeActivateTraceable):
         """Forward-mode derivative: act'(z) times the tangent of z (see :func:`_tangent`)."""
         x, weight, bias, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         _no_sync_derivative(ctx.group, "forward-mode derivatives")
+        _no_ghost_derivative(ctx.ghosts)
         x_hat = _normalized(x, shift, shifted_mean, invstd)
         view, dtype = _view(x), invstd.dtype
         z = x_hat if weight is None else x_hat * weight.to(dtype).view(view)
@@ -342,31 +384,43 @@ class PrimitiveKernel:
     def __init__(self, prims: Primitives) -> None:
         self.prims = prims
 
-    def _passes(self, x: Tensor, mask: Tensor | None) -> Primitives:
+    def _passes(self, x: Tensor, mask: Tensor | None, ghosts: int = 1) -> Primitives:
+        if ghosts > 1:
+            prims = self.ghost_passes(x, mask)
+            if prims is None:
+                raise ValueError(f"{self.prims.name}: no passes take ghost batches here")
+            return prims
         return self.prims if self.prims.supports(x, mask) else portable.PRIMITIVES
 
-    def batch_stats(self, x: Tensor, mask: Tensor | None = None) -> BatchStats:
-        return self._passes(x, mask).batch_stats(x, mask)
+    def ghost_passes(self, x: Tensor, mask: Tensor | None) -> Primitives | None:
+        """The passes that normalize ghost batches of (x, mask) in one launch
+        (``ghosts=k`` to the methods below), or None: the pipeline then runs one ghost
+        batch at a time."""
+        prims = self._passes(x, mask)
+        return prims if prims.ghost_batches else None
+
+    def batch_stats(self, x: Tensor, mask: Tensor | None = None, *, ghosts: int = 1) -> BatchStats:
+        return self._passes(x, mask, ghosts).batch_stats(x, mask, **_ghosts(ghosts))
 
     def normalize_batch(
         self, x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None,
-        eps: float, mask: Tensor | None = None, group: Any = None,
+        eps: float, mask: Tensor | None = None, group: Any = None, *, ghosts: int = 1,
     ) -> Tensor:  # fmt: skip
         invstd = torch.rsqrt(stats.var + eps)
         function = _function(_NormalizeTraceable, _Normalize)
         output: Tensor = function.apply(
             x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask,
-            group, self._passes(x, mask),
+            group, self._passes(x, mask, ghosts), ghosts,
         )  # fmt: skip
         return output
 
     def normalize_batch_activation(
         self, x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None,
         eps: float, mask: Tensor | None, group: Any, activation: str, param: float | None,
-        memory_efficient: bool,
+        memory_efficient: bool, *, ghosts: int = 1,
     ) -> Tensor:  # fmt: skip
-        prims = self._passes(x, mask)
-        if mask is not None and not prims.masked_activation:
+        prims = self._passes(x, mask, ghosts)
+        if mask is not None and not prims.masked_activation and ghosts == 1:
             prims = portable.PRIMITIVES
         invstd = torch.rsqrt(stats.var + eps)
         # or, decided from the output: not invertible (see its setup_context)
@@ -374,7 +428,7 @@ class PrimitiveKernel:
         function = _function(_NormalizeActivateTraceable, _NormalizeActivate)
         output: Tensor = function.apply(
             x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, mask,
-            activation, param, save_input, group, prims,
+            activation, param, save_input, group, prims, ghosts,
         )  # fmt: skip
         return output
 

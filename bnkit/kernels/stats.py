@@ -86,6 +86,9 @@ class Primitives:
             mask, z_alpha, z_beta) -> dx = g' * alpha + (v - shift) * k1 + k0`` (g' * alpha
             where ``mask`` is False).
         masked_activation: whether ``backward_input`` takes a mask with an activation.
+        ghost_batches: whether every pass takes ``ghosts=k``: k ghost batches of N / k
+            samples, each with its own statistics, in one launch; per-channel vectors
+            then hold k * C values, ghost batch j's at [j * C, (j + 1) * C).
     """
 
     name: str
@@ -95,6 +98,7 @@ class Primitives:
     backward_reduce: Callable[..., tuple[Tensor, Tensor]]
     backward_input: Callable[..., Tensor]
     masked_activation: bool
+    ghost_batches: bool = False
 
 
 def merge_stats(parts: Sequence[BatchStats]) -> BatchStats:

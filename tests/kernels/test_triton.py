@@ -394,9 +394,12 @@ def _run(
     }
 
 
-def _compare(ours: dict[str, Any], theirs: dict[str, Any], tolerance: float) -> None:
-    assert ours["y"].stride() == theirs["y"].stride()
-    assert ours["dx"].stride() == theirs["dx"].stride()
+def _compare(
+    ours: dict[str, Any], theirs: dict[str, Any], tolerance: float, strides: bool = True
+) -> None:
+    if strides:
+        assert ours["y"].stride() == theirs["y"].stride()
+        assert ours["dx"].stride() == theirs["dx"].stride()
     for key, value in theirs.items():
         if value is None:
             assert ours[key] is None
@@ -541,6 +544,124 @@ def test_ghost_batches_match_reference() -> None:
     theirs = _run(primitive.PORTABLE, x, gamma, beta, dy, chunks=chunks)
     _close(ours["mean"], theirs["mean"], 1e-12)
     _close(ours["var"], theirs["var"], 1e-12)
+
+
+def _counting_stats(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the ``ghosts`` of every Triton statistics launch."""
+    calls: list[int] = []
+    original = prim._batch_stats_op
+
+    def counting(x: torch.Tensor, mask: Any, ghosts: int) -> Any:
+        calls.append(ghosts)
+        return original(x, mask, ghosts)
+
+    monkeypatch.setattr(prim, "_batch_stats_op", counting)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_equal_ghost_batches_run_in_one_launch(
+    layout: str, masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal ghost batches: one statistics launch for all of them (each with its own
+    statistics, vectors of ghosts * C values), the same results as one ghost batch at a
+    time on the portable kernel and as the NumPy reference."""
+    shape = (8, 3) if layout == "2d" else (8, 3, 2, 3)
+    x = _tensor(shape, torch.float64, seed=60, loc=2.0)
+    x = x if layout == "2d" else _in_layout(x, layout)
+    gamma, beta = (_tensor(shape[1:2], torch.float64, seed=s) for s in (61, 62))
+    dy = _tensor(shape, torch.float64, seed=63)
+    mask = None
+    if masked:
+        generator = torch.Generator().manual_seed(64)
+        mask = (torch.rand((shape[0], *shape[2:]), generator=generator) > 0.3).to(DEVICE)
+        mask[::2] = True  # every ghost batch of 2 samples has valid values
+    chunks = [Chunk(start, stop) for start, stop in ghost_chunks(8, 2)]
+    calls = _counting_stats(monkeypatch)
+    ours = _run(gpu.KERNEL, x, gamma, beta, dy, chunks=chunks, mask=mask)
+    assert calls == [4]
+    assert ours["dx"].stride() == x.stride()  # one dx in x's layout, as torch gives
+    theirs = _run(primitive.PORTABLE, x, gamma, beta, dy, chunks=chunks, mask=mask)
+    _compare(ours, theirs, 1e-10, strides=False)  # the loop's dx comes from torch.cat
+    if mask is None:
+        x_np, gamma_np, beta_np = (t.cpu().numpy() for t in (x, gamma, beta))
+        y_ref, cache = ref.ghost_batch_norm_train(x_np, gamma_np, beta_np, 2, 1e-5)
+        dx_ref, dgamma_ref, dbeta_ref = ref.ghost_batch_norm_backward(dy.cpu().numpy(), cache)
+        for key, expected in (("y", y_ref), ("dx", dx_ref), ("dw", dgamma_ref), ("db", dbeta_ref)):
+            _close(ours[key], torch.from_numpy(expected), 1e-10)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_one_launch_ghost_batches_with_activation_and_renorm(
+    memory_efficient: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused activation and batch renormalization (whose limits apply per ghost batch)
+    with ghost batches in one launch match the portable kernel's ghost batches."""
+    shape = (6, 4, 3, 2)
+    x = _tensor(shape, torch.float32, seed=65, loc=1.0)
+    weight, bias = (_tensor(shape[1:2], torch.float32, seed=s) for s in (66, 67))
+    dy = _tensor(shape, torch.float32, seed=68)
+    chunks = [Chunk(start, stop) for start, stop in ghost_chunks(6, 2)]
+    options = {
+        "chunks": chunks,
+        "activation": Activation("leaky_relu", 0.1, memory_efficient),
+        "renorm_limits": (torch.tensor(1.2, device=DEVICE), torch.tensor(0.3, device=DEVICE)),
+    }
+    calls = _counting_stats(monkeypatch)
+    ours = _run(gpu.KERNEL, x, weight, bias, dy, **options)
+    assert calls == [3]
+    _compare(ours, _run(primitive.PORTABLE, x, weight, bias, dy, **options), 2e-5, strides=False)
+
+
+def test_unequal_or_single_value_ghost_batches_run_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A smaller last ghost batch (or one normalized otherwise) keeps the loop."""
+    x = _tensor((7, 3, 2, 2), torch.float64, seed=69)
+    dy = _tensor((7, 3, 2, 2), torch.float64, seed=70)
+    calls = _counting_stats(monkeypatch)
+    chunks = [Chunk(start, stop) for start, stop in ghost_chunks(7, 3)]
+    _run(gpu.KERNEL, x, None, None, dy, chunks=chunks)
+    assert calls == [1, 1, 1]
+
+
+def test_double_backward_through_one_launch_ghost_batches() -> None:
+    """Second derivatives (each ghost batch's differentiable backward) match the
+    portable kernel's, which runs the ghost batches one at a time."""
+    x = _tensor((6, 2, 3), torch.float64, seed=71)
+    chunks = [Chunk(start, stop) for start, stop in ghost_chunks(6, 3)]
+    results = []
+    for kernel in (gpu.KERNEL, primitive.PORTABLE):
+        inp = x.detach().clone().requires_grad_()
+        y = batch_norm(
+            inp, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
+            kernel=kernel, chunks=chunks,
+        ).output  # fmt: skip
+        (g,) = torch.autograd.grad(y.pow(3).sum(), inp, create_graph=True)
+        (h,) = torch.autograd.grad(g.square().sum(), inp)
+        results.append(h)
+    _close(results[0], results[1], 1e-10)
+
+
+def test_layer_with_ghost_batches_runs_them_in_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bnkit.BatchNorm2d(ghost_batch_size=...)`` on tensors the Triton kernels take:
+    one statistics launch, and torch's layer applied to each ghost batch in turn."""
+    from bnkit import BatchNorm2d
+
+    monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton at import
+    calls = _counting_stats(monkeypatch)
+    x = _tensor((8, 3, 2, 2), torch.float64, seed=72, loc=1.0).requires_grad_()
+    ours = BatchNorm2d(3, ghost_batch_size=4, dtype=torch.float64, device=DEVICE)
+    theirs = torch.nn.BatchNorm2d(3, dtype=torch.float64, device=DEVICE)
+    y = ours(x)
+    assert calls == [2]
+    y_torch = torch.cat([theirs(part) for part in x.split(4)])
+    _close(y, y_torch, 1e-12)
+    dy = _tensor((8, 3, 2, 2), torch.float64, seed=73)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_torch,) = torch.autograd.grad(y_torch, x, dy)
+    _close(dx, dx_torch, 1e-10)
 
 
 def test_renorm_and_eval_match_portable() -> None:

@@ -21,6 +21,12 @@ A program covers rows [r_lo, r_hi) and columns [k_lo, k_hi) in tiles of
 columns (``CL`` False: the whole tile is one channel) or over its rows only (``CL``
 True: one value per column).
 
+Ghost batches run in the same launch: program axis 2 is the ghost batch j, R the rows
+of one, and the rows of ghost batch j are [j * R, (j + 1) * R). Its per-channel values
+(shift, statistics, coefficients, partial sums) sit at [j * NC, (j + 1) * NC) of
+vectors of ghosts * NC values (NC: the channels); with one ghost batch (the whole batch)
+j is 0 and R all rows.
+
 Activation codes (``ACT``): 0 identity, 1 relu, 2 leaky_relu, 3 elu. The activation's
 parameter (and, for the ELU inverse, the stand-in for a saturated pre-activation) come
 from a two-element tensor in the compute dtype, so float64 keeps its precision.
@@ -56,7 +62,7 @@ _BUILT = False
 #: Sizes a kernel is not recompiled for (Triton specializes integer arguments on being
 #: 1 or a multiple of 16 otherwise). L and stride_r stay specialized: they decide whether
 #: the loads along a row can be vectorized.
-_NOT_SPECIALIZED = ("R", "K", "C", "B", "KB", "ROWS_PER", "COLS_PER")
+_NOT_SPECIALIZED = ("R", "K", "C", "NC", "B", "KB", "ROWS_PER", "COLS_PER")
 
 
 def build() -> None:
@@ -81,21 +87,23 @@ def build() -> None:
 
 
 def _program(R, K, KB, ROWS_PER, COLS_PER, CL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(g, b, r_lo, r_hi, k_lo, k_hi) of this program: its channel (block) g, its block b
-    along axis 1, and the rows and columns it covers."""
+    """(g, b, r_lo, r_hi, k_lo, k_hi, j) of this program: its channel (block) g, its block
+    b along axis 1, the rows and columns it covers, and its ghost batch j (axis 2), whose
+    rows are [j * R, (j + 1) * R)."""
     g = tl.program_id(0)
     b = tl.program_id(1)
+    j = tl.program_id(2).to(tl.int64)
     rb = b // KB
     kb = b % KB
-    r_lo = rb * ROWS_PER
-    r_hi = tl.minimum(r_lo + ROWS_PER, R)
+    r_lo = j * R + rb * ROWS_PER
+    r_hi = tl.minimum(r_lo + ROWS_PER, (j + 1) * R)
     if CL:
         k_lo = g * BLOCK_K
         k_hi = tl.minimum(k_lo + BLOCK_K, K)
     else:
         k_lo = kb * COLS_PER
         k_hi = tl.minimum(k_lo + COLS_PER, K)
-    return g, b, r_lo, r_hi, k_lo, k_hi
+    return g, b, r_lo, r_hi, k_lo, k_hi, j
 
 
 def _tile(r0, k0, r_hi, k_hi, base, stride_r, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -215,6 +223,7 @@ def stats_kernel(
     K,
     L,
     stride_r,
+    NC,
     B,
     KB,
     ROWS_PER,
@@ -232,24 +241,25 @@ def stats_kernel(
     running (count, mean, M2) with Chan's update, so neither cancellation in E[x^2] -
     E[x]^2 nor a second read of memory ever occurs.
     """
-    g, b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    g, b, r_lo, r_hi, k_lo, k_hi, j = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = shift_ptr.dtype.element_ty
+    vo = j * NC  # this ghost batch's per-channel values: [j * NC, (j + 1) * NC)
     if CL:
         base = 0
         cols = k_lo + tl.arange(0, BLOCK_K)
-        s_off = tl.load(first_ptr) * stride_r if HAS_MASK else 0
+        s_off = tl.load(first_ptr + j) * stride_r if HAS_MASK else j * R * stride_r
         s = tl.load(x_ptr + s_off + cols, mask=cols < k_hi, other=0.0).to(acc_t)
-        tl.store(shift_ptr + cols, s, mask=(cols < k_hi) & (cols * 0 + b == 0))
+        tl.store(shift_ptr + vo + cols, s, mask=(cols < k_hi) & (cols * 0 + b == 0))
         s = s[None, :]
     else:
         base = g.to(tl.int64) * L
         if HAS_MASK:
-            first = tl.load(first_ptr)
+            first = tl.load(first_ptr + j)
             s_off = (first // L) * stride_r + first % L
         else:
-            s_off = 0
+            s_off = j * R * stride_r
         s = tl.load(x_ptr + base + s_off).to(acc_t)
-        tl.store(shift_ptr + g, s, mask=b == 0)
+        tl.store(shift_ptr + vo + g, s, mask=b == 0)
     zero = _csum(tl.zeros([BLOCK_R, BLOCK_K], acc_t), CL)
     n_a = zero
     mean_a = zero
@@ -270,9 +280,9 @@ def stats_kernel(
             mean_a = mean_a + delta * frac
             m2_a = m2_a + m2_t + delta * delta * n_a * frac
             n_a = n
-    _store_part(part_n, n_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
-    _store_part(part_mean, mean_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
-    _store_part(part_m2, m2_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
+    _store_part(part_n + vo * B, n_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
+    _store_part(part_mean + vo * B, mean_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
+    _store_part(part_m2 + vo * B, m2_a, g, b, B, k_lo, k_hi, CL, BLOCK_K)
 
 
 def affine_kernel(
@@ -286,6 +296,7 @@ def affine_kernel(
     K,
     L,
     stride_r,
+    NC,
     KB,
     ROWS_PER,
     COLS_PER,
@@ -294,13 +305,15 @@ def affine_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y = act((x - s) * a + b) per channel: one read of x, one write of y."""
-    g, _b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    """y = act((x - s) * a + b) per channel (and ghost batch): one read of x, one write
+    of y."""
+    g, _b, r_lo, r_hi, k_lo, k_hi, j = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
     base = 0 if CL else g.to(tl.int64) * L
-    s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    a = _vec(a_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    c = _vec(b_ptr, g, k_lo, k_hi, CL, BLOCK_K)
+    vo = j * NC
+    s = _vec(s_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    a = _vec(a_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    c = _vec(b_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
     p = tl.load(prm_ptr)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -324,6 +337,7 @@ def reduce_kernel(
     K,
     L,
     stride_r,
+    NC,
     B,
     KB,
     ROWS_PER,
@@ -338,13 +352,14 @@ def reduce_kernel(
 
     Accumulated per lane over the program's tiles, reduced once at the end.
     """
-    g, b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    g, b, r_lo, r_hi, k_lo, k_hi, j = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
     base = 0 if CL else g.to(tl.int64) * L
-    s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    m = _vec(m_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    za = _vec(za_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    zb = _vec(zb_ptr, g, k_lo, k_hi, CL, BLOCK_K)
+    vo = j * NC
+    s = _vec(s_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    m = _vec(m_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    za = _vec(za_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    zb = _vec(zb_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
     p = tl.load(prm_ptr)
     zfloor = tl.load(prm_ptr + 1)
     acc_g = tl.zeros([BLOCK_R, BLOCK_K], acc_t)
@@ -358,8 +373,8 @@ def reduce_kernel(
             gp = tl.where(inb, gp, 0.0)
             acc_g += gp
             acc_gc += gp * ((v - s) - m)
-    _store_part(part_g, _csum(acc_g, CL), g, b, B, k_lo, k_hi, CL, BLOCK_K)
-    _store_part(part_gc, _csum(acc_gc, CL), g, b, B, k_lo, k_hi, CL, BLOCK_K)
+    _store_part(part_g + vo * B, _csum(acc_g, CL), g, b, B, k_lo, k_hi, CL, BLOCK_K)
+    _store_part(part_gc + vo * B, _csum(acc_gc, CL), g, b, B, k_lo, k_hi, CL, BLOCK_K)
 
 
 def input_kernel(
@@ -378,6 +393,7 @@ def input_kernel(
     K,
     L,
     stride_r,
+    NC,
     KB,
     ROWS_PER,
     COLS_PER,
@@ -390,15 +406,16 @@ def input_kernel(
 ):
     """dx = g' * a + ((v - s) * k1 + k0), the second term at valid positions only: one
     read of g and src, one write of dx."""
-    g, _b, r_lo, r_hi, k_lo, k_hi = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
+    g, _b, r_lo, r_hi, k_lo, k_hi, j = _program(R, K, KB, ROWS_PER, COLS_PER, CL, BLOCK_K)
     acc_t = s_ptr.dtype.element_ty
     base = 0 if CL else g.to(tl.int64) * L
-    s = _vec(s_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    a = _vec(a_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    k1 = _vec(k1_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    k0 = _vec(k0_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    za = _vec(za_ptr, g, k_lo, k_hi, CL, BLOCK_K)
-    zb = _vec(zb_ptr, g, k_lo, k_hi, CL, BLOCK_K)
+    vo = j * NC
+    s = _vec(s_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    a = _vec(a_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    k1 = _vec(k1_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    k0 = _vec(k0_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    za = _vec(za_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
+    zb = _vec(zb_ptr + vo, g, k_lo, k_hi, CL, BLOCK_K)
     p = tl.load(prm_ptr)
     zfloor = tl.load(prm_ptr + 1)
     for r0 in range(r_lo, r_hi, BLOCK_R):

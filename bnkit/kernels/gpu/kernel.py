@@ -46,6 +46,7 @@ PRIMITIVES = Primitives(
     backward_reduce=prim.backward_reduce,
     backward_input=prim.backward_input,
     masked_activation=True,
+    ghost_batches=True,
 )
 
 

@@ -52,7 +52,7 @@ class Plan(NamedTuple):
     """How the kernels walk a tensor (see :mod:`bnkit.kernels.gpu.jit`)."""
 
     channels_last: bool  #: rows of C channels (channels-last, 2D, L = 1) or (N, C, L)
-    rows: int  #: R: N (ncl) or N * spatial (nc)
+    rows: int  #: R, per ghost batch: N (ncl) or N * spatial (nc), N its samples
     cols: int  #: K: L (ncl) or C (nc)
     inner: int  #: L, the spatial size (1 for nc)
     stride_r: int  #: elements between consecutive rows
@@ -63,10 +63,12 @@ class Plan(NamedTuple):
     col_blocks: int  #: KB: column blocks per row block (1 for nc)
     rows_per: int  #: rows per program, a multiple of block_r
     cols_per: int  #: columns per program, a multiple of block_k
+    channels: int  #: NC: C, the stride between ghost batches' per-channel values
+    ghosts: int  #: grid axis 2: ghost batches (1: the whole batch)
 
-    def args(self) -> tuple[int, int, int, int]:
-        """(R, K, L, stride_r) as the kernels take them."""
-        return self.rows, self.cols, self.inner, self.stride_r
+    def args(self) -> tuple[int, int, int, int, int]:
+        """(R, K, L, stride_r, NC) as the kernels take them."""
+        return self.rows, self.cols, self.inner, self.stride_r, self.channels
 
     def split(self) -> tuple[int, int, int]:
         """(KB, ROWS_PER, COLS_PER) as the kernels take them."""
@@ -88,9 +90,10 @@ def prepare(x: Tensor) -> Tensor:
     return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
 
 
-def plan(x: Tensor) -> Plan:
-    """The launch plan for a prepared (N, C, *) tensor x (see :func:`prepare`)."""
-    n, c = x.shape[0], x.shape[1]
+def plan(x: Tensor, ghosts: int = 1) -> Plan:
+    """The launch plan for a prepared (N, C, *) tensor x (see :func:`prepare`), split into
+    ``ghosts`` ghost batches of N / ghosts samples each (a divisor of N)."""
+    n, c = x.shape[0] // ghosts, x.shape[1]
     inner = math.prod(x.shape[2:])
     channels_last = x.dim() == 2 or inner == 1 or not x.is_contiguous()
     if channels_last:
@@ -102,7 +105,9 @@ def plan(x: Tensor) -> Plan:
         programs = min(max(1, TARGET_PROGRAMS // groups), max(1, tiles_r // MIN_TILES))
         rows_per = _cdiv(tiles_r, programs) * block_r
         blocks = _cdiv(rows, rows_per)
-        return Plan(True, rows, c, 1, c, block_r, block_k, groups, blocks, 1, rows_per, block_k)
+        return Plan(
+            True, rows, c, 1, c, block_r, block_k, groups, blocks, 1, rows_per, block_k, c, ghosts
+        )
     block_k = min(_pow2(inner), TILE)
     block_r = max(1, min(_pow2(n), TILE // block_k))
     tiles_r, tiles_k = _cdiv(n, block_r), _cdiv(inner, block_k)
@@ -125,6 +130,8 @@ def plan(x: Tensor) -> Plan:
         col_blocks,
         rows_per,
         cols_per,
+        c,
+        ghosts,
     )
 
 
@@ -152,7 +159,7 @@ def _launch(kernel: Any, p: Plan | tuple[int, ...]) -> Any:
     """``kernel[grid]`` through ``wrap_triton`` (when torch has it), for plan p (or a grid)."""
     wrap = getattr(torch.library, "wrap_triton", None)
     fn = kernel if wrap is None else wrap(kernel)
-    return fn[(p.groups, p.blocks) if isinstance(p, Plan) else p]
+    return fn[(p.groups, p.blocks, p.ghosts) if isinstance(p, Plan) else p]
 
 
 #: Channels per program of the merge kernel.
@@ -241,17 +248,22 @@ def _mask_bytes(mask: Tensor) -> Tensor:
 
 
 @_op("batch_stats")
-def _batch_stats_op(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _batch_stats_op(
+    x: Tensor, mask: Tensor | None, ghosts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = prepare(x)
-    p = plan(x)
+    p = plan(x, ghosts)
     dtype = compute_dtype(x.dtype)
-    c = x.shape[1]
+    c = x.shape[1] * ghosts
     shift = torch.empty(c, dtype=dtype, device=x.device)
     parts = torch.empty((3, c, p.blocks), dtype=dtype, device=x.device)
     if mask is not None:
         bytes_ = _mask_bytes(mask)
-        # The first valid position (argmax of bytes that are 0 or 1: the first 1).
-        first = (bytes_.reshape(-1) != 0).to(torch.uint8).argmax().reshape(1)
+        # Each ghost batch's first valid position, in the mask's order (argmax of bytes
+        # that are 0 or 1: the first 1).
+        valid = (bytes_.reshape(ghosts, -1) != 0).to(torch.uint8)
+        starts = torch.arange(ghosts, device=x.device) * valid.shape[1]
+        first = valid.argmax(dim=1) + starts
     else:
         bytes_ = first = shift  # placeholders the kernel does not read
     with _launching():
@@ -276,23 +288,32 @@ def _batch_stats_op(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Ten
     return count, shift, shifted_mean, var
 
 
-def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
+def batch_stats(x: Tensor, mask: Tensor | None = None, ghosts: int = 1) -> BatchStats:
     """Per-channel (count, shift, shifted mean, biased variance) of x (N, C, *), one read.
 
     The shift is ``x[0, c, 0, ...]`` (with a mask, x at the first valid position, as the
-    CPU kernel). ``mask``: (N, *spatial), nonzero bytes valid.
+    CPU kernel). ``mask``: (N, *spatial), nonzero bytes valid. With ``ghosts`` > 1 (a
+    divisor of N) each of that many ghost batches of N / ghosts samples gets its own
+    statistics, in the same launch: vectors of ghosts * C values, ghost batch j's at
+    [j * C, (j + 1) * C).
     """
-    count, shift, shifted_mean, var = _batch_stats_op(x.detach(), mask)
+    count, shift, shifted_mean, var = _batch_stats_op(x.detach(), mask, ghosts)
     assert isinstance(var, Tensor)
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
 @_op("affine")
 def _affine_op(
-    x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, activation: int, param: float
+    x: Tensor,
+    shift: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    activation: int,
+    param: float,
+    ghosts: int,
 ) -> Tensor:
     x = prepare(x)
-    p = plan(x)
+    p = plan(x, ghosts)
     dtype = compute_dtype(x.dtype)
     s, a, b = (v.to(dtype).contiguous() for v in (shift, alpha, beta))
     y = torch.empty_like(x)
@@ -322,9 +343,11 @@ def affine(
     beta: Tensor,
     activation: str | None = None,
     param: float | None = None,
+    ghosts: int = 1,
 ) -> Tensor:
     """y = act((x - shift) * alpha + beta) per channel, in x's dtype and memory format;
-    computed in float32 (float64 for float64 x). One read of x, one write of y."""
+    computed in float32 (float64 for float64 x). One read of x, one write of y. With
+    ``ghosts`` > 1 the vectors hold ghosts * C values (see :func:`batch_stats`)."""
     y: Tensor = _affine_op(
         x.detach(),
         shift.detach(),
@@ -332,6 +355,7 @@ def affine(
         beta.detach(),
         ACTIVATION_CODES[activation],
         0.0 if param is None else float(param),
+        ghosts,
     )
     return y
 
@@ -353,13 +377,14 @@ def _backward_reduce_op(
     activation: int,
     param: float,
     from_output: bool,
+    ghosts: int,
 ) -> tuple[Tensor, Tensor]:
     src = prepare(src)
     g = g.contiguous(memory_format=_portable._output_memory_format(src))
-    p = plan(src)
+    p = plan(src, ghosts)
     dtype = compute_dtype(src.dtype)
     s, m, za, zb = _vectors(dtype, shift, shifted_mean, z_alpha, z_beta)
-    c = src.shape[1]
+    c = src.shape[1] * ghosts
     parts = torch.empty((2, c, p.blocks), dtype=dtype, device=src.device)
     prm = _params(dtype, param, src.dtype, src.device)
     with _launching():
@@ -397,9 +422,10 @@ def backward_reduce(
     from_output: bool = False,
     z_alpha: Tensor | None = None,
     z_beta: Tensor | None = None,
+    ghosts: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """(sum g', sum g' * (v - shift - shifted_mean)) per channel, in the compute dtype, in
-    one read of g and src; g' = g * act'(z).
+    """(sum g', sum g' * (v - shift - shifted_mean)) per channel (and ghost batch, see
+    :func:`batch_stats`), in the compute dtype, in one read of g and src; g' = g * act'(z).
 
     ``from_output`` False: src is x, v = x, and z = (x - shift) * z_alpha + z_beta is
     recomputed for the slope (needed for relu, leaky_relu and elu). ``from_output``
@@ -418,6 +444,7 @@ def backward_reduce(
         ACTIVATION_CODES[activation],
         0.0 if param is None else float(param),
         from_output,
+        ghosts,
     )
     return sums
 
@@ -436,10 +463,11 @@ def _backward_input_op(
     param: float,
     from_output: bool,
     mask: Tensor | None,
+    ghosts: int,
 ) -> Tensor:
     src = prepare(src)
     g = g.contiguous(memory_format=_portable._output_memory_format(src))
-    p = plan(src)
+    p = plan(src, ghosts)
     dtype = compute_dtype(src.dtype)
     s, a, c1, c0, za, zb = _vectors(dtype, shift, alpha, k1, k0, z_alpha, z_beta)
     dx = torch.empty_like(src)
@@ -483,10 +511,11 @@ def backward_input(
     mask: Tensor | None = None,
     z_alpha: Tensor | None = None,
     z_beta: Tensor | None = None,
+    ghosts: int = 1,
 ) -> Tensor:
     """dx = g' * alpha + (v - shift) * k1 + k0 per channel (g' * alpha where ``mask`` is
-    False), in src's dtype and memory format; g', v as in :func:`backward_reduce`. One
-    read of g and src, one write of dx."""
+    False), in src's dtype and memory format; g', v and ``ghosts`` as in
+    :func:`backward_reduce`. One read of g and src, one write of dx."""
     dx: Tensor = _backward_input_op(
         g.detach(),
         src.detach(),
@@ -500,5 +529,6 @@ def backward_input(
         0.0 if param is None else float(param),
         from_output,
         mask,
+        ghosts,
     )
     return dx
