@@ -40,7 +40,6 @@ def _devices() -> list[str]:
 #: the autograd node of a plain express call's output -> the path that ran it
 _EXPRESS = {
     "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
-    "_ExpressBatchNormBackward": "express, ctypes calling the native C loops",
 }
 
 

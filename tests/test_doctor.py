@@ -20,9 +20,9 @@ def test_describe_names_the_path_each_dtype_takes() -> None:
     for row in cpu.values():
         assert row.kernel
         assert row.why
-    if native.library() is not None:  # float32 and float64 run native loops of some path
-        assert "native C loops" in cpu["float32"].why
-        assert "native C loops" in cpu["float64"].why
+    if native.library() is not None:  # every dtype runs the native loops' express path
+        for dtype in doctor.DTYPES:
+            assert cpu[dtype].why == "express, C++ (fast.cpp) calling the native C loops"
 
 
 def test_describe_without_native_code_says_portable_and_why() -> None:

@@ -1,14 +1,15 @@
-// The express path in C++: plain batch norm on a small float or double CPU tensor with
-// no Python between the call and the C loops, and a native autograd node.
+// The express path: plain batch norm on a CPU tensor (float, double, bfloat16 or half)
+// with no Python between the call and the C loops, and a native autograd node.
 //
-// bnkit.kernels.express decides in Python (tens of attribute reads), allocates, calls the
-// C loops through ctypes and, under autograd, goes through a Python autograd Function and
-// a Python backward: on a tensor of a few thousand values that costs several times the
-// work itself. This module takes the same decision on the same arguments here, and calls
-// the same loops (bn_forward / bn_backward of cpu.c, linked into the same extension by
-// bnkit.kernels.native), so the results are the same bit for bit. It answers None for
-// any call it does not take, and express.py carries on as before. Double backward (a
-// backward pass under autograd) calls back into Python.
+// A plain call (no mask, ghost batches, renorm, sync or activation but ReLU; see
+// bnkit.kernels.express) would otherwise pay the general pipeline's Python: tens of
+// microseconds, several times the work on a small tensor. Here one call to bn_forward of
+// cpu.c (linked into the same extension by bnkit.kernels.native) computes the statistics,
+// updates the running ones and normalizes, and one call to bn_backward gives every
+// gradient. It answers None for any call it does not take, which then goes through the
+// pipeline. Large outputs come from bnkit.kernels.outputs' pool (a Python call, nothing
+// next to the work); a double backward (a backward pass under autograd) calls back into
+// Python.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,9 +29,19 @@ int bn_forward_f32(int, const void *, void *, int64_t, int64_t, int64_t, const v
 int bn_forward_f64(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
                    const void *, double, int, void *, void *, void *, double, int64_t *, int,
                    int, int, int);
+int bn_forward_bf16(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
+                    const void *, double, int, void *, void *, void *, double, int64_t *, int,
+                    int, int, int);
+int bn_forward_f16(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
+                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
+                   int, int, int);
 void bn_backward_f32(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
                      const void *, const void *, void *, void *, int, int, int);
 void bn_backward_f64(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
+                     const void *, const void *, void *, void *, int, int, int);
+void bn_backward_bf16(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
+                      const void *, const void *, void *, void *, int, int, int);
+void bn_backward_f16(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
                      const void *, const void *, void *, void *, int, int, int);
 }
 
@@ -42,9 +53,28 @@ using torch::autograd::variable_list;
 typedef decltype(&bn_forward_f32) forward_fn;
 typedef decltype(&bn_backward_f32) backward_fn;
 
-// The loops for float (0) and double (1) data.
-const forward_fn forward_loop[2] = {bn_forward_f32, bn_forward_f64};
-const backward_fn backward_loop[2] = {bn_backward_f32, bn_backward_f64};
+// The loops for float (0), double (1), bfloat16 (2) and half (3) data; 16-bit data is
+// computed in float, with float per-channel values.
+const forward_fn forward_loop[4] = {bn_forward_f32, bn_forward_f64, bn_forward_bf16,
+                                    bn_forward_f16};
+const backward_fn backward_loop[4] = {bn_backward_f32, bn_backward_f64, bn_backward_bf16,
+                                      bn_backward_f16};
+
+// The loops' index for a data type, or -1.
+int loop_index(at::ScalarType dtype) {
+    switch (dtype) {
+        case at::kFloat: return 0;
+        case at::kDouble: return 1;
+        case at::kBFloat16: return 2;
+        case at::kHalf: return 3;
+        default: return -1;
+    }
+}
+
+// The type of the statistics and per-channel values for a data type.
+at::ScalarType compute_type(at::ScalarType dtype) {
+    return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
 // Set by init(): the type besides torch.Tensor that a tensor argument may have
 // (torch.nn.Parameter), and the Python function that computes a differentiable backward
 // (express._double_backward).
@@ -55,6 +85,7 @@ PyObject *double_backward = nullptr;
 // MIN_BYTES.
 PyObject *cpu_module = nullptr, *outputs_module = nullptr;
 PyObject *small_name = nullptr, *parallel_name = nullptr, *pool_name = nullptr;
+PyObject *empty_like_name = nullptr;
 
 // An integer attribute of a module (-1 with a Python error set on failure).
 int64_t module_int(PyObject *module, PyObject *name) {
@@ -75,6 +106,7 @@ struct Call {
     bool unbiased = true, skip_nonfinite = true, relu = false;
     int threads = 1;
     int recorded = 1;
+    int64_t pool_bytes = 0;  // outputs this large come from the pool
 };
 
 bool plain_type(PyObject *obj) {
@@ -83,15 +115,46 @@ bool plain_type(PyObject *obj) {
 }
 
 // A (C,) contiguous CPU tensor of `dtype` (of a plain tensor type), or None: sets *out.
-bool vector_arg(PyObject *obj, int64_t channels, at::ScalarType dtype, at::Tensor *out) {
+// One of type `widen` (a 16-bit model's parameter, in a call without autograd) is read
+// as a float copy.
+bool vector_arg(PyObject *obj, int64_t channels, at::ScalarType dtype, at::Tensor *out,
+                at::ScalarType widen = at::ScalarType::Undefined) {
     if (obj == Py_None) return true;
     if (!plain_type(obj)) return false;
     const at::Tensor &t = THPVariable_Unpack(obj);
-    if (t.scalar_type() != dtype || !t.is_cpu() || t.dim() != 1 || t.size(0) != channels ||
-        !t.is_contiguous())
+    const bool widened = t.scalar_type() == widen && widen != at::ScalarType::Undefined;
+    if ((t.scalar_type() != dtype && !widened) || !t.is_cpu() || t.dim() != 1 ||
+        t.size(0) != channels || !t.is_contiguous())
         return false;
-    *out = t;
+    *out = widened ? t.to(dtype) : t;
     return true;
+}
+
+bool requires_grad(PyObject *obj) {
+    return obj != Py_None && plain_type(obj) && THPVariable_Unpack(obj).requires_grad();
+}
+
+// An uninitialized tensor like x: from bnkit.kernels.outputs' pool (which keeps large
+// mappings; it takes the GIL) when it holds `pool_bytes` or more, else torch's.
+at::Tensor output_like(const at::Tensor &x, int64_t pool_bytes) {
+    if (x.numel() * (int64_t)x.element_size() < pool_bytes) return at::empty_like(x);
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *wrapped = THPVariable_Wrap(x);
+    PyObject *out =
+        wrapped == nullptr
+            ? nullptr
+            : PyObject_CallMethodObjArgs(outputs_module, empty_like_name, wrapped, nullptr);
+    Py_XDECREF(wrapped);
+    if (out == nullptr) {
+        python_error error;
+        error.persist();
+        PyGILState_Release(gil);
+        throw error;
+    }
+    at::Tensor result = THPVariable_Unpack(out);
+    Py_DECREF(out);
+    PyGILState_Release(gil);
+    return result;
 }
 
 const void *ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -99,8 +162,7 @@ void *mutable_ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nul
 
 int forward_call(const Call &call, const at::Tensor &x, const at::Tensor &y,
                  const at::Tensor &weight, const at::Tensor &bias, const at::Tensor &saved) {
-    const int which = x.scalar_type() == at::kDouble;
-    return forward_loop[which](
+    return forward_loop[loop_index(x.scalar_type())](
         call.kind, x.data_ptr(), y.data_ptr(), call.rows, call.channels, call.inner,
         ptr(weight), ptr(bias), call.eps, call.training, mutable_ptr(saved),
         mutable_ptr(call.running_mean), mutable_ptr(call.running_var), call.momentum,
@@ -116,8 +178,9 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
                               const std::optional<at::Tensor> &bias_arg, Call *call) {
         const at::Tensor weight = weight_arg.value_or(at::Tensor());
         const at::Tensor bias = bias_arg.value_or(at::Tensor());
-        at::Tensor y = at::empty_like(x);
-        at::Tensor saved = at::empty({5 * call->channels}, x.options());
+        at::Tensor y = output_like(x, call->pool_bytes);
+        at::Tensor saved =
+            at::empty({5 * call->channels}, x.options().dtype(compute_type(x.scalar_type())));
         call->recorded = forward_call(*call, x, y, weight, bias, saved);
         // In eval the population statistics are saved too, as torch saves them: changing
         // them in place before the backward pass then raises autograd's error instead of
@@ -136,6 +199,7 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         ctx->saved_data["relu"] = call->relu;
         ctx->saved_data["threads"] = (int64_t)call->threads;
         ctx->saved_data["eps"] = call->eps;
+        ctx->saved_data["pool_bytes"] = call->pool_bytes;
         return y;
     }
 
@@ -161,11 +225,10 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
                                                               : at::MemoryFormat::ChannelsLast3d);
         }
         at::Tensor dx, dw, db;
-        if (need_x) dx = at::empty_like(x);
+        if (need_x) dx = output_like(x, ctx->saved_data["pool_bytes"].toInt());
         if (need_w) dw = at::empty({channels}, saved.options());
         if (need_b) db = at::empty({channels}, saved.options());
-        const int which = x.scalar_type() == at::kDouble;
-        backward_loop[which](
+        backward_loop[loop_index(x.scalar_type())](
             (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), x.data_ptr(), mutable_ptr(dx),
             ctx->saved_data["rows"].toInt(), channels, ctx->saved_data["inner"].toInt(),
             saved.data_ptr(), ptr(weight), mutable_ptr(dw), mutable_ptr(db), training, relu,
@@ -221,16 +284,16 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!plain_type(x_obj)) Py_RETURN_NONE;
     const at::Tensor &x = THPVariable_Unpack(x_obj);
     const at::ScalarType dtype = x.scalar_type();
-    if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || x.dim() < 2)
-        Py_RETURN_NONE;
+    if (!x.is_cpu() || loop_index(dtype) < 0 || x.dim() < 2) Py_RETURN_NONE;
+    const at::ScalarType compute = compute_type(dtype);
     const int64_t numel = x.numel();
     const int64_t small_threshold = module_int(cpu_module, small_name);
     const int64_t pool_bytes = module_int(outputs_module, pool_name);
     const int64_t parallel_threshold = module_int(cpu_module, parallel_name);
     if (PyErr_Occurred()) return nullptr;
-    if (numel < small_threshold || numel * (int64_t)x.element_size() >= pool_bytes)
-        Py_RETURN_NONE;  // tiny: the general path; large: the output pool's
+    if (numel < small_threshold) Py_RETURN_NONE;  // tiny: the general path
     Call call;
+    call.pool_bytes = pool_bytes;
     call.channels = x.size(1);
     call.rows = x.size(0);
     if (x.is_contiguous()) {
@@ -251,16 +314,22 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!(PyFloat_CheckExact(eps) || PyLong_CheckExact(eps))) Py_RETURN_NONE;
     call.eps = PyFloat_AsDouble(eps);
     if (!(call.eps > 0)) Py_RETURN_NONE;
+    // A 16-bit model (model.to(torch.bfloat16)) in a call without autograd: its
+    // parameters, and in eval its population statistics, are read as float copies.
+    const bool grad_free = !at::GradMode::is_enabled() ||
+                           !(x.requires_grad() || requires_grad(args[3]) || requires_grad(args[4]));
+    const at::ScalarType widen = compute != dtype && grad_free ? dtype : at::ScalarType::Undefined;
     at::Tensor weight, bias;
-    if (!vector_arg(args[3], call.channels, dtype, &weight) ||
-        !vector_arg(args[4], call.channels, dtype, &bias))
+    if (!vector_arg(args[3], call.channels, compute, &weight, widen) ||
+        !vector_arg(args[4], call.channels, compute, &bias, widen))
         Py_RETURN_NONE;
     bool update = false;
     if (args[1] == Py_None || args[2] == Py_None) {
         if (!call.training || args[1] != args[2]) Py_RETURN_NONE;
     } else {
-        if (!vector_arg(args[1], call.channels, dtype, &call.running_mean) ||
-            !vector_arg(args[2], call.channels, dtype, &call.running_var) ||
+        const at::ScalarType population = call.training ? at::ScalarType::Undefined : widen;
+        if (!vector_arg(args[1], call.channels, compute, &call.running_mean, population) ||
+            !vector_arg(args[2], call.channels, compute, &call.running_var, population) ||
             call.running_mean.requires_grad() || call.running_var.requires_grad())
             Py_RETURN_NONE;
         update = call.training;
@@ -299,7 +368,7 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         if (bias.defined()) b = bias;
         output = ExpressFunction::apply(x, w, b, &call);
     } else {
-        output = at::empty_like(x);
+        output = output_like(x, call.pool_bytes);
         call.recorded = forward_call(call, x, output, weight, bias, at::Tensor());
     }
     PyObject *recorded = update ? (call.recorded ? Py_True : Py_False) : Py_None;
@@ -324,13 +393,14 @@ PyObject *init(PyObject *, PyObject *args) {
         small_name = PyUnicode_InternFromString("SMALL_THRESHOLD");
         parallel_name = PyUnicode_InternFromString("PARALLEL_THRESHOLD");
         pool_name = PyUnicode_InternFromString("MIN_BYTES");
+        empty_like_name = PyUnicode_InternFromString("empty_like");
     }
     Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
     {"batch_norm", (PyCFunction)(void (*)(void))batch_norm, METH_FASTCALL,
-     "express.batch_norm for float and double tensors, or None"},
+     "express.batch_norm: (output, recorded), or None for a call it does not take"},
     {"init", (PyCFunction)init, METH_VARARGS, "the loops and settings"},
     {nullptr, nullptr, 0, nullptr}};
 
