@@ -204,6 +204,28 @@ def _scratch(*operands: Tensor) -> bool:
     return not torch.is_grad_enabled() and _in_place(*operands)
 
 
+#: On the CPU a pass over a tensor larger than twice this many bytes goes a block of
+#: samples at a time, so that what one operation writes is still in cache when the next
+#: reads it: ``(x - s) * a + b`` then reads x and writes y once, instead of three times.
+BLOCK_BYTES = 1 << 20
+
+
+def _blocks(x: Tensor) -> list[slice]:
+    """Slices of x's samples of about :data:`BLOCK_BYTES` each; one slice (the whole
+    tensor) off the CPU, where a launch per block would cost more, or for small tensors."""
+    rows = x.shape[0]
+    nbytes = x.numel() * x.element_size()
+    if not x.is_cpu or rows < 2 or nbytes <= 2 * BLOCK_BYTES:
+        return [slice(None)]
+    step = max(1, rows * BLOCK_BYTES // nbytes)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of per-block partial sums."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
 def _vectors(x: Tensor, *vectors: Tensor) -> list[Tensor]:
     """(C,) vectors in x's compute dtype, shaped to broadcast against x."""
     view = _channel_view(x)
@@ -229,10 +251,17 @@ def affine(
     """y = act((x - shift) * alpha + beta), in x's dtype and torch's output layout. The
     difference ``x - shift`` is the one new input-sized tensor where it may be scaled,
     shifted and activated in place (see :func:`_scratch`), as torch's kernel keeps one."""
-    scratch = _scratch(x, shift, alpha, beta)
     s, a, b = _vectors(x, shift, alpha, beta)
-    z = _z(x, s, a, b, scratch)
-    return _output(z if activation is None else act.activate(z, activation, param, scratch), x)
+    if not _scratch(x, shift, alpha, beta):
+        z = _z(x, s, a, b, False)
+        return _output(z if activation is None else act.activate(z, activation, param), x)
+    fmt = _output_memory_format(x)
+    z = torch.empty_like(x, dtype=compute_dtype(x.dtype), memory_format=fmt)
+    for block in _blocks(x):  # the rounding of _z's, a block at a time
+        part = torch.sub(x[block], s, out=z[block]).mul_(a).add_(b)
+        if activation is not None:
+            act.activate(part, activation, param, inplace=True)
+    return _output(z, x)
 
 
 class _Gradient(NamedTuple):
@@ -283,10 +312,15 @@ def backward_reduce(
     grad = _gradient(g, src, shift, activation, param, from_output, z_alpha, z_beta, scratch)
     s, m = _vectors(src, shift, shifted_mean)
     dims = _reduce_dims(src)
-    if scratch:  # v - s - m in place (on v itself where it is new), then its products
-        centred = grad.v.sub_(s) if grad.fresh else grad.v - s
-        return grad.g.sum(dims), centred.sub_(m).mul_(grad.g).sum(dims)
-    return grad.g.sum(dims), (grad.g * (grad.v - s - m)).sum(dims)
+    if not scratch:
+        return grad.g.sum(dims), (grad.g * (grad.v - s - m)).sum(dims)
+    sums, products = [], []
+    for block in _blocks(grad.v):  # v - s - m in place (in v itself where it is new)
+        v, g = grad.v[block], grad.g[block]
+        centred = v.sub_(s) if grad.fresh else v - s
+        sums.append(g.sum(dims))
+        products.append(centred.sub_(m).mul_(g).sum(dims))
+    return _total(sums), _total(products)
 
 
 def backward_input(
@@ -299,17 +333,19 @@ def backward_input(
     scratch = _scratch(g, src, alpha, k1, k0)
     grad = _gradient(g, src, shift, activation, param, from_output, z_alpha, z_beta, scratch)
     s, a, c1, c0 = _vectors(src, shift, alpha, k1, k0)
-    if scratch:
-        through_stats = (grad.v.sub_(s) if grad.fresh else grad.v - s).mul_(c1).add_(c0)
-    else:
+    valid = None if mask is None else _valid(mask)  # the statistics ignore padding
+    if not scratch:
         through_stats = torch.addcmul(c0, grad.v - s, c1)
-    if mask is not None and scratch:  # the statistics do not depend on padding
-        through_stats = through_stats.masked_fill_(~_valid(mask), 0.0)
-    elif mask is not None:
-        through_stats = torch.where(_valid(mask), through_stats, 0.0)
-    if scratch:
-        return _output(through_stats.addcmul_(grad.g, a), src)
-    return _output(torch.addcmul(through_stats, grad.g, a), src)
+        if valid is not None:
+            through_stats = torch.where(valid, through_stats, 0.0)
+        return _output(torch.addcmul(through_stats, grad.g, a), src)
+    dx = grad.v if grad.fresh else torch.empty_like(grad.v)
+    for block in _blocks(grad.v):  # v - s becomes dx in place, a block at a time
+        part = torch.sub(grad.v[block], s, out=dx[block]).mul_(c1).add_(c0)
+        if valid is not None:
+            part.masked_fill_(~valid[block], 0.0)
+        part.addcmul_(grad.g[block], a)
+    return _output(dx, src)
 
 
 #: The four passes in torch operations: any device, dtype and layout, every option,
