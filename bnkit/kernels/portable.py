@@ -212,10 +212,11 @@ BLOCK_BYTES = 1 << 20
 
 def _blocks(x: Tensor) -> list[slice]:
     """Slices of x's samples of about :data:`BLOCK_BYTES` each; one slice (the whole
-    tensor) off the CPU, where a launch per block would cost more, or for small tensors."""
+    tensor) off the CPU, where a launch per block would cost more, for small tensors, and
+    while tracing (the blocks write with ``out=``, which a traced graph cannot record)."""
     rows = x.shape[0]
     nbytes = x.numel() * x.element_size()
-    if not x.is_cpu or rows < 2 or nbytes <= 2 * BLOCK_BYTES:
+    if not x.is_cpu or rows < 2 or nbytes <= 2 * BLOCK_BYTES or torch.compiler.is_compiling():
         return [slice(None)]
     step = max(1, rows * BLOCK_BYTES // nbytes)
     return [slice(start, start + step) for start in range(0, rows, step)]
@@ -255,9 +256,13 @@ def affine(
     if not _scratch(x, shift, alpha, beta):
         z = _z(x, s, a, b, False)
         return _output(z if activation is None else act.activate(z, activation, param), x)
+    blocks = _blocks(x)
+    if len(blocks) == 1:
+        z = _z(x, s, a, b, True)
+        return _output(z if activation is None else act.activate(z, activation, param, True), x)
     fmt = _output_memory_format(x)
     z = torch.empty_like(x, dtype=compute_dtype(x.dtype), memory_format=fmt)
-    for block in _blocks(x):  # the rounding of _z's, a block at a time
+    for block in blocks:  # the rounding of _z's, a block at a time
         part = torch.sub(x[block], s, out=z[block]).mul_(a).add_(b)
         if activation is not None:
             act.activate(part, activation, param, inplace=True)
@@ -339,8 +344,14 @@ def backward_input(
         if valid is not None:
             through_stats = torch.where(valid, through_stats, 0.0)
         return _output(torch.addcmul(through_stats, grad.g, a), src)
+    blocks = _blocks(grad.v)
+    if len(blocks) == 1:
+        dx = (grad.v.sub_(s) if grad.fresh else grad.v - s).mul_(c1).add_(c0)
+        if valid is not None:
+            dx.masked_fill_(~valid, 0.0)
+        return _output(dx.addcmul_(grad.g, a), src)
     dx = grad.v if grad.fresh else torch.empty_like(grad.v)
-    for block in _blocks(grad.v):  # v - s becomes dx in place, a block at a time
+    for block in blocks:  # v - s becomes dx in place, a block at a time
         part = torch.sub(grad.v[block], s, out=dx[block]).mul_(c1).add_(c0)
         if valid is not None:
             part.masked_fill_(~valid[block], 0.0)
