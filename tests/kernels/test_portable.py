@@ -143,19 +143,24 @@ def test_portable_fused_activation_peak_is_at_most_torchs_pair(
         assert peaks[0] < peaks[1] - input_size / 2  # one tensor fewer than the pair
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "mixed"])
 @pytest.mark.parametrize("activation", [None, "leaky_relu", "elu"])
-def test_passes_by_blocks_of_samples_equal_whole_tensor_passes(
-    layout: str, activation: str | None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("blocks", ["samples", "channels"])
+def test_passes_by_blocks_equal_whole_tensor_passes(
+    layout: str, activation: str | None, blocks: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On large CPU tensors the passes go a block of samples at a time (for the cache);
-    the results are the same bit for bit as one pass over the whole tensor."""
+    """On large CPU tensors the passes go a block at a time (for the cache): a few samples
+    (or rows of a channels-last tensor), or a few channels of one sample. The elementwise
+    results are the same bit for bit as one pass over the whole tensor, and the
+    per-channel sums and statistics the same to rounding."""
     torch.manual_seed(0)
     shape = (10, 6) if layout == "2d" else (10, 6, 4, 5)
     x = torch.randn(*shape) * 3 + 2
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(x)
+    if layout in ("channels_last", "mixed"):  # mixed: x channels-last, g not
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
     mask = torch.rand((shape[0], *shape[2:])) > 0.3
     shift, alpha, beta, k1, k0 = (torch.randn(shape[1]) for _ in range(5))
     param = 0.1 if activation == "leaky_relu" else 1.0
@@ -168,15 +173,49 @@ def test_passes_by_blocks_of_samples_equal_whole_tensor_passes(
             g, y if from_y else x, beta if from_y else shift, alpha, k1, k0, activation,
             param, from_y, mask,
         )  # fmt: skip
-        return [y, *sums, dx]
+        stats = portable.batch_stats(x)
+        return [y, *sums, dx, stats.shift, stats.shifted_mean, stats.var, stats.count]
 
     whole = passes()
-    monkeypatch.setattr(portable, "BLOCK_BYTES", x.numel() * 4 // 7)  # about 3 blocks
-    assert len(portable._blocks(x)) > 2
+    sample = x.numel() * 4 // shape[0]
+    size = sample * 3 if blocks == "samples" else sample // 4  # about 3 samples, 4 channels
+    monkeypatch.setattr(portable, "BLOCK_BYTES", size)
+    split = portable._blocks(x)
+    assert len(split) > 2
+    if blocks == "channels" and layout == "nchw":
+        assert split[0] == (slice(0, 1), slice(0, 1))
     blocked = passes()
     for a, b in zip(whole, blocked, strict=True):
         assert a.stride() == b.stride()
         if a.shape == x.shape:
             assert torch.equal(a, b)
         else:  # per-channel sums: the blocks' partial sums added up
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("block_bytes", [8192, 1024])  # blocks of samples, of channels
+def test_passes_by_blocks_keep_precision_far_from_zero(
+    layout: str, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocked statistics (Chan's merge of the blocks) and the blocked backward reduction
+    (sum g' * (v - shift) - shifted_mean * sum g') stay as accurate as the whole-tensor
+    passes on channels at 1e4 with spread 1e-2, where torch's float32 kernel loses
+    percents."""
+    from bnkit.bench.precision import offset_input
+
+    monkeypatch.setattr(portable, "BLOCK_BYTES", block_bytes)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = offset_input(1e4, 1e-2).contiguous(memory_format=fmt)
+    assert len(portable._blocks(x)) > 2
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    layer = _portable_layer(x.shape[1])
+    errors = []
+    for norm, data in ((layer.double(), x.double()), (layer.float(), x)):
+        data = data.clone().requires_grad_(True)
+        y = norm(data)
+        y.backward(dy.to(y.dtype))
+        errors.append((y.double(), data.grad.double()))
+    (exact_y, exact_dx), (y, dx) = errors
+    assert (y - exact_y).abs().max() < 2e-6
+    assert (dx - exact_dx).abs().max() < 1e-6 * exact_dx.abs().max()
