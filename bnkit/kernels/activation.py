@@ -112,10 +112,13 @@ def invertible(
       which would make the channel's gradients NaN.
 
     One host synchronization when a check runs on an accelerator. While torch.compile or
-    torch.export traces the call the values are unknown, so the answer is False: a traced
-    graph keeps the input (exact; the memory saving is eager mode's).
+    torch.export traces the call the values are unknown, and inside a ``torch.func``
+    transform (vmap) no value may decide control flow, so the answer is False: the call
+    keeps the input (exact; the memory saving is eager mode's).
     """
     if torch.compiler.is_compiling() or is_fake(output):
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     if weight is not None:
         limit = INVERSION_LIMIT * weight.detach().abs()
@@ -169,12 +172,14 @@ def preactivation_and_slope(
 
 def refuse_double_backward() -> None:
     """Raise the error of a double backward (a backward pass under autograd) through a
-    fused activation, which no kernel supports.
+    fused activation in its memory-efficient form, which keeps the output and not the
+    input the backward pass would differentiate the forward pass from.
 
     Raises:
         RuntimeError: always.
     """
     raise RuntimeError(
-        "batch_norm: double backward through a fused activation is not supported; "
-        "use activation=None and a separate activation module"
+        "batch_norm: double backward through a fused activation needs the layer's input, "
+        "which memory_efficient=True does not keep; pass memory_efficient=False (or use "
+        "activation=None and a separate activation module)"
     )

@@ -89,6 +89,11 @@ def layout(x: Tensor) -> tuple[str, int, int, int] | None:
     return None
 
 
+def has_dtype(dtype: torch.dtype) -> bool:
+    """Whether the C loops exist for ``dtype`` (float32 and float64)."""
+    return dtype in _SUFFIX
+
+
 def supports(x: Tensor) -> bool:
     """Whether the fast kernel handles ``x``: a plain CPU float32/float64 tensor in eager
     mode (not compiled, not inside a ``torch.func`` transform) with a layout it knows."""
@@ -492,6 +497,8 @@ def _plain_update(
     channels = var.numel()
     if dtype not in _SUFFIX or torch.compiler.is_compiling():
         return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # any of the tensors may be a wrapper, which the C code cannot read
     count = stats.count
     for v in (stats.shift, stats.shifted_mean, var, count):
         if type(v) is not Tensor or not v.is_cpu or v.requires_grad:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import activation, cpu, native, outputs, pipeline, portable, primitive
+from bnkit.kernels import cpu, native, outputs, pipeline, portable, primitive
 from bnkit.kernels.stats import compute_dtype
 
 __all__ = ["batch_norm"]
@@ -83,6 +83,7 @@ def batch_norm(
 def _double_backward(
     x: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     grad_output: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -94,28 +95,34 @@ def _double_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients (x, weight, bias) as functions of the inputs (double backward): the
     portable kernel's forward recomputed (running statistics left alone) and
-    differentiated. The gradients do not depend on the bias, so a zero stands in for it
-    (it is not saved). fast.cpp's backward under autograd."""
-    if relu:
-        activation.refuse_double_backward()
-    bias = None
-    if need_bias:
-        bias = torch.zeros(x.shape[1], dtype=compute_dtype(x.dtype), requires_grad=True)
+    differentiated. fast.cpp's backward under autograd, and for gradients batched by
+    ``autograd.grad(..., is_grads_batched=True)``, which the C loops cannot read. Without
+    a relu the gradients do not depend on the bias, so a zero stands in for it (``bias``
+    is saved for the relu only)."""
+    if not relu or bias is None:
+        bias = None
+        if need_bias:
+            bias = torch.zeros(x.shape[1], dtype=compute_dtype(x.dtype), requires_grad=True)
+    elif not need_bias:
+        bias = bias.detach()
     if not need_weight and weight is not None:
         weight = weight.detach()
     wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    output = pipeline.batch_norm(
-        x,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        use_batch_stats=training,
-        momentum=0.0,
-        eps=eps,
-        kernel=primitive.PORTABLE,
-    ).output
-    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True))
+    create_graph = torch.is_grad_enabled()  # else batched gradients, computed without one
+    with torch.enable_grad():
+        output = pipeline.batch_norm(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats=training,
+            momentum=0.0,
+            eps=eps,
+            kernel=primitive.PORTABLE,
+            activation=pipeline.Activation("relu") if relu else None,
+        ).output
+        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph))
     return tuple(  # type: ignore[return-value]
         next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias)
     )

@@ -184,11 +184,14 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         call->recorded = forward_call(*call, x, y, weight, bias, saved);
         // In eval the population statistics are saved too, as torch saves them: changing
         // them in place before the backward pass then raises autograd's error instead of
-        // giving a double backward the changed values.
+        // giving a double backward the changed values. The bias only with the relu, whose
+        // slope a double backward recomputes.
+        const at::Tensor slope_bias = call->relu ? bias : at::Tensor();
         if (call->training)
-            ctx->save_for_backward({x, weight, saved});
+            ctx->save_for_backward({x, weight, slope_bias, saved});
         else
-            ctx->save_for_backward({x, weight, saved, call->running_mean, call->running_var});
+            ctx->save_for_backward(
+                {x, weight, slope_bias, saved, call->running_mean, call->running_var});
         ctx->saved_data["has_weight"] = weight.defined();
         ctx->saved_data["has_bias"] = bias.defined();
         ctx->saved_data["kind"] = call->kind;
@@ -205,7 +208,7 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const variable_list saved_vars = ctx->get_saved_variables();
-        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &saved = saved_vars[2];
+        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &saved = saved_vars[3];
         const bool training = ctx->saved_data["training"].toBool();
         const bool relu = ctx->saved_data["relu"].toBool();
         at::Tensor g = grads[0];
@@ -214,7 +217,9 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         const bool need_x = ctx->needs_input_grad(0);
         const bool need_w = has_weight && ctx->needs_input_grad(1);
         const bool need_b = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
-        if (at::GradMode::is_enabled())
+        // Under autograd, or for gradients without storage (batched by vmap, as
+        // autograd.grad(..., is_grads_batched=True) makes them): torch operations.
+        if (at::GradMode::is_enabled() || !g.has_storage())
             return differentiable(saved_vars, ctx->saved_data["eps"].toDouble(), g, training,
                                   relu, need_w, need_b);
         const int64_t channels = ctx->saved_data["channels"].toInt();
@@ -237,25 +242,27 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
     }
 
     // Gradients that are themselves differentiable: Python's express._double_backward.
-    // saved_vars: x, weight, the 5 * C values, and in eval the population statistics.
+    // saved_vars: x, weight, the bias (relu), the 5 * C values, and in eval the
+    // population statistics.
     static variable_list differentiable(const variable_list &saved_vars, double eps,
                                         const at::Tensor &g, bool training, bool relu,
                                         bool need_w, bool need_b) {
-        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1];
+        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2];
         PyGILState_STATE gil = PyGILState_Ensure();
         variable_list result;
         PyObject *mean = Py_None, *var = Py_None;
         if (!training) {
-            mean = THPVariable_Wrap(saved_vars[3]);
-            var = THPVariable_Wrap(saved_vars[4]);
+            mean = THPVariable_Wrap(saved_vars[4]);
+            var = THPVariable_Wrap(saved_vars[5]);
         } else {
             Py_INCREF(mean);
             Py_INCREF(var);
         }
         PyObject *w = weight.defined() ? THPVariable_Wrap(weight) : (Py_INCREF(Py_None), Py_None);
+        PyObject *b = bias.defined() ? THPVariable_Wrap(bias) : (Py_INCREF(Py_None), Py_None);
         PyObject *out = PyObject_CallFunction(
-            double_backward, "NNNNNdOOOO", THPVariable_Wrap(x), w, THPVariable_Wrap(g), mean,
-            var, eps, training ? Py_True : Py_False,
+            double_backward, "NNNNNNdOOOO", THPVariable_Wrap(x), w, b, THPVariable_Wrap(g),
+            mean, var, eps, training ? Py_True : Py_False,
             relu ? Py_True : Py_False, need_w ? Py_True : Py_False, need_b ? Py_True : Py_False);
         if (out == nullptr) {
             python_error error;

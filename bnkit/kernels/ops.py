@@ -12,7 +12,9 @@ fields, a schema each, and an implementation per dispatch key:
 - ``CompositeExplicitAutograd``: torch operations, for every other device and for what
   the native passes do not take;
 - a fake (meta) implementation, so that ``torch.compile`` and ``torch.export`` can trace
-  a graph that calls them.
+  a graph that calls them;
+- a vmap rule (``torch.library.register_vmap``): the vmapped calls' channels side by
+  side in one call, so ``torch.func.vmap`` (model ensembling) runs the native pass once.
 
 So torch's dispatcher, not bnkit, picks the implementation for a tensor's device.
 :data:`OPERATORS` puts them behind the :class:`~bnkit.kernels.primitive.Primitives`
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnkit.kernels import cpu, gpu, portable
+from bnkit.kernels import cpu, gpu, native, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
 from bnkit.kernels.stats import BatchStats, compute_dtype
 
@@ -162,6 +164,87 @@ for _name, _fake in (
 _OPS = torch.ops.bnkit
 
 
+# --- the vmap rules: the vmapped dimension folded into the channels -------------------
+
+#: Each operator's arguments and outputs: "data" (N, C, *), "mask" (N, *), "vector"
+#: (C,), or None for a non-tensor argument.
+_ARGUMENTS: dict[str, tuple[str | None, ...]] = {
+    "batch_stats": ("data", "mask"),
+    "affine": ("data", "vector", "vector", "vector", None, None),
+    "backward_reduce": ("data", "data", "vector", "vector", None, None, None, "vector", "vector"),
+    "backward_input": (
+        "data", "data", "vector", "vector", "vector", "vector", None, None, None, "mask",
+        "vector", "vector",
+    ),
+}  # fmt: skip
+_OUTPUTS = {
+    "batch_stats": ("vector",) * 4,
+    "affine": ("data",),
+    "backward_reduce": ("vector", "vector"),
+    "backward_input": ("data",),
+}
+
+
+def _fold(kind: str | None, arg: Any, dim: int | None, size: int) -> Any:
+    """One argument of a vmapped call as an argument of one call on ``size`` times the
+    channels: channel ``b * C + c`` is channel c of the b-th call. A data tensor
+    (B, N, C, *) becomes (N, B * C, *), a vector (B, C) becomes (B * C,); an unbatched
+    one is repeated. An unbatched mask holds for every call as it is."""
+    if kind is None or arg is None or kind == "mask":
+        return arg
+    if kind == "vector":
+        return arg.repeat(size) if dim is None else arg.movedim(dim, 0).reshape(-1)
+    batched = arg.unsqueeze(1).expand(arg.shape[0], size, *arg.shape[1:]) if dim is None else (
+        arg.movedim(dim, 1)
+    )  # fmt: skip
+    return batched.reshape(batched.shape[0], -1, *batched.shape[3:])
+
+
+def _unfold(kind: str, out: Tensor, size: int) -> tuple[Tensor, int]:
+    """An output of the folded call, with the dimension of the vmapped calls."""
+    if kind == "vector":
+        return out.view(size, -1), 0
+    return out.view(out.shape[0], size, -1, *out.shape[2:]), 1
+
+
+def _vmap_rule(name: str) -> Callable[..., Any]:
+    """The vmap rule of operator ``name``: one call of the operator on the vmapped calls'
+    channels side by side (so the native kernel runs once), or, for a vmapped mask (a
+    mask per call, which no channel layout expresses), one call per vmapped call."""
+    op = getattr(_OPS, name).default
+    kinds, outputs = _ARGUMENTS[name], _OUTPUTS[name]
+
+    def rule(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> Any:
+        size = info.batch_size
+        if any(kind == "mask" and d is not None for kind, d in zip(kinds, in_dims, strict=True)):
+            return _per_call(op, len(outputs), size, in_dims, args)
+        folded = [_fold(*a, size) for a in zip(kinds, args, in_dims, strict=True)]
+        result = op(*folded)
+        parts = [result] if len(outputs) == 1 else list(result)
+        unfolded = [_unfold(kind, out, size) for kind, out in zip(outputs, parts, strict=True)]
+        values, dims = tuple(u[0] for u in unfolded), tuple(u[1] for u in unfolded)
+        return (values[0], dims[0]) if len(outputs) == 1 else (values, dims)
+
+    return rule
+
+
+def _per_call(
+    op: Any, n_outputs: int, size: int, in_dims: tuple[int | None, ...], args: tuple[Any, ...]
+) -> Any:
+    """The vmapped calls one at a time, their outputs stacked."""
+    calls = []
+    for b in range(size):
+        call = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims, strict=True)]
+        result = op(*call)
+        calls.append([result] if n_outputs == 1 else list(result))
+    stacked = tuple(torch.stack([c[i] for c in calls]) for i in range(n_outputs))
+    return (stacked[0], 0) if n_outputs == 1 else (stacked, (0,) * n_outputs)
+
+
+for _name in _ARGUMENTS:
+    torch.library.register_vmap(f"bnkit::{_name}", _vmap_rule(_name), lib=_LIB)
+
+
 def _op_batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     count, shift, shifted_mean, var = _OPS.batch_stats.default(x.detach(), mask)
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
@@ -204,8 +287,23 @@ def native_passes(x: Tensor, mask: Tensor | None = None) -> Primitives | None:
 
 
 def _supports(x: Tensor, mask: Tensor | None) -> bool:
-    """Where a native pass takes (x, mask): the tensors the operators exist to serve."""
+    """Where a native pass takes (x, mask): the tensors the operators exist to serve.
+    Inside ``torch.func`` transforms and forward-mode AD, where x's device and dtype have
+    one: the passes themselves then see the plain tensors the vmap rules make (and take
+    the composite path for what the native pass does not take)."""
+    if portable.transformed():
+        return _native_device(x)
     return native_passes(x, mask) is not None
+
+
+def _native_device(x: Tensor) -> bool:
+    """Whether x's device and dtype have native passes, whatever its layout: the C loops
+    for a CPU float32/float64 tensor (once built), the Triton kernels for a CUDA one."""
+    if torch.compiler.is_compiling():
+        return False
+    if x.is_cuda:
+        return gpu.available()
+    return x.is_cpu and cpu.has_dtype(x.dtype) and native.library() is not None
 
 
 #: The operators behind the :class:`Primitives` interface: the passes of whichever

@@ -128,19 +128,19 @@ def select_kernel(x: Tensor) -> Kernel:
     """The kernel for this input: the operators' kernel (:mod:`.ops`) where a native pass
     takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
     tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU float32 or float64 tensor
-    they handle, :func:`bnkit.kernels.cpu.supports`), in eager mode and outside torch.func
-    transforms and forward-mode AD; else the portable kernel: the same autograd functions
-    on passes in torch operations, which the generated vmap rule batches and
-    ``torch.compile`` compiles (the operators have no batching rule). Which native
-    implementation runs is the operators' dispatch, by device.
+    they handle, :func:`bnkit.kernels.cpu.supports`) in eager mode, and inside torch.func
+    transforms and forward-mode AD where x's device and dtype have native passes (the
+    operators' vmap rules hand them plain tensors); else the portable kernel: the same
+    autograd functions on passes in torch operations, which ``torch.compile`` compiles.
+    Which native implementation runs is the operators' dispatch, by device.
 
     Example:
         >>> select_kernel(torch.randn(2, 3, dtype=torch.float16)).__class__.__name__
         'PortableKernel'
     """
-    if portable.transformed() or not (_triton_takes(x) or cpu.supports(x)):
-        return primitive.PORTABLE
-    return ops.KERNEL
+    if portable.transformed():
+        return ops.KERNEL if ops.OPERATORS.supports(x, None) else primitive.PORTABLE
+    return ops.KERNEL if _triton_takes(x) or cpu.supports(x) else primitive.PORTABLE
 
 
 def _triton_takes(x: Tensor) -> bool:

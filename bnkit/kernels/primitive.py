@@ -15,19 +15,19 @@ records, whatever runs its passes:
 - a backward of one reduction pass and one input-gradient pass, the reductions summed
   over a process group for synchronized statistics; a double backward
   (``create_graph=True``, ``torch.func.grad``) in differentiable operations that
-  recompute the statistics from x;
+  recompute the statistics (and a fused activation's slope) from x;
 - a forward-mode rule (``jvp``: ``torch.func.jvp``, ``jacfwd``, ``hessian``,
   ``torch.autograd.forward_ad``), which the classes eager calls use define and their
   ``...Traceable`` bases for ``torch.compile`` do not (Dynamo refuses a Function that
   defines one);
-- a vmap rule generated from the formulas (``generate_vmap_rule``), for the passes in
-  torch operations, which :func:`bnkit.kernels.pipeline.select_kernel` picks inside
-  ``torch.func`` transforms.
+- a vmap rule generated from the formulas (``generate_vmap_rule``): the forward and
+  backward run on batched tensors, which the passes batch (torch operations by their
+  own rules, the operators of :mod:`.ops` by theirs).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -101,28 +101,48 @@ def _normalized(x: Tensor, shift: Tensor, shifted_mean: Tensor, invstd: Tensor) 
                          invstd.view(view))  # fmt: skip
 
 
-def _differentiable_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """(dx, dweight, dbias) in differentiable operations, for a double backward: the
-    saved statistics carry no graph, so they are recomputed from x to let autograd see
-    how they depend on it. Ghost batches one at a time."""
-    x, weight, shift, _, _, count, mask = ctx.saved_tensors
+class _Recomputed(NamedTuple):
+    """What a differentiable backward recomputes the forward pass from (one ghost batch's
+    part of it); ``bias`` only with a fused activation."""
+
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    shift: Tensor
+    counts: Tensor  #: values per channel
+    mask: Tensor | None
+
+
+def _differentiable_backward(
+    ctx: Any, grad_output: Tensor, saved: _Recomputed
+) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias) in differentiable operations, for a double backward (and for
+    ``torch.func.grad``, which runs backward passes under autograd): the saved statistics
+    carry no graph, so they are recomputed from x to let autograd see how they depend on
+    it. Ghost batches one at a time. ``ctx.activation``, if set, is fused."""
     _no_sync_derivative(ctx.group, "double backward")
     need_dx = bool(ctx.needs_input_grad[0])
+    activation = getattr(ctx, "activation", None)
     parts = [
-        _differentiable_gradients(*part, ctx.eps, need_dx)  # type: ignore[arg-type,call-arg]
-        for part in _per_ghost(ctx.ghosts, x, weight, shift, count, mask, grad_output)
-    ]
+        _differentiable_gradients(
+            _Recomputed(*part), grad_output_part, ctx.eps, need_dx,  # type: ignore[arg-type]
+            None if activation is None else (activation, ctx.param),
+        )
+        for *part, grad_output_part in _per_ghost(ctx.ghosts, *saved, grad_output)
+    ]  # fmt: skip
     dx = None if not need_dx else torch.cat([p[0] for p in parts])  # type: ignore[misc]
     sum_g_x_hat = torch.cat([p[1] for p in parts])
     sum_g = torch.cat([p[2] for p in parts])
-    return dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g)
+    return dx, *_parameter_gradients(ctx, saved.weight, sum_g_x_hat, sum_g)
 
 
 def _differentiable_gradients(
-    x: Tensor, weight: Tensor | None, shift: Tensor, count: Tensor, mask: Tensor | None,
-    grad_output: Tensor, eps: float, need_dx: bool,
+    saved: _Recomputed, grad_output: Tensor, eps: float, need_dx: bool,
+    activation: tuple[str, float | None] | None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
-    """(dx, sum g * x_hat, sum g) of one batch, in differentiable operations."""
+    """(dx, sum g' * x_hat, sum g') of one batch, in differentiable operations; g' = g *
+    act'(z) with a fused ``activation`` (name, param), else g."""
+    x, weight, bias, shift, count, mask = saved
     view, dims = _view(x), _dims(x)
     shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
     if mask is None:
@@ -133,6 +153,12 @@ def _differentiable_gradients(
     invstd = torch.rsqrt(var + eps)
     x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
     g = grad_output.to(invstd.dtype)
+    if activation is not None:
+        name, param = activation
+        z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+        z = z if bias is None else z + bias.to(x_hat.dtype).view(view)
+        form = act.activate(z, name, param) if act.saves_output(name) else z
+        g = g * act.slope(form, name, param)
     sum_g, sum_g_x_hat = g.sum(dims), (g * x_hat).sum(dims)
     dx = None
     if need_dx:
@@ -214,7 +240,9 @@ class _NormalizeTraceable(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         none = (None,) * 9
         if torch.is_grad_enabled():
-            return (*_differentiable_backward(ctx, grad_output), *none)
+            x, weight, shift, _, _, count, mask = ctx.saved_tensors
+            saved = _Recomputed(x, weight, None, shift, count, mask)
+            return (*_differentiable_backward(ctx, grad_output, saved), *none)
         x, weight, shift, shifted_mean, invstd, count, mask = ctx.saved_tensors
         ghosts = _ghosts(ctx.ghosts)
         sum_g, sum_gc = ctx.prims.backward_reduce(grad_output, x, shift, shifted_mean, **ghosts)
@@ -257,7 +285,8 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
     leaky_relu, elu: the memory-efficient form) saves only y and O(C) values; the
     backward recovers z = act^-1(y) and act'(z) from y, and x_hat = (z - bias) / weight,
     the division folded into per-channel coefficients. Either way the gradient is exact;
-    double backward is not supported. With a process ``group``, as :class:`_Normalize`.
+    a double backward recomputes z from x, so it needs ``save_input``. With a process
+    ``group``, as :class:`_Normalize`.
     """
 
     generate_vmap_rule = True
@@ -265,16 +294,16 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
     @staticmethod
     def forward(
         x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor,
-        shifted_mean: Tensor, invstd: Tensor, count: Tensor, mask: Tensor | None,
-        activation: str, param: float | None, save_input: bool, group: Any,
-        prims: Primitives, ghosts: int,
+        shifted_mean: Tensor, invstd: Tensor, count: Tensor, eps: float,
+        mask: Tensor | None, activation: str, param: float | None, save_input: bool,
+        group: Any, prims: Primitives, ghosts: int,
     ) -> Tensor:  # fmt: skip
         alpha, beta = portable._affine_terms(shifted_mean, invstd, weight, bias)
         return prims.affine(x, shift, alpha, beta, activation, param, **_ghosts(ghosts))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        (x, weight, bias, shift, shifted_mean, invstd, count, mask, activation, param,
+        (x, weight, bias, shift, shifted_mean, invstd, count, eps, mask, activation, param,
          save_input, group, prims, ghosts) = inputs  # fmt: skip
         if not save_input:
             # gamma = 0, |beta| >> |gamma| or a saturated elu output make
@@ -287,18 +316,23 @@ class _NormalizeActivateTraceable(torch.autograd.Function):
             ctx.save_for_backward(output, weight, bias, invstd, count, mask)
         ctx.save_for_forward(x, weight, bias, shift, shifted_mean, invstd, count, mask)
         ctx.save_input, ctx.group, ctx.prims, ctx.ghosts = save_input, group, prims, ghosts
-        ctx.activation, ctx.param = activation, param
+        ctx.activation, ctx.param, ctx.eps = activation, param, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        none = (None,) * 12
         if torch.is_grad_enabled():
-            act.refuse_double_backward()
+            if not ctx.save_input:  # x is not there to differentiate the forward from
+                act.refuse_double_backward()
+            x, weight, bias, shift, _, _, count, mask = ctx.saved_tensors
+            saved = _Recomputed(x, weight, bias, shift, count, mask)
+            return (*_differentiable_backward(ctx, grad_output, saved), *none)
         if ctx.save_input:
             dx, sum_g, sum_g_x_hat, weight = _from_input(ctx, grad_output)
         else:
             dx, sum_g, sum_g_x_hat, weight = _from_output(ctx, grad_output)
-        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *([None] * 11))
+        return (dx, *_parameter_gradients(ctx, weight, sum_g_x_hat, sum_g), *none)
 
 
 def _from_input(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Any]:
@@ -427,7 +461,7 @@ class PrimitiveKernel:
         save_input = activation == "relu" or not memory_efficient
         function = _function(_NormalizeActivateTraceable, _NormalizeActivate)
         output: Tensor = function.apply(
-            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, mask,
+            x, weight, bias, stats.shift, stats.shifted_mean, invstd, stats.count, eps, mask,
             activation, param, save_input, group, prims, ghosts,
         )  # fmt: skip
         return output

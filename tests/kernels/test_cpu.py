@@ -688,14 +688,17 @@ def test_fused_invertible_activation_matches_torch_modules(
     _close(ours.running_var, reference.running_var, dtype)
 
 
-def test_fused_invertible_activation_refuses_double_backward() -> None:
+def test_fused_invertible_activation_double_backward_needs_the_input() -> None:
+    """Memory-efficient: refused (no input kept); otherwise recomputed from x."""
     x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    for memory_efficient in (True, False):
-        y, _ = _fused_call(x, w, None, "leaky_relu", 0.1, memory_efficient)
-        assert _fused_node(y) == "_NormalizeActivateBackward"
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(y.sum(), x, create_graph=True)
+    y, _ = _fused_call(x, w, None, "elu", 1.0, True)
+    assert _fused_node(y) == "_NormalizeActivateBackward"
+    with pytest.raises(RuntimeError, match="memory_efficient=True does not keep"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: _fused_call(x, w, None, "elu", 1.0, False)[0], (x, w)
+    )
 
 
 @pytest.mark.parametrize(("name", "param"), INVERTIBLE)

@@ -247,12 +247,29 @@ def test_gradcheck_and_gradgradcheck_in_float64() -> None:
         assert torch.autograd.gradgradcheck(function, (x, w, b))
 
 
-def test_relu_double_backward_is_refused_clearly() -> None:
-    x = torch.randn(4, 3, 30, dtype=torch.float64, requires_grad=True)
-    result = express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None, True, True, True)
-    assert result is not None
-    with pytest.raises(RuntimeError, match="double backward through a fused activation"):
-        torch.autograd.grad(result[0].sum(), x, create_graph=True)
+def test_relu_double_backward_and_batched_gradients() -> None:
+    """The fused relu's double backward recomputes its slope from x and the saved bias;
+    gradients batched by vmap (which the C loops cannot read) take the same route."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator, requires_grad=True)
+    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, True, True, True)
+        assert result is not None
+        return result[0]
+
+    assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
+    assert torch.autograd.gradgradcheck(train, (x, w, b))
+    y = train(x, w, b)
+    cotangents = torch.randn(3, *y.shape, dtype=torch.float64, generator=generator)
+    batched = torch.autograd.grad(y, (x, w, b), cotangents, is_grads_batched=True)
+    for i, cotangent in enumerate(cotangents):
+        one = torch.autograd.grad(train(x, w, b), (x, w, b), cotangent)
+        for got, expected in zip(batched, one, strict=True):
+            torch.testing.assert_close(got[i], expected)
 
 
 def test_non_finite_batch_is_not_recorded_and_warns() -> None:

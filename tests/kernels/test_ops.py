@@ -180,3 +180,48 @@ def test_cuda_tensors_dispatch_to_triton() -> None:
             if op is torch.ops.bnkit.batch_stats.default:
                 continue
             _close(op(*args), _composite(op, args), 2e-5, f"{op} {activation}")
+
+
+def _vmapped(arg: Any, batched: bool, size: int) -> Any:
+    """``size`` different versions of a tensor argument stacked at dimension 0, or the
+    argument as it is: a vector scaled, a batch rolled along its samples (so an
+    activation's output stays one), a mask rolled along its last dimension."""
+    if not batched:
+        return arg
+    if arg.dim() == 1:
+        return torch.stack([arg * (1.0 + 0.25 * b) for b in range(size)])
+    return torch.stack(
+        [arg.roll(b, dims=-1 if arg.dtype == torch.bool else 0) for b in range(size)]
+    )
+
+
+@pytest.mark.parametrize("batched", ["all", "data", "vectors"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vmap_rules_match_one_call_per_vmapped_call(batched: str, dtype: torch.dtype) -> None:
+    """Each operator's vmap rule (the vmapped calls' channels side by side in one call, or
+    one call each for a vmapped mask) gives what calling the operator once per vmapped
+    call gives, whichever arguments are vmapped."""
+    size = 3
+    data = _inputs((4, 3, 5, 6), dtype, channels_last=False)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for activation, param in ACTIVATIONS:
+        for op, args in _calls(data, activation, param):
+            tensors = [isinstance(a, torch.Tensor) for a in args]
+            chosen = [
+                t and (batched == "all" or (a.dim() == 1) == (batched == "vectors"))
+                for t, a in zip(tensors, args, strict=True)
+            ]
+            if not any(chosen):  # batch_stats has no vectors
+                continue
+            vargs = [_vmapped(a, c, size) for a, c in zip(args, chosen, strict=True)]
+            in_dims = tuple(0 if c else None for c in chosen)
+            got = torch.vmap(op, in_dims=in_dims)(*vargs)
+            calls = [
+                op(*[a[b] if c else a for a, c in zip(vargs, chosen, strict=True)])
+                for b in range(size)
+            ]
+            if isinstance(got, tuple):
+                expected: Any = tuple(torch.stack([c[i] for c in calls]) for i in range(len(got)))
+            else:
+                expected = torch.stack(calls)
+            _close(got, expected, tolerance, f"{op} {activation} vmapped {batched}")

@@ -171,11 +171,50 @@ def test_fused_half_precision_and_channels_last(dtype: torch.dtype) -> None:
     assert layer.weight.grad is not None
 
 
-def test_double_backward_is_refused_with_a_clear_error() -> None:
+def test_memory_efficient_double_backward_is_refused_with_a_clear_error() -> None:
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     y = bnkit.BatchNorm1d(3, activation="elu").double()(x)
-    with pytest.raises(RuntimeError, match="double backward through a fused activation"):
+    with pytest.raises(RuntimeError, match="memory_efficient=True does not keep"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize("ghosts", [None, 3])
+def test_double_backward_and_func_grad_through_a_fused_activation(
+    activation: str, ghosts: int | None
+) -> None:
+    """With its input kept (memory_efficient=False, or relu) a fused layer has a double
+    backward (gradgradcheck) and the Hessian of torch's BN + activation pair; under
+    torch.func.grad, which runs backward passes under autograd, the layer keeps its input
+    whatever memory_efficient says."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    kwargs = {"ghost_batch_size": ghosts} if ghosts else {}
+    layer = bnkit.BatchNorm1d(
+        3, activation=activation, memory_efficient=False, track_running_stats=False,
+        dtype=torch.float64, **kwargs,
+    )  # fmt: skip
+    torch.nn.init.normal_(layer.weight, generator=generator)
+    torch.nn.init.normal_(layer.bias, generator=generator)
+    assert torch.autograd.gradgradcheck(layer, (x,))
+    if ghosts:
+        return
+    pair = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(3, track_running_stats=False, dtype=torch.float64),
+        {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(0.01), "elu": torch.nn.ELU()}[
+            activation
+        ],
+    )
+    pair[0].load_state_dict(layer.state_dict(), strict=False)
+    cube = lambda module: lambda v: module(v).pow(3).sum()  # noqa: E731
+    torch.testing.assert_close(
+        torch.func.hessian(cube(layer))(x.detach()), torch.func.hessian(cube(pair))(x.detach())
+    )
+    lean = bnkit.BatchNorm1d(3, activation=activation, track_running_stats=False).double()
+    lean.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(
+        torch.func.grad(cube(lean))(x.detach()), torch.func.grad(cube(pair))(x.detach())
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, stack_modu
 
 import bnkit
 from bnkit.errors import ConfigWarning
+from bnkit.kernels import native, ops
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 
@@ -55,6 +56,52 @@ def test_vmap_model_ensembling_with_stacked_state(training: bool) -> None:
 
     got = vmap(call)(params, buffers)
     torch.testing.assert_close(got, torch.stack(expected), **TOL)
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"no native code: {native.load_error()}")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mask", [False, True])
+def test_vmap_ensembling_runs_the_native_passes(
+    layout: torch.memory_format, mask: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under vmap the operators' batching rules hand the C loops one call with the
+    ensemble's channels side by side: same results as each model alone, on the native
+    passes (recorded), with a mask and in either layout."""
+    ran = []
+    find = ops._native_primitives
+
+    def recording(device: str, x: torch.Tensor, valid: torch.Tensor | None) -> object:
+        passes = find(device, x, valid)
+        ran.append(None if passes is None else passes.name)
+        return passes
+
+    monkeypatch.setattr(ops, "_native_primitives", recording)
+    torch.manual_seed(0)
+    models = [bnkit.BatchNorm2d(16) for _ in range(3)]
+    for model in models:
+        torch.nn.init.normal_(model.weight)
+        torch.nn.init.normal_(model.bias)
+    x = torch.randn(8, 16, 12, 12).contiguous(memory_format=layout).requires_grad_()
+    valid = torch.rand(8, 12, 12) > 0.2 if mask else None
+    expected = []
+    for model in copy.deepcopy(models):
+        y = model(x, mask=valid)
+        expected.append((y, *torch.autograd.grad(y.square().sum(), (x, model.weight))))
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = functional_call(base, (p, b), (x,), {"mask": valid})
+        return out
+
+    ran.clear()
+    got = vmap(loss)(params, buffers)
+    assert "C loops" in ran
+    grads = vmap(torch.func.grad(lambda p, b: loss(p, b).square().sum()))(params, buffers)
+    torch.testing.assert_close(got, torch.stack([e[0] for e in expected]))
+    torch.testing.assert_close(
+        grads["weight"], torch.stack([e[2] for e in expected]), rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
