@@ -219,3 +219,24 @@ def test_passes_by_blocks_keep_precision_far_from_zero(
     (exact_y, exact_dx), (y, dx) = errors
     assert (y - exact_y).abs().max() < 2e-6
     assert (dx - exact_dx).abs().max() < 1e-6 * exact_dx.abs().max()
+
+
+def test_eager_calls_bind_no_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside transforms the autograd functions skip ``Function.apply``'s binding of
+    default arguments (``inspect.signature`` on every call, a fifth of a small layer's
+    time): every argument is passed. Inside transforms torch's own apply runs."""
+    import inspect
+
+    layer = bnkit.BatchNorm2d(4, activation="leaky_relu", track_running_stats=False)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    expected = torch.func.vmap(layer)(x.detach().unsqueeze(0))[0]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect.signature called")
+
+    monkeypatch.setattr(inspect, "signature", refuse)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_NormalizeActivateBackward"
+    y.sum().backward()
+    monkeypatch.undo()
+    torch.testing.assert_close(y, expected)
