@@ -3,9 +3,8 @@
  * Two memory layouts, each a plain contiguous array:
  *   ncl: (N, C, L), L contiguous (NCHW and any contiguous (N, C, *) with L = prod(*)).
  *   nc:  (M, C), C contiguous (2D inputs, and channels-last inputs with M = N * prod(*)).
- * Every function exists for float (suffix _f32) and double (_f64) data; the plain layer's
- * (statistics, normalization, backward, bn_forward/bn_backward) also for bfloat16 (_bf16)
- * and float16 (_f16) data computed in float. Statistics are taken relative to a
+ * Every function exists for float (suffix _f32), double (_f64), bfloat16 (_bf16) and
+ * float16 (_f16) data, the 16-bit kinds computed in float. Statistics are taken relative to a
  * per-channel shift (a sample of the data), never as E[x^2] - E[x]^2 on raw values: ncl
  * float rows as shifted sums of d = x - s and d^2 in double (d is exact in double), ncl
  * double data as exact two-pass statistics of cache-sized blocks; nc rows, and the
@@ -205,9 +204,9 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 
 /* Each instantiation: T, the compute type (per-channel values, saved statistics, weights);
  * D, the element type of the tensors (x, y, g, dx), read with LD and written with STO;
- * S, the suffix; CS, the suffix of T's running-statistics update. HALF_DATA instances (16-bit
- * data, float compute) have the plain layer only: masks and fused activations run on
- * float and double data. */
+ * S, the suffix; CS, the suffix of T's running-statistics update. HALF_DATA instances
+ * (16-bit data, float compute) have every function, masks and fused activations included;
+ * some reductions sum in T rather than double for them (see bn_backward_reduce_ncl). */
 /* float and double data: read and written as they are */
 #define LD(v) (v)
 #define STO(v) (v)
@@ -309,6 +308,8 @@ static inline uint16_t f16_store(float f) {
 #define CS f32
 #define HALF_DATA 1
 #define SQRT sqrtf
+#define EXPM1 expm1f
+#define LOG1P log1pf
 #define S bf16
 #define LD(v) bf16_load(v)
 #define STO(v) bf16_store(v)
@@ -328,6 +329,8 @@ static inline uint16_t f16_store(float f) {
 #undef CS
 #undef HALF_DATA
 #undef SQRT
+#undef EXPM1
+#undef LOG1P
 
 /* Running statistics, in place: new = batch * factor + old * (1 - factor) in double, with
  * batch_mean = shift + shifted_mean and batch_var = var (* count / (count - 1) if unbiased);
@@ -586,10 +589,9 @@ void NAME(bn_stats_nc)(const D *x, i64 M, i64 C, T *shift, T *smean, T *var, int
     NAME(stats_nc_rows)(x, NULL, M, C, shift, smean, var, &count, nt);
 }
 
-#if !HALF_DATA /* masks and fused activations: float and double data only */
 /* Masked statistics, nc layout: only rows r with mask[r] (one byte, 0 or 1) count; the
  * shift is the first valid row; *count receives the number of valid rows. */
-void NAME(bn_stats_masked_nc)(const T *x, const uint8_t *mask, i64 M, i64 C, T *shift,
+void NAME(bn_stats_masked_nc)(const D *x, const uint8_t *mask, i64 M, i64 C, T *shift,
                               T *smean, T *var, double *count, int nt) {
     NAME(stats_nc_rows)(x, mask, M, C, shift, smean, var, count, nt);
 }
@@ -599,7 +601,7 @@ void NAME(bn_stats_masked_nc)(const T *x, const uint8_t *mask, i64 M, i64 C, T *
  * walks a range of (n, c) rows in memory order. float data: one pass of shifted sums in
  * double (as the unmasked ncl statistics); double data: two passes, the second about the
  * mean of the first (exact to rounding). */
-void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i64 L,
+void NAME(bn_stats_masked_ncl)(const D *x, const uint8_t *mask, i64 N, i64 C, i64 L,
                                T *shift, T *smean, T *var, double *count, int nt) {
     i64 first = 0, NL = N * L;
     while (first < NL && !mask[first]) ++first;
@@ -616,7 +618,7 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
     if (P > R) P = R;
     double *acc = (double *)calloc((size_t)(3 * C * P + C), sizeof(double));
     double *sd = acc + 3 * C * P;
-    for (i64 c = 0; c < C; ++c) sd[c] = (double)x[(n_first * C + c) * L + l_first];
+    for (i64 c = 0; c < C; ++c) sd[c] = (double)LD(x[(n_first * C + c) * L + l_first]);
     const int two_pass = sizeof(T) == sizeof(double);
     for (int pass = 0; pass < 1 + two_pass; ++pass) {
         /* pass 0: sums of d = x - s (and d^2 for float); pass 1 (double): sums of
@@ -626,14 +628,14 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
             double *sum = acc + 3 * C * part, *sq = sum + C, *ctr = sq + C;
             for (i64 row = R * part / P; row < R * (part + 1) / P; ++row) {
                 const i64 c = row % C, n = row / C;
-                const T *p = x + row * L;
+                const D *p = x + row * L;
                 const uint8_t *mk = mask + n * L;
                 const double sc = sd[c], cc = ctr[c];
                 double ts = 0.0, tq = 0.0;
                 if (pass == 0) {
                     _Pragma("omp simd reduction(+ : ts, tq)")
                     for (i64 i = 0; i < L; ++i) {
-                        const double d = mk[i] ? (double)p[i] - sc : 0.0;
+                        const double d = mk[i] ? (double)LD(p[i]) - sc : 0.0;
                         ts += d;
                         tq += d * d;
                     }
@@ -642,7 +644,7 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
                 } else {
                     _Pragma("omp simd reduction(+ : tq)")
                     for (i64 i = 0; i < L; ++i) {
-                        const double e = mk[i] ? ((double)p[i] - sc) - cc : 0.0;
+                        const double e = mk[i] ? ((double)LD(p[i]) - sc) - cc : 0.0;
                         tq += e * e;
                     }
                     sq[c] += tq;
@@ -671,7 +673,6 @@ void NAME(bn_stats_masked_ncl)(const T *x, const uint8_t *mask, i64 N, i64 C, i6
     free(acc);
 }
 
-#endif /* !HALF_DATA */
 
 /* y = (x - s) * a + b per channel, then max(y, 0) if relu (NaN kept). ncl layout. */
 void NAME(bn_affine_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, const T *a,
@@ -927,42 +928,41 @@ void NAME(bn_backward_input_nc)(const D *g, const D *x, D *dx, i64 M, i64 C, con
     }
 }
 
-#if !HALF_DATA /* masks and fused activations: float and double data only */
 /* dx with a mask: padding reaches the statistics through nothing, so
  * dx = g * alpha + ((x - s) * k1 + k0 where valid, else 0). ncl, mask (N, L). */
-void NAME(bn_backward_input_masked_ncl)(const T *g, const T *x, const uint8_t *mask, T *dx,
+void NAME(bn_backward_input_masked_ncl)(const D *g, const D *x, const uint8_t *mask, D *dx,
                                         i64 N, i64 C, i64 L, const T *s, const T *alpha,
                                         const T *k1, const T *k0, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 row = 0; row < N * C; ++row) {
         const i64 c = row % C;
         const T sc = s[c], ac = alpha[c], k1c = k1[c], k0c = k0[c];
-        const T *gp = g + row * L, *xp = x + row * L;
+        const D *gp = g + row * L, *xp = x + row * L;
         const uint8_t *mk = mask + (row / C) * L;
-        T *dp = dx + row * L;
+        D *dp = dx + row * L;
         _Pragma("omp simd")
         for (i64 i = 0; i < L; ++i) {
-            const T through = (xp[i] - sc) * k1c + k0c;
-            dp[i] = gp[i] * ac + (mk[i] ? through : (T)0);
+            const T through = (LD(xp[i]) - sc) * k1c + k0c;
+            dp[i] = STO(LD(gp[i]) * ac + (mk[i] ? through : (T)0));
         }
     }
 }
 
 /* The same, nc layout, mask (M,) over rows. */
-void NAME(bn_backward_input_masked_nc)(const T *g, const T *x, const uint8_t *mask, T *dx,
+void NAME(bn_backward_input_masked_nc)(const D *g, const D *x, const uint8_t *mask, D *dx,
                                        i64 M, i64 C, const T *s, const T *alpha, const T *k1,
                                        const T *k0, int nt) {
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
     for (i64 r = 0; r < M; ++r) {
-        const T *gp = g + r * C, *xp = x + r * C;
-        T *dp = dx + r * C;
+        const D *gp = g + r * C, *xp = x + r * C;
+        D *dp = dx + r * C;
         if (mask[r]) {
             _Pragma("omp simd")
             for (i64 c = 0; c < C; ++c)
-                dp[c] = gp[c] * alpha[c] + ((xp[c] - s[c]) * k1[c] + k0[c]);
+                dp[c] = STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
         } else {
             _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) dp[c] = gp[c] * alpha[c] + (T)0;
+            for (i64 c = 0; c < C; ++c) dp[c] = STO(LD(gp[c]) * alpha[c] + (T)0);
         }
     }
 }
@@ -993,8 +993,11 @@ INLINE T NAME(act_grad)(T gv, T src, T sc, T ac, T bc, T p, const int act, const
         }
         if (act == ACT_ELU) {
             if (src > (T)0) return gv;
-            *v = LOG1P(src / p);
-            return gv * (src + p); /* alpha * exp(z) = y + alpha */
+            const T slope = src + p; /* alpha * exp(z) = y + alpha */
+            /* a saturated output (y = -alpha: z = -inf, slope 0) adds nothing, as in the
+             * portable kernel; without this 0 * -inf would make the sums NaN */
+            *v = slope == (T)0 ? (T)0 : LOG1P(src / p);
+            return gv * slope;
         }
         return gv;
     }
@@ -1011,20 +1014,20 @@ INLINE T NAME(act_grad)(T gv, T src, T sc, T ac, T bc, T p, const int act, const
     return gv;
 }
 
-INLINE void NAME(act_forward_row)(const T *xp, T *yp, i64 n, i64 stride_c, const T *s,
+INLINE void NAME(act_forward_row)(const D *xp, D *yp, i64 n, i64 stride_c, const T *s,
                                   const T *a, const T *b, T p, const int act) {
     /* stride_c 0: one channel (s[0], a[0], b[0]); 1: channel i at position i. */
     if (stride_c) {
         _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) yp[i] = NAME(act_value)((xp[i] - s[i]) * a[i] + b[i], p, act);
+        for (i64 i = 0; i < n; ++i) yp[i] = STO(NAME(act_value)((LD(xp[i]) - s[i]) * a[i] + b[i], p, act));
     } else {
         const T sc = s[0], ac = a[0], bc = b[0];
         _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) yp[i] = NAME(act_value)((xp[i] - sc) * ac + bc, p, act);
+        for (i64 i = 0; i < n; ++i) yp[i] = STO(NAME(act_value)((LD(xp[i]) - sc) * ac + bc, p, act));
     }
 }
 
-void NAME(bn_act_forward_ncl)(const T *x, T *y, i64 N, i64 C, i64 L, const T *s, const T *a,
+void NAME(bn_act_forward_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, const T *a,
                               const T *b, int act, double param, int nt) {
     const T p = (T)param;
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
@@ -1036,7 +1039,7 @@ void NAME(bn_act_forward_ncl)(const T *x, T *y, i64 N, i64 C, i64 L, const T *s,
     }
 }
 
-void NAME(bn_act_forward_nc)(const T *x, T *y, i64 M, i64 C, const T *s, const T *a,
+void NAME(bn_act_forward_nc)(const D *x, D *y, i64 M, i64 C, const T *s, const T *a,
                              const T *b, int act, double param, int nt) {
     const T p = (T)param;
     _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
@@ -1048,14 +1051,14 @@ void NAME(bn_act_forward_nc)(const T *x, T *y, i64 M, i64 C, const T *s, const T
 }
 
 /* Reductions over one ncl row (one channel): sums of g' and g' (v - s) in double. */
-INLINE void NAME(act_reduce_row)(const T *gp, const T *sp, i64 L, T sc, T ac, T bc, T p,
+INLINE void NAME(act_reduce_row)(const D *gp, const D *sp, i64 L, T sc, T ac, T bc, T p,
                                  const int act, const int from_y, double *ag, double *agc) {
     const double sd = (double)sc;
     double tg = 0.0, tgc = 0.0;
     _Pragma("omp simd reduction(+ : tg, tgc)")
     for (i64 i = 0; i < L; ++i) {
         T v;
-        double gi = (double)NAME(act_grad)(gp[i], sp[i], sc, ac, bc, p, act, from_y, &v);
+        double gi = (double)NAME(act_grad)(LD(gp[i]), LD(sp[i]), sc, ac, bc, p, act, from_y, &v);
         tg += gi;
         tgc += gi * ((double)v - sd);
     }
@@ -1065,13 +1068,13 @@ INLINE void NAME(act_reduce_row)(const T *gp, const T *sp, i64 L, T sc, T ac, T 
 
 /* The same over one nc row (every channel), into per-channel block sums in T about
  * ref = s + m (see bn_backward_reduce_nc). */
-INLINE void NAME(act_reduce_nc_row)(const T *gp, const T *sp, i64 C, const T *s,
+INLINE void NAME(act_reduce_nc_row)(const D *gp, const D *sp, i64 C, const T *s,
                                     const T *ref, const T *za, const T *zb, T p,
                                     const int act, const int from_y, T *bg, T *bgc) {
     _Pragma("omp simd")
     for (i64 c = 0; c < C; ++c) {
         T v;
-        const T gi = NAME(act_grad)(gp[c], sp[c], s[c], za[c], zb[c], p, act, from_y, &v);
+        const T gi = NAME(act_grad)(LD(gp[c]), LD(sp[c]), s[c], za[c], zb[c], p, act, from_y, &v);
         bg[c] += gi;
         bgc[c] += gi * (v - ref[c]);
     }
@@ -1079,7 +1082,7 @@ INLINE void NAME(act_reduce_nc_row)(const T *gp, const T *sp, i64 C, const T *s,
 
 /* sum_g = sum g', sum_gc = sum g' (v - s) - m sum g' per channel (src: y or x, see above;
  * za and zb are read only without from_y but must be valid arrays). ncl layout. */
-void NAME(bn_act_backward_reduce_ncl)(const T *g, const T *src, i64 N, i64 C, i64 L,
+void NAME(bn_act_backward_reduce_ncl)(const D *g, const D *src, i64 N, i64 C, i64 L,
                                       const T *s, const T *m, const T *za, const T *zb,
                                       int act, double param, int from_y, double *sum_g,
                                       double *sum_gc, int nt) {
@@ -1111,7 +1114,7 @@ void NAME(bn_act_backward_reduce_ncl)(const T *g, const T *src, i64 N, i64 C, i6
 }
 
 /* The same reductions, nc layout, in blocks of rows as bn_backward_reduce_nc. */
-void NAME(bn_act_backward_reduce_nc)(const T *g, const T *src, i64 M, i64 C, const T *s,
+void NAME(bn_act_backward_reduce_nc)(const D *g, const D *src, i64 M, i64 C, const T *s,
                                      const T *m, const T *za, const T *zb, int act,
                                      double param, int from_y, double *sum_g, double *sum_gc,
                                      int nt) {
@@ -1152,7 +1155,7 @@ void NAME(bn_act_backward_reduce_nc)(const T *g, const T *src, i64 M, i64 C, con
 }
 
 /* dx = g' * alpha + (v - s) * k1 + k0 over one row; stride_c as in act_forward_row. */
-INLINE void NAME(act_input_row)(const T *gp, const T *sp, T *dp, i64 n, i64 stride_c,
+INLINE void NAME(act_input_row)(const D *gp, const D *sp, D *dp, i64 n, i64 stride_c,
                                 const T *s, const T *alpha, const T *k1, const T *k0,
                                 const T *za, const T *zb, T p, const int act,
                                 const int from_y) {
@@ -1160,21 +1163,21 @@ INLINE void NAME(act_input_row)(const T *gp, const T *sp, T *dp, i64 n, i64 stri
         _Pragma("omp simd")
         for (i64 i = 0; i < n; ++i) {
             T v;
-            T gi = NAME(act_grad)(gp[i], sp[i], s[i], za[i], zb[i], p, act, from_y, &v);
-            dp[i] = gi * alpha[i] + ((v - s[i]) * k1[i] + k0[i]);
+            T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), s[i], za[i], zb[i], p, act, from_y, &v);
+            dp[i] = STO(gi * alpha[i] + ((v - s[i]) * k1[i] + k0[i]));
         }
     } else {
         const T sc = s[0], ac = alpha[0], k1c = k1[0], k0c = k0[0], ta = za[0], tb = zb[0];
         _Pragma("omp simd")
         for (i64 i = 0; i < n; ++i) {
             T v;
-            T gi = NAME(act_grad)(gp[i], sp[i], sc, ta, tb, p, act, from_y, &v);
-            dp[i] = gi * ac + ((v - sc) * k1c + k0c);
+            T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), sc, ta, tb, p, act, from_y, &v);
+            dp[i] = STO(gi * ac + ((v - sc) * k1c + k0c));
         }
     }
 }
 
-void NAME(bn_act_backward_input_ncl)(const T *g, const T *src, T *dx, i64 N, i64 C, i64 L,
+void NAME(bn_act_backward_input_ncl)(const D *g, const D *src, D *dx, i64 N, i64 C, i64 L,
                                      const T *s, const T *alpha, const T *k1, const T *k0,
                                      const T *za, const T *zb, int act, double param,
                                      int from_y, int nt) {
@@ -1190,7 +1193,7 @@ void NAME(bn_act_backward_input_ncl)(const T *g, const T *src, T *dx, i64 N, i64
     }
 }
 
-void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 C,
+void NAME(bn_act_backward_input_nc)(const D *g, const D *src, D *dx, i64 M, i64 C,
                                     const T *s, const T *alpha, const T *k1, const T *k0,
                                     const T *za, const T *zb, int act, double param,
                                     int from_y, int nt) {
@@ -1205,7 +1208,6 @@ void NAME(bn_act_backward_input_nc)(const T *g, const T *src, T *dx, i64 M, i64 
     }
 }
 
-#endif /* !HALF_DATA */
 
 /* The plain layer in one call each way (the express path of cpu.py: no Python between the
  * steps). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved` holds

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from bnkit.kernels import native, outputs, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
-from bnkit.kernels.stats import BatchStats
+from bnkit.kernels.stats import BatchStats, compute_dtype
 
 __all__ = ["KERNEL", "PRIMITIVES", "CpuKernel", "layout", "supports"]
 
@@ -68,7 +68,10 @@ PARALLEL_THRESHOLD = 32768
 #: hand-checked cases) keep going through the plain torch reference path.
 SMALL_THRESHOLD = 256
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+#: The data types the loops take (16-bit data computed in float32), by C suffix.
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+#: The types the C update of the running statistics takes.
+_UPDATE_DTYPES = (torch.float32, torch.float64)
 
 
 def layout(x: Tensor) -> tuple[str, int, int, int] | None:
@@ -90,13 +93,14 @@ def layout(x: Tensor) -> tuple[str, int, int, int] | None:
 
 
 def has_dtype(dtype: torch.dtype) -> bool:
-    """Whether the C loops exist for ``dtype`` (float32 and float64)."""
+    """Whether the C loops exist for ``dtype`` (float32, float64, bfloat16, float16)."""
     return dtype in _SUFFIX
 
 
 def supports(x: Tensor) -> bool:
-    """Whether the fast kernel handles ``x``: a plain CPU float32/float64 tensor in eager
-    mode (not compiled, not inside a ``torch.func`` transform) with a layout it knows."""
+    """Whether the fast kernel handles ``x``: a plain CPU float32, float64, bfloat16 or
+    float16 tensor in eager mode (not compiled, not inside a ``torch.func`` transform)
+    with a layout it knows."""
     if type(x) not in _PLAIN_TYPES:
         return False
     if not x.is_cpu or x.dtype not in _SUFFIX or x.layout != torch.strided:
@@ -241,7 +245,7 @@ def _affine(x: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, relu: bool = 
     plan = layout(x)
     assert plan is not None
     kind, rows, channels, inner = plan
-    dtype = x.dtype
+    dtype = compute_dtype(x.dtype)
     s, a, b = (_vector(v, dtype) for v in (shift, alpha, beta))
     y = _empty_like(x)
     nt = _threads(x)
@@ -264,7 +268,8 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     """Per-channel (count, shift, shifted mean, biased variance) of x, one read (over the
     positions where ``mask`` is True when one is given)."""
     kind, rows, channels, inner = _layout_of(x)
-    shift, shifted_mean, var = (x.new_empty(channels) for _ in range(3))
+    dtype = compute_dtype(x.dtype)
+    shift, shifted_mean, var = (x.new_empty(channels, dtype=dtype) for _ in range(3))
     nt = _threads(x)
     if mask is not None:
         valid = torch.empty((), dtype=torch.float64)
@@ -272,7 +277,7 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
         _call(f"bn_stats_masked_{kind}", x, x.data_ptr(), mask.data_ptr(), *sizes,
               shift.data_ptr(), shifted_mean.data_ptr(), var.data_ptr(), valid.data_ptr(),
               nt)  # fmt: skip
-        count = valid.to(x.dtype).expand(channels).clone()
+        count = valid.to(dtype).expand(channels).clone()
         return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
     if kind == "ncl":
         _call("bn_stats_ncl", x, x.data_ptr(), rows, channels, inner, shift.data_ptr(),
@@ -280,7 +285,7 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> BatchStats:
     else:
         _call("bn_stats_nc", x, x.data_ptr(), rows, channels, shift.data_ptr(),
               shifted_mean.data_ptr(), var.data_ptr(), nt)  # fmt: skip
-    count = torch.full((channels,), x.numel() // channels, dtype=x.dtype)
+    count = torch.full((channels,), x.numel() // channels, dtype=dtype)
     return BatchStats(count=count, shift=shift, shifted_mean=shifted_mean, var=var)
 
 
@@ -294,7 +299,7 @@ def affine(
 ) -> Tensor:
     """y = act((x - shift) * alpha + beta) per channel, one read and one write."""
     kind, rows, channels, inner = _layout_of(x)
-    s, a, b = (_vector(v, x.dtype) for v in (shift, alpha, beta))
+    s, a, b = (_vector(v, compute_dtype(x.dtype)) for v in (shift, alpha, beta))
     y = _empty_like(x)
     nt = _threads(x)
     sizes = _sizes(kind, rows, channels, inner)
@@ -350,7 +355,7 @@ def backward_reduce(
     """(sum g', sum g' * (v - shift - shifted_mean)) per channel, summed in double, in
     one read of g and src (see :class:`bnkit.kernels.primitive.Primitives`)."""
     kind, rows, channels, inner = _layout_of(src)
-    dtype = src.dtype
+    dtype = compute_dtype(src.dtype)
     g = _as_layout_of(g, src)
     s, m = _vector(shift, dtype), _vector(shifted_mean, dtype)
     sum_g = torch.empty(channels, dtype=torch.float64)
@@ -388,7 +393,7 @@ def backward_input(
     """dx = g' * alpha + (v - shift) * k1 + k0 (g' * alpha where ``mask`` is False), one
     read of g and src and one write (see :class:`bnkit.kernels.primitive.Primitives`)."""
     kind, rows, channels, inner = _layout_of(src)
-    dtype = src.dtype
+    dtype = compute_dtype(src.dtype)
     g = _as_layout_of(g, src)
     s, a, c1, c0 = (_vector(v, dtype) for v in (shift, alpha, k1, k0))
     dx = _empty_like(src)
@@ -495,7 +500,7 @@ def _plain_update(
     var = stats.var
     dtype = var.dtype
     channels = var.numel()
-    if dtype not in _SUFFIX or torch.compiler.is_compiling():
+    if dtype not in _UPDATE_DTYPES or torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False  # any of the tensors may be a wrapper, which the C code cannot read
@@ -518,7 +523,7 @@ def _plain_update(
             type(t) not in _PLAIN_TYPES
             or not t.is_cpu
             or t.dtype != running_dtype
-            or t.dtype not in _SUFFIX
+            or t.dtype not in _UPDATE_DTYPES
             or not t.is_contiguous()
             or t.numel() != channels
             or (t.requires_grad and torch.is_grad_enabled())

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import bnkit
 from bnkit import reference as ref
 from bnkit.functional import batch_norm as functional_batch_norm
 from bnkit.kernels import (
@@ -293,19 +294,19 @@ def test_gradcheck_fused_relu() -> None:
     )
 
 
-def test_unsupported_inputs_go_to_the_portable_kernel() -> None:
+def test_unsupported_inputs_go_to_the_portable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     big = torch.randn(8, 4, 10, 10)
-    assert select_kernel(big) is ops.KERNEL
-    assert ops.native_passes(big) is cpu.PRIMITIVES
+    for x in (big, big.half(), big.bfloat16(), big.double()):
+        assert select_kernel(x) is ops.KERNEL
+        assert ops.native_passes(x) is cpu.PRIMITIVES
     for x in (
-        big.half(),
-        big.bfloat16(),
         big.transpose(2, 3),  # neither NCHW- nor channels-last-contiguous
         big[:, :, ::2],
         torch.randn(3),
+        big.to(torch.int64),
     ):
         assert select_kernel(x) is primitive.PORTABLE
-    cpu.SMALL_THRESHOLD = 10**9
+    monkeypatch.setattr(cpu, "SMALL_THRESHOLD", 10**9)
     assert select_kernel(big) is primitive.PORTABLE
 
 
@@ -799,3 +800,45 @@ def test_fused_invertible_activation_on_threads(
                             _close(ours[key], theirs[key], torch.float32)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize(
+    "options",
+    [{"activation": "leaky_relu"}, {"activation": "elu"}, {"mask": True}, {"ghost": True}],
+    ids=["leaky_relu", "elu", "mask", "ghost"],
+)
+def test_half_precision_options_run_the_c_loops(
+    dtype: torch.dtype, layout: torch.memory_format, options: dict[str, object]
+) -> None:
+    """16-bit tensors with masks, fused activations or ghost batches run the C loops (in
+    float32, rounded once) and agree with the same layer on the same values in float32."""
+    generator = torch.Generator().manual_seed(0)
+    x32 = (2.0 + torch.randn(8, 6, 5, 7, generator=generator)).contiguous(memory_format=layout)
+    dy = torch.randn(x32.shape, generator=generator)
+    mask = torch.rand(8, 5, 7, generator=generator) > 0.3 if options.get("mask") else None
+    kwargs = {
+        "activation": options.get("activation"),
+        "ghost_batch_size": 4 if options.get("ghost") else None,
+    }
+    results = []
+    dy = dy.to(dtype).float()  # both runs see the same (16-bit) values
+    for data in (x32.to(dtype), x32.to(dtype).float()):
+        layer = bnkit.BatchNorm2d(6, **kwargs)  # type: ignore[arg-type]
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(1))
+        inp = data.clone().requires_grad_()
+        y = layer(inp, mask=mask) if mask is not None else layer(inp)
+        y.backward(dy.to(dtype=y.dtype))
+        assert y.dtype == data.dtype
+        assert y.is_contiguous(memory_format=layout)
+        results.append((y, inp.grad, layer.weight.grad, layer.running_mean, y.grad_fn))
+    half, full = results
+    node = half[4]
+    while not hasattr(node, "prims"):  # ghost batches: the first one's, under a cat
+        node = node.next_functions[0][0]
+    assert node.prims is ops.OPERATORS
+    assert ops.native_passes(x32.to(dtype), mask) is cpu.PRIMITIVES
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+    for a, b in zip(half[:4], full[:4], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
