@@ -20,30 +20,22 @@
 
 #include <cstdint>
 
-// cpu.c's whole-call loops (C names; declared here with untyped data pointers, which
-// have the same calling convention as cpu.c's typed ones).
+// cpu.c's whole-call loops, one pair per data type with the same signature (C names;
+// declared here with untyped data pointers, which have the same calling convention as
+// cpu.c's typed ones).
+#define BN_LOOPS(S)                                                                          \
+    int bn_forward_##S(int, const void *, void *, int64_t, int64_t, int64_t, const void *,   \
+                       const void *, double, int, void *, void *, void *, double, int64_t *, \
+                       int, int, int, int);                                                  \
+    void bn_backward_##S(int, const void *, const void *, void *, int64_t, int64_t, int64_t, \
+                         const void *, const void *, void *, void *, int, int, int);
 extern "C" {
-int bn_forward_f32(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
-                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
-                   int, int, int);
-int bn_forward_f64(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
-                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
-                   int, int, int);
-int bn_forward_bf16(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
-                    const void *, double, int, void *, void *, void *, double, int64_t *, int,
-                    int, int, int);
-int bn_forward_f16(int, const void *, void *, int64_t, int64_t, int64_t, const void *,
-                   const void *, double, int, void *, void *, void *, double, int64_t *, int,
-                   int, int, int);
-void bn_backward_f32(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
-                     const void *, const void *, void *, void *, int, int, int);
-void bn_backward_f64(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
-                     const void *, const void *, void *, void *, int, int, int);
-void bn_backward_bf16(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
-                      const void *, const void *, void *, void *, int, int, int);
-void bn_backward_f16(int, const void *, const void *, void *, int64_t, int64_t, int64_t,
-                     const void *, const void *, void *, void *, int, int, int);
+BN_LOOPS(f32)
+BN_LOOPS(f64)
+BN_LOOPS(bf16)
+BN_LOOPS(f16)
 }
+#undef BN_LOOPS
 
 namespace {
 
