@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnkit
 from bnkit.bench.memory import peak_bytes
@@ -240,3 +242,53 @@ def test_eager_calls_bind_no_signatures(monkeypatch: pytest.MonkeyPatch) -> None
     y.sum().backward()
     monkeypatch.undo()
     torch.testing.assert_close(y, expected)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    shape=st.sampled_from([(9, 5), (7, 3, 11), (6, 7, 3, 4), (5, 6, 2, 3, 2), (3, 13, 4, 4)]),
+    channels_last=st.booleans(),
+    parts=st.integers(3, 80),
+    seed=st.integers(0, 2**16),
+)
+def test_any_blocking_gives_the_whole_tensor_passes(
+    shape: tuple[int, ...], channels_last: bool, parts: int, seed: int
+) -> None:
+    """Fuzzed: whatever the block size (blocks of samples, of rows, or of channels, with
+    ragged last blocks), the blocked passes give the whole-tensor ones: elementwise
+    results bit for bit, sums and statistics to rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    x = 5.0 + torch.randn(shape, generator=generator)
+    if channels_last and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    g = torch.randn(x.shape, generator=generator).contiguous(
+        memory_format=portable._output_memory_format(x)
+    )
+    shift, alpha, beta, k1, k0 = (torch.randn(shape[1], generator=generator) for _ in range(5))
+
+    def passes() -> list[torch.Tensor]:
+        stats = portable.batch_stats(x)
+        return [
+            portable.affine(x, shift, alpha, beta),
+            *portable.backward_reduce(g, x, shift, k0),
+            portable.backward_input(g, x, shift, alpha, k1, k0),
+            stats.shifted_mean + stats.shift,
+            stats.var,
+            stats.count,
+        ]
+
+    whole = passes()
+    original = portable.BLOCK_BYTES
+    portable.BLOCK_BYTES = max(4, x.numel() * 4 // parts)  # about ``parts`` blocks
+    try:
+        assert len(portable._blocks(x)) > 1
+        blocked = passes()
+    finally:
+        portable.BLOCK_BYTES = original
+    for a, b in zip(whole, blocked, strict=True):
+        assert a.stride() == b.stride()
+        if a.shape == x.shape:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
