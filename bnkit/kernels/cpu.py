@@ -1,12 +1,14 @@
-"""The fast CPU kernel: float32 and float64 batch norm at close to memory bandwidth.
+"""The fast CPU kernel: batch norm at close to memory bandwidth.
 
-:func:`bnkit.kernels.select_kernel` picks it for CPU float32/float64 tensors in eager mode
-whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last;
-everything else (other devices and dtypes, ``torch.compile``, ``torch.func`` transforms,
-other strides, a fused activation with a mask) goes to the portable kernel, whose results
-these agree with to rounding. The loops are this device's
-:class:`bnkit.kernels.primitive.Primitives` (:data:`PRIMITIVES`): the autograd functions
-that call them, synchronized layers included, are shared with the Triton kernels.
+:func:`bnkit.kernels.select_kernel` picks it (through the operators) for CPU float32,
+float64, bfloat16 and float16 tensors (the 16-bit ones computed in float32) in eager mode
+whose memory is one contiguous block, NCHW-like ((N, C, *) contiguous) or channels-last,
+and inside ``torch.func`` transforms through the operators' vmap rules; everything else
+(other devices and dtypes, ``torch.compile``, other strides, a fused activation with a
+mask) goes to the portable kernel, whose results these agree with to rounding. The loops
+are this device's :class:`bnkit.kernels.primitive.Primitives` (:data:`PRIMITIVES`): the
+autograd functions that call them, synchronized layers included, are shared with the
+Triton kernels.
 
 Passes over memory (a pass reads or writes the tensor once):
 
@@ -434,8 +436,9 @@ PRIMITIVES = Primitives(
 
 
 class CpuKernel(PrimitiveKernel):
-    """:class:`bnkit.kernels.pipeline.Kernel` with C loops for CPU float32/float64
-    tensors; what they do not take (see :func:`supports`) goes to the portable kernel."""
+    """:class:`bnkit.kernels.pipeline.Kernel` with C loops for CPU float32, float64,
+    bfloat16 and float16 tensors; what they do not take (see :func:`supports`) goes to
+    the portable kernel."""
 
     def __init__(self) -> None:
         super().__init__(PRIMITIVES)

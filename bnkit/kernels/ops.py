@@ -298,7 +298,8 @@ def _supports(x: Tensor, mask: Tensor | None) -> bool:
 
 def _native_device(x: Tensor) -> bool:
     """Whether x's device and dtype have native passes, whatever its layout: the C loops
-    for a CPU float32/float64 tensor (once built), the Triton kernels for a CUDA one."""
+    for a CPU float32, float64, bfloat16 or float16 tensor (once built), the Triton kernels
+    for a CUDA one."""
     if torch.compiler.is_compiling():
         return False
     if x.is_cuda:

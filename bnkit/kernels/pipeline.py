@@ -127,7 +127,7 @@ class Kernel(Protocol):
 def select_kernel(x: Tensor) -> Kernel:
     """The kernel for this input: the operators' kernel (:mod:`.ops`) where a native pass
     takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
-    tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU float32 or float64 tensor
+    tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU floating-point tensor
     they handle, :func:`bnkit.kernels.cpu.supports`) in eager mode, and inside torch.func
     transforms and forward-mode AD where x's device and dtype have native passes (the
     operators' vmap rules hand them plain tensors); else the portable kernel: the same
