@@ -154,11 +154,7 @@ def _differentiable_gradients(
     x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
     g = grad_output.to(invstd.dtype)
     if activation is not None:
-        name, param = activation
-        z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
-        z = z if bias is None else z + bias.to(x_hat.dtype).view(view)
-        form = act.activate(z, name, param) if act.saves_output(name) else z
-        g = g * act.slope(form, name, param)
+        g = g * _slope(x_hat, weight, bias, *activation)
     sum_g, sum_g_x_hat = g.sum(dims), (g * x_hat).sum(dims)
     dx = None
     if need_dx:
@@ -171,6 +167,18 @@ def _differentiable_gradients(
             through_stats = torch.where(portable._valid(mask), through_stats, 0.0)
         dx = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
     return dx, sum_g_x_hat, sum_g
+
+
+def _slope(
+    x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, name: str, param: float | None
+) -> Tensor:
+    """act'(z) of z = x_hat * weight + bias, in differentiable operations."""
+    view = _view(x_hat)
+    z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+    if bias is not None:
+        z = z + bias.to(x_hat.dtype).view(view)
+    form = act.activate(z, name, param) if act.saves_output(name) else z
+    return act.slope(form, name, param)
 
 
 def _tangent(
@@ -408,13 +416,7 @@ class _NormalizeActivate(_NormalizeActivateTraceable):
         _no_sync_derivative(ctx.group, "forward-mode derivatives")
         _no_ghost_derivative(ctx.ghosts)
         x_hat = _normalized(x, shift, shifted_mean, invstd)
-        view, dtype = _view(x), invstd.dtype
-        z = x_hat if weight is None else x_hat * weight.to(dtype).view(view)
-        if bias is not None:
-            z = z + bias.to(dtype).view(view)
-        name, param = ctx.activation, ctx.param
-        form = act.activate(z, name, param) if act.saves_output(name) else z
-        _, slope = act.preactivation_and_slope(form, name, param)
+        slope = _slope(x_hat, weight, bias, ctx.activation, ctx.param)
         z_t = _tangent(x_hat, x_t, weight, weight_t, bias_t, invstd, count, mask)
         return _tangent_output(z_t * slope, x)
 
