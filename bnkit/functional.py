@@ -176,13 +176,12 @@ class Options:
             )
         param = check_activation(where, self.activation, self.activation_param)
         object.__setattr__(self, "activation_param", param)
-        plain = (
-            self.ghost_batch_size is None
-            and self.renorm is None
-            and not self.sync
-            and self.activation in (None, "relu")
-        )
-        object.__setattr__(self, "_plain", plain)  # computed once: read on every call
+        plain = self.ghost_batch_size is None and self.renorm is None and not self.sync
+        flags = None
+        if plain:
+            flags = express.flags(self.running_var_estimator, self.skip_nonfinite,
+                                  self.activation, param, self.memory_efficient)  # fmt: skip
+        object.__setattr__(self, "_express", flags)  # computed once: read on every call
 
     @property
     def fused(self) -> pipeline.Activation | None:
@@ -192,11 +191,11 @@ class Options:
         return pipeline.Activation(self.activation, self.activation_param, self.memory_efficient)
 
     @property
-    def plain(self) -> bool:
-        """No ghost batches, renorm or sync, and no activation but a plain ReLU: what the
-        express path takes (masks aside, which are per call)."""
-        plain: bool = self.__dict__["_plain"]
-        return plain
+    def express(self) -> express.Flags | None:
+        """The options as the express path reads them, or None where it cannot take the
+        call (ghost batches, renorm or sync; masks are per call)."""
+        flags: express.Flags | None = self.__dict__["_express"]
+        return flags
 
 
 def batch_norm(
@@ -394,12 +393,13 @@ def try_express(
     options: Options,
     monitor: NonFiniteMonitor,
 ) -> Tensor | None:
-    """The output of a plain call on a CPU tensor by :mod:`bnkit.kernels.express` (one C
-    call each way; a batch the running statistics skipped is reported to ``monitor``), or
+    """The output of a call on a CPU tensor by :mod:`bnkit.kernels.express` (one C call
+    each way; a batch the running statistics skipped is reported to ``monitor``), or
     None: then :func:`_batch_norm` runs the general pipeline, which also reports invalid
-    arguments. Plain: no mask (:attr:`Options.plain` for the rest), and the Triton kernels
-    not asked for."""
-    if call.mask is not None or not options.plain or gpu.forced():
+    arguments. The express path takes no mask, no ghost batches, renorm or sync
+    (:attr:`Options.express`), and not the calls where the Triton kernels are asked for."""
+    flags = options.express
+    if call.mask is not None or flags is None or gpu.forced():
         return None
     result = express.batch_norm(
         call.input,
@@ -411,9 +411,7 @@ def try_express(
         momentum,
         eps,
         call.num_batches_tracked,
-        options.running_var_estimator == "unbiased",
-        options.skip_nonfinite,
-        options.activation == "relu",
+        flags,
     )
     if result is None:
         return None

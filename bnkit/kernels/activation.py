@@ -115,6 +115,9 @@ def invertible(
     torch.export traces the call the values are unknown, and inside a ``torch.func``
     transform (vmap) no value may decide control flow, so the answer is False: the call
     keeps the input (exact; the memory saving is eager mode's).
+
+    The express path's node (``fast.cpp``) applies this rule in C++ to the CPU tensors it
+    takes; tests/kernels/test_express.py holds both to the same answers.
     """
     if torch.compiler.is_compiling() or is_fake(output):
         return False

@@ -67,10 +67,12 @@ static i64 parts_for(i64 C, i64 N, int nt) {
 #define CAT(a, b) CAT_(a, b)
 #define NAME(name) CAT(name, S)
 
-/* The activations of the bn_act_* functions (relu has its own path in the plain ones). */
+/* The activations of the bn_act_* functions (relu has its own path in the plain ones,
+ * ACT_RELU in the whole-call bn_forward and bn_backward). */
 #define ACT_IDENTITY 0
 #define ACT_LEAKY 1
 #define ACT_ELU 2
+#define ACT_RELU 3
 #define INLINE static inline __attribute__((always_inline))
 
 /* Dispatch a call F(act, from_y) with both arguments compile-time constants, so that each
@@ -1209,10 +1211,11 @@ void NAME(bn_act_backward_input_nc)(const D *g, const D *src, D *dx, i64 M, i64 
 }
 
 
-/* The plain layer in one call each way (the express path of cpu.py: no Python between the
- * steps). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved` holds
- * 5 * C values: shift, shifted mean, invstd (what the backward pass needs), then the
- * affine coefficients a and b' of y = (x - shift) * a + b' (NULL: a scratch buffer).
+/* The layer in one call each way (the express path: no Python between the steps), with
+ * a fused activation `act` (ACT_IDENTITY: none, ACT_RELU, ACT_LEAKY or ACT_ELU with its
+ * parameter). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved`
+ * holds 5 * C values: shift, shifted mean, invstd (what the backward pass needs), then
+ * the affine coefficients a and b' of z = (x - shift) * a + b' (NULL: a scratch buffer).
  *
  * Forward, training: batch statistics, the running statistics updated as
  * bn_update_running does (when given), invstd = 1 / sqrt(var + eps), a = invstd * w,
@@ -1223,7 +1226,7 @@ void NAME(bn_act_backward_input_nc)(const D *g, const D *src, D *dx, i64 M, i64 
 int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w,
                      const T *bias, double eps, int training, T *saved, T *rmean, T *rvar,
                      double momentum, int64_t *tracked, int unbiased, int skip_nonfinite,
-                     int relu, int nt) {
+                     int act, double param, int nt) {
     T *scratch = saved ? NULL : (T *)malloc((size_t)(5 * C) * sizeof(T));
     if (!saved) saved = scratch; /* no backward pass to save for */
     T *shift = saved, *smean = saved + C, *invstd = saved + 2 * C;
@@ -1253,54 +1256,87 @@ int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w
         T beta = -smean[c] * a[c];
         b[c] = bias ? beta + bias[c] : beta;
     }
-    if (kind == 0)
-        NAME(bn_affine_ncl)(x, y, R, C, L, shift, a, b, relu, nt);
-    else
-        NAME(bn_affine_nc)(x, y, R, C, shift, a, b, relu, nt);
+    if (act == ACT_LEAKY || act == ACT_ELU) {
+        if (kind == 0)
+            NAME(bn_act_forward_ncl)(x, y, R, C, L, shift, a, b, act, param, nt);
+        else
+            NAME(bn_act_forward_nc)(x, y, R, C, shift, a, b, act, param, nt);
+    } else if (kind == 0) {
+        NAME(bn_affine_ncl)(x, y, R, C, L, shift, a, b, act == ACT_RELU, nt);
+    } else {
+        NAME(bn_affine_nc)(x, y, R, C, shift, a, b, act == ACT_RELU, nt);
+    }
     free(scratch);
     return recorded;
 }
 
 /* Backward of bn_forward from its `saved` values: dw = sum(g' x_hat), db = sum(g') (when
- * not NULL) and dx (when not NULL), g' = g, or g where the output is positive (relu).
- * With batch statistics (training) dx = a * (g' - mean(g') - x_hat * mean(g' x_hat));
- * without, dx = a * g'. The coefficients are computed in double and rounded once. */
-void NAME(bn_backward)(int kind, const D *g, const D *x, D *dx, i64 R, i64 C, i64 L,
-                       const T *saved, const T *w, T *dw, T *db, int training, int relu,
-                       int nt) {
-    const T *shift = saved, *smean = saved + C, *invstd = saved + 2 * C;
-    const T *za = relu ? saved + 3 * C : NULL, *zb = relu ? saved + 4 * C : NULL;
+ * not NULL) and dx (when not NULL), g' = g * act'(z). `src` is the input x, or with
+ * from_y the output y (an invertible activation: z = act^-1(y), x_hat = (z - bias) / w,
+ * which the caller has checked is exact). g and dx may be the same array: every pass
+ * reads g at a position before it writes dx there. With batch statistics (training)
+ * dx = a * (g' - mean(g') - x_hat * mean(g' x_hat)); without, dx = a * g'. The
+ * coefficients are computed in double and rounded once. */
+void NAME(bn_backward)(int kind, const D *g, const D *src, D *dx, i64 R, i64 C, i64 L,
+                       const T *saved, const T *w, const T *bias, T *dw, T *db, int training,
+                       int act, double param, int from_y, int nt) {
+    const T *invstd = saved + 2 * C, *za = saved + 3 * C, *zb = saved + 4 * C;
+    const int fused = from_y || act == ACT_LEAKY || act == ACT_ELU;
     double *sums = (double *)malloc((size_t)(2 * C) * sizeof(double));
-    T *coef = (T *)malloc((size_t)(3 * C) * sizeof(T));
+    T *coef = (T *)malloc((size_t)(5 * C) * sizeof(T));
     double *sum_g = sums, *sum_gc = sums + C;
-    if (kind == 0)
-        NAME(bn_backward_reduce_ncl)(g, x, R, C, L, shift, smean, za, zb, sum_g, sum_gc, nt);
-    else
-        NAME(bn_backward_reduce_nc)(g, x, R, C, shift, smean, za, zb, sum_g, sum_gc, nt);
-    const double count = (double)(R * L);
     T *alpha = coef, *k1 = coef + C, *k0 = coef + 2 * C;
+    /* v - s with v = x: s = shift, centred on the shifted mean m; v = z: s = bias, m = 0 */
+    const T *s = saved, *m = saved + C;
+    if (from_y) {
+        T *centre = coef + 3 * C, *zero = coef + 4 * C;
+        for (i64 c = 0; c < C; ++c) centre[c] = bias ? bias[c] : (T)0, zero[c] = (T)0;
+        s = centre;
+        m = zero;
+    }
+    if (fused && kind == 0)
+        NAME(bn_act_backward_reduce_ncl)(g, src, R, C, L, s, m, za, zb, act, param, from_y,
+                                         sum_g, sum_gc, nt);
+    else if (fused)
+        NAME(bn_act_backward_reduce_nc)(g, src, R, C, s, m, za, zb, act, param, from_y, sum_g,
+                                        sum_gc, nt);
+    else if (kind == 0)
+        NAME(bn_backward_reduce_ncl)(g, src, R, C, L, s, m, act == ACT_RELU ? za : NULL,
+                                     act == ACT_RELU ? zb : NULL, sum_g, sum_gc, nt);
+    else
+        NAME(bn_backward_reduce_nc)(g, src, R, C, s, m, act == ACT_RELU ? za : NULL,
+                                    act == ACT_RELU ? zb : NULL, sum_g, sum_gc, nt);
+    const double count = (double)(R * L);
     for (i64 c = 0; c < C; ++c) {
-        const double is = (double)invstd[c];
-        const double sum_g_x_hat = sum_gc[c] * is;
+        const double is = (double)invstd[c], wc = w ? (double)w[c] : 1.0;
+        /* x_hat = (v - s - m) * per_unit */
+        const double per_unit = from_y ? 1.0 / wc : is;
+        const double sum_g_x_hat = sum_gc[c] * per_unit;
         if (dw) dw[c] = (T)sum_g_x_hat;
         if (db) db[c] = (T)sum_g[c];
-        const double ac = w ? is * (double)w[c] : is;
+        const double ac = is * wc;
         alpha[c] = (T)ac;
         if (training) {
             const double slope = -ac * sum_g_x_hat / count; /* coefficient of x_hat */
-            k1[c] = (T)(slope * is);
-            k0[c] = (T)(-ac * sum_g[c] / count - (double)smean[c] * slope * is);
+            k1[c] = (T)(slope * per_unit);
+            k0[c] = (T)(-ac * sum_g[c] / count - (double)m[c] * slope * per_unit);
         } else {
             k1[c] = (T)0;
             k0[c] = (T)0;
         }
     }
-    if (dx) {
-        if (kind == 0)
-            NAME(bn_backward_input_ncl)(g, x, dx, R, C, L, shift, alpha, k1, k0, za, zb, nt);
-        else
-            NAME(bn_backward_input_nc)(g, x, dx, R, C, shift, alpha, k1, k0, za, zb, nt);
-    }
+    if (dx && fused && kind == 0)
+        NAME(bn_act_backward_input_ncl)(g, src, dx, R, C, L, s, alpha, k1, k0, za, zb, act,
+                                        param, from_y, nt);
+    else if (dx && fused)
+        NAME(bn_act_backward_input_nc)(g, src, dx, R, C, s, alpha, k1, k0, za, zb, act, param,
+                                       from_y, nt);
+    else if (dx && kind == 0)
+        NAME(bn_backward_input_ncl)(g, src, dx, R, C, L, s, alpha, k1, k0,
+                                    act == ACT_RELU ? za : NULL, act == ACT_RELU ? zb : NULL, nt);
+    else if (dx)
+        NAME(bn_backward_input_nc)(g, src, dx, R, C, s, alpha, k1, k0,
+                                   act == ACT_RELU ? za : NULL, act == ACT_RELU ? zb : NULL, nt);
     free(coef);
     free(sums);
 }

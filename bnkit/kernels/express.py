@@ -1,34 +1,71 @@
-"""The express path: plain batch norm on a CPU tensor in one C call each way.
+"""The express path: batch norm on a CPU tensor in one C call each way.
 
-Most calls are plain: no mask, ghost batches, renorm or synchronization, a float32,
-float64, bfloat16 or float16 CPU tensor in a layout the C loops know, per-channel
-tensors in the compute dtype (float32 for 16-bit inputs: the mixed-precision layout).
-Without autograd, 16-bit parameters (and, in eval, 16-bit population statistics: a
-``model.to(torch.bfloat16)`` at inference) are read as float32 copies. For them the
-general pipeline (statistics objects, affine terms computed with torch, a separate
-update of the running statistics) costs tens of microseconds of Python and small torch
-operations per call, more than the work itself on a small tensor. Here the C++ of
-``fast.cpp`` decides, and one call to ``bn_forward`` in ``cpu.c`` computes the
+Most calls have no mask, ghost batches, renorm or synchronization: a float32, float64,
+bfloat16 or float16 CPU tensor in a layout the C loops know, per-channel tensors in the
+compute dtype (float32 for 16-bit inputs: the mixed-precision layout), with or without a
+fused activation. Without autograd, 16-bit parameters (and, in eval, 16-bit population
+statistics: a ``model.to(torch.bfloat16)`` at inference) are read as float32 copies. For
+them the general pipeline (statistics objects, affine terms computed with torch, a
+separate update of the running statistics) costs hundreds of microseconds of Python and
+small torch operations per call, more than the work itself on a small tensor. Here the
+C++ of ``fast.cpp`` decides, and one call to ``bn_forward`` in ``cpu.c`` computes the
 statistics, updates the running ones and normalizes, under a native autograd node whose
 backward is one call to ``bn_backward``; the arithmetic is the C loops', so results agree
-with the operators' kernel (:mod:`bnkit.kernels.ops`) to rounding.
+with the operators' kernel (:mod:`bnkit.kernels.ops`) to rounding. A memory-efficient
+activation saves the output where it gives x_hat back (the rule of
+:func:`bnkit.kernels.activation.invertible`, which fast.cpp applies to the tensors it
+takes), as the pipeline's autograd function does.
 
 :func:`batch_norm` returns None for any call it does not take, and the caller runs the
-general pipeline, which also reports invalid arguments: the checks accept only valid,
-plain calls and never raise.
+general pipeline, which also reports invalid arguments: the checks accept only valid
+calls and never raise.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from bnkit.kernels import activation as act
 from bnkit.kernels import cpu, native, outputs, pipeline, portable, primitive
 from bnkit.kernels.stats import compute_dtype
 
-__all__ = ["batch_norm"]
+__all__ = ["Flags", "batch_norm", "flags"]
+
+#: The fused activations' codes in ``cpu.c``'s bn_forward and bn_backward (ACT_*)
+_CODES = {None: 0, "identity": 0, "leaky_relu": 1, "elu": 2, "relu": 3}
+_NAMES = {1: "leaky_relu", 2: "elu", 3: "relu"}
+
+
+class Flags(NamedTuple):
+    """A call's options as ``fast.cpp`` reads them (:func:`flags` makes them)."""
+
+    unbiased: bool = True  #: running_var takes the unbiased batch variance
+    skip_nonfinite: bool = True
+    activation: int = 0  #: the fused activation's code (``_CODES``)
+    param: float = 0.0  #: its parameter: leaky_relu's slope, elu's alpha
+    from_output: bool = False  #: memory-efficient: training may save y instead of x
+
+
+def flags(
+    running_var_estimator: str,
+    skip_nonfinite: bool,
+    activation: str | None,
+    param: float | None,
+    memory_efficient: bool,
+) -> Flags:
+    """The :class:`Flags` of validated options (:class:`bnkit.functional.Options`')."""
+    return Flags(
+        running_var_estimator == "unbiased",
+        skip_nonfinite,
+        _CODES[activation],
+        0.0 if param is None else float(param),
+        memory_efficient and activation is not None and act.saves_output(activation),
+    )
+
 
 _transformed = portable.transformed  # torch.func or forward-mode AD
 _compiling = torch.compiler.is_compiling
@@ -44,7 +81,7 @@ def _start() -> None:
     _started = True
     extension = native.extension()
     if extension is not None:
-        extension.init(torch.nn.Parameter, _double_backward, cpu, outputs)
+        extension.init(torch.nn.Parameter, _double_backward, act.INVERSION_LIMIT, cpu, outputs)
         _FAST = extension.batch_norm
 
 
@@ -58,16 +95,14 @@ def batch_norm(
     momentum: float | None,
     eps: float,
     num_batches_tracked: Tensor | None,
-    unbiased: bool,
-    skip_nonfinite: bool,
-    relu: bool,
+    options: Flags,
 ) -> tuple[Tensor, bool | None] | None:
-    """(output, recorded) of a plain call, or None when this path does not take it.
+    """(output, recorded) of a call, or None when this path does not take it.
 
     ``recorded`` is whether the running statistics took the batch (False only for a
     batch with non-finite statistics under ``skip_nonfinite``), None when there were no
     running statistics to update. The arguments have the meaning of
-    :func:`bnkit.functional.batch_norm`'s; ``relu`` fuses a ReLU (saving the input).
+    :func:`bnkit.functional.batch_norm`'s; ``options`` are the rest (:func:`flags`).
     """
     if _FAST is None and not _started:
         _start()
@@ -75,31 +110,50 @@ def batch_norm(
         return None
     result: tuple[Tensor, bool | None] | None = _FAST(
         x, running_mean, running_var, weight, bias, training, momentum, eps,
-        num_batches_tracked, unbiased, skip_nonfinite, relu,
+        num_batches_tracked, options,
     )  # fmt: skip
     return result
 
 
+class _Node(NamedTuple):
+    """What fast.cpp's autograd node keeps besides its tensors."""
+
+    eps: float
+    training: bool
+    activation: int  #: the code (``_CODES``)
+    param: float
+    from_output: bool  #: the node saved y, not x
+
+
 def _double_backward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
+    saved: tuple[Tensor | None, ...],
     grad_output: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-    training: bool,
-    relu: bool,
-    need_weight: bool,
-    need_bias: bool,
+    node: tuple[Any, ...],
+    needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The gradients (x, weight, bias) as functions of the inputs (double backward): the
-    portable kernel's forward recomputed (running statistics left alone) and
-    differentiated. fast.cpp's backward under autograd, and for gradients batched by
-    ``autograd.grad(..., is_grads_batched=True)``, which the C loops cannot read. Without
-    a relu the gradients do not depend on the bias, so a zero stands in for it (``bias``
-    is saved for the relu only)."""
-    if not relu or bias is None:
+    """The gradients (x, weight, bias) of fast.cpp's node in torch operations: under
+    autograd (a double backward), and for gradients batched by
+    ``autograd.grad(..., is_grads_batched=True)``, which the C loops cannot read.
+
+    ``saved`` are the node's tensors: (x or y, weight, bias, its 5 * C values, and in eval
+    the population statistics); ``needs``: which gradients are wanted. From the input,
+    the portable kernel's forward is recomputed (running statistics left alone) and
+    differentiated; from the output (memory-efficient), which has no input to
+    differentiate, a double backward is refused and batched gradients take the
+    pipeline's backward formula on the portable passes.
+    """
+    info = _Node(*node)
+    name = _NAMES.get(info.activation)
+    if info.from_output:
+        if torch.is_grad_enabled():
+            act.refuse_double_backward()
+        return _from_output(saved, grad_output, info, needs)
+    x, weight, bias = saved[:3]
+    running_mean, running_var = (None, None) if info.training else saved[4:6]
+    _, need_weight, need_bias = needs  # x's: whether x requires grad
+    assert x is not None
+    if name is None or bias is None:
+        # the bias changes no gradient without an activation: a zero stands in for it
         bias = None
         if need_bias:
             bias = torch.zeros(x.shape[1], dtype=compute_dtype(x.dtype), requires_grad=True)
@@ -116,13 +170,43 @@ def _double_backward(
             running_var,
             weight,
             bias,
-            use_batch_stats=training,
+            use_batch_stats=info.training,
             momentum=0.0,
-            eps=eps,
+            eps=info.eps,
             kernel=primitive.PORTABLE,
-            activation=pipeline.Activation("relu") if relu else None,
+            activation=None if name is None else pipeline.Activation(name, info.param, False),
         ).output
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph))
     return tuple(  # type: ignore[return-value]
         next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias)
     )
+
+
+def _from_output(
+    saved: tuple[Tensor | None, ...],
+    grad_output: Tensor,
+    info: _Node,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients from the saved output y by the pipeline's formula
+    (:func:`bnkit.kernels.primitive._from_output`) on the portable passes, which
+    ``torch.func`` batches."""
+    y, weight, bias, values = saved[:4]
+    assert y is not None
+    assert values is not None
+    channels = y.shape[1]
+    invstd = values[2 * channels : 3 * channels]
+    count = torch.tensor(y.numel() // channels, dtype=values.dtype)
+    name = _NAMES.get(info.activation, "identity")
+    ctx = SimpleNamespace(
+        saved_tensors=(y, weight, bias, invstd, count, None),
+        activation=name,
+        param=info.param if name != "identity" else None,
+        prims=portable.PRIMITIVES,
+        ghosts=1,
+        group=None,
+        needs_input_grad=needs,
+        bias_dtype=None if bias is None else bias.dtype,
+    )
+    dx, sum_g, sum_g_x_hat, weight = primitive._from_output(ctx, grad_output)
+    return dx, *primitive._parameter_gradients(ctx, weight, sum_g_x_hat, sum_g)

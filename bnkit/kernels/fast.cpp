@@ -1,24 +1,26 @@
-// The express path: plain batch norm on a CPU tensor (float, double, bfloat16 or half)
-// with no Python between the call and the C loops, and a native autograd node.
+// The express path: batch norm on a CPU tensor (float, double, bfloat16 or half) with no
+// Python between the call and the C loops, and a native autograd node.
 //
-// A plain call (no mask, ghost batches, renorm, sync or activation but ReLU; see
+// A call with no mask, ghost batches, renorm or sync (any fused activation; see
 // bnkit.kernels.express) would otherwise pay the general pipeline's Python: tens of
 // microseconds, several times the work on a small tensor. Here one call to bn_forward of
 // cpu.c (linked into the same extension by bnkit.kernels.native) computes the statistics,
 // updates the running ones and normalizes, and one call to bn_backward gives every
 // gradient. It answers None for any call it does not take, which then goes through the
 // pipeline. Large outputs come from bnkit.kernels.outputs' pool (a Python call, nothing
-// next to the work); a double backward (a backward pass under autograd) calls back into
-// Python.
+// next to the work); so does a double backward (a backward pass under autograd).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/le.h>
 #include <Python.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 // cpu.c's whole-call loops, one pair per data type with the same signature (C names;
 // declared here with untyped data pointers, which have the same calling convention as
@@ -26,9 +28,10 @@
 #define BN_LOOPS(S)                                                                          \
     int bn_forward_##S(int, const void *, void *, int64_t, int64_t, int64_t, const void *,   \
                        const void *, double, int, void *, void *, void *, double, int64_t *, \
-                       int, int, int, int);                                                  \
+                       int, int, int, double, int);                                          \
     void bn_backward_##S(int, const void *, const void *, void *, int64_t, int64_t, int64_t, \
-                         const void *, const void *, void *, void *, int, int, int);
+                         const void *, const void *, const void *, void *, void *, int, int,  \
+                         double, int, int);
 extern "C" {
 BN_LOOPS(f32)
 BN_LOOPS(f64)
@@ -67,11 +70,15 @@ int loop_index(at::ScalarType dtype) {
 at::ScalarType compute_type(at::ScalarType dtype) {
     return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+// cpu.c's codes of the fused activations (ACT_*): none (identity), leaky_relu, elu, relu.
+constexpr int ACT_NONE = 0, ACT_ELU = 2, ACT_RELU = 3;
+
 // Set by init(): the type besides torch.Tensor that a tensor argument may have
-// (torch.nn.Parameter), and the Python function that computes a differentiable backward
-// (express._double_backward).
+// (torch.nn.Parameter), the Python function that computes a differentiable backward
+// (express._double_backward), and bnkit.kernels.activation.INVERSION_LIMIT.
 PyObject *parameter_type = nullptr;
 PyObject *double_backward = nullptr;
+double inversion_limit = 0.0;
 // The sizes are read from their Python modules on each call (tests change them):
 // bnkit.kernels.cpu's SMALL_THRESHOLD and PARALLEL_THRESHOLD, bnkit.kernels.outputs'
 // MIN_BYTES.
@@ -88,14 +95,17 @@ int64_t module_int(PyObject *module, PyObject *name) {
     return result;
 }
 
-// One call's layout and options (what express.py keeps in a _Call).
+// One call's layout and options (express.Flags for the options).
 struct Call {
     int kind = 0;  // 0: (N, C, L) rows, 1: (M, C) rows
     int64_t rows = 0, channels = 0, inner = 0;
     bool training = false;
     double eps = 0.0, momentum = 0.0;
     at::Tensor running_mean, running_var, tracked;  // undefined: none
-    bool unbiased = true, skip_nonfinite = true, relu = false;
+    bool unbiased = true, skip_nonfinite = true;
+    int act = ACT_NONE;        // the fused activation (cpu.c's ACT_*)
+    double param = 0.0;        // its parameter: leaky_relu's slope, elu's alpha
+    bool from_output = false;  // memory-efficient: training may save y instead of x
     int threads = 1;
     int recorded = 1;
     int64_t pool_bytes = 0;  // outputs this large come from the pool
@@ -126,6 +136,20 @@ bool requires_grad(PyObject *obj) {
     return obj != Py_None && plain_type(obj) && THPVariable_Unpack(obj).requires_grad();
 }
 
+// Raise the pending Python error as a C++ exception (the GIL held by `gil` released).
+[[noreturn]] void rethrow(PyGILState_STATE gil) {
+    python_error error;
+    error.persist();
+    PyGILState_Release(gil);
+    throw error;
+}
+
+// A tensor or None, as a new reference.
+PyObject *wrap(const at::Tensor &t) {
+    if (t.defined()) return THPVariable_Wrap(t);
+    Py_RETURN_NONE;
+}
+
 // An uninitialized tensor like x: from bnkit.kernels.outputs' pool (which keeps large
 // mappings; it takes the GIL) when it holds `pool_bytes` or more, else torch's.
 at::Tensor output_like(const at::Tensor &x, int64_t pool_bytes) {
@@ -137,12 +161,7 @@ at::Tensor output_like(const at::Tensor &x, int64_t pool_bytes) {
             ? nullptr
             : PyObject_CallMethodObjArgs(outputs_module, empty_like_name, wrapped, nullptr);
     Py_XDECREF(wrapped);
-    if (out == nullptr) {
-        python_error error;
-        error.persist();
-        PyGILState_Release(gil);
-        throw error;
-    }
+    if (out == nullptr) rethrow(gil);
     at::Tensor result = THPVariable_Unpack(out);
     Py_DECREF(out);
     PyGILState_Release(gil);
@@ -159,7 +178,47 @@ int forward_call(const Call &call, const at::Tensor &x, const at::Tensor &y,
         ptr(weight), ptr(bias), call.eps, call.training, mutable_ptr(saved),
         mutable_ptr(call.running_mean), mutable_ptr(call.running_var), call.momentum,
         call.tracked.defined() ? call.tracked.data_ptr<int64_t>() : nullptr, call.unbiased,
-        call.skip_nonfinite, call.relu, call.threads);
+        call.skip_nonfinite, call.act, call.param, call.threads);
+}
+
+// Whether a channel's x_hat = (z - beta) / gamma loses digits: gamma = 0, or
+// |beta| >= inversion_limit * |gamma| (bnkit.kernels.activation.INVERSION_LIMIT).
+template <typename T>
+bool lossy_channel(const at::Tensor &weight, const at::Tensor &bias, double limit) {
+    const T *w = weight.data_ptr<T>();
+    const T *b = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    for (int64_t c = 0; c < weight.numel(); ++c) {
+        const double magnitude = b ? std::abs((double)b[c]) : 0.0;
+        if ((double)(T)(limit * std::abs((double)w[c])) <= magnitude) return true;
+    }
+    return false;
+}
+
+// The smallest positive x with 1 + x != 1 in a data type.
+double epsilon(at::ScalarType dtype) {
+    switch (dtype) {
+        case at::kDouble: return std::numeric_limits<double>::epsilon();
+        case at::kBFloat16: return 0.0078125;  // 2^-7
+        case at::kHalf: return 0.0009765625;   // 2^-10
+        default: return std::numeric_limits<float>::epsilon();
+    }
+}
+
+// Whether the backward pass can recover x_hat from the output y to working precision:
+// bnkit.kernels.activation.invertible's rule for the tensors this path takes (its
+// docstring says why); tests/kernels/test_express.py holds the two to the same answers.
+bool output_invertible(const at::Tensor &y, const at::Tensor &weight, const at::Tensor &bias,
+                       const Call &call) {
+    if (weight.defined()) {
+        const bool lossy = weight.scalar_type() == at::kDouble
+                               ? lossy_channel<double>(weight, bias, inversion_limit)
+                               : lossy_channel<float>(weight, bias, inversion_limit);
+        if (lossy) return false;
+    }
+    if (call.act != ACT_ELU) return true;
+    // an elu output within sqrt(eps) (relative) of its floor -alpha
+    const double floor = -call.param * (1.0 - std::sqrt(epsilon(y.scalar_type())));
+    return !at::le(y, floor).any().item<bool>();
 }
 
 struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
@@ -174,12 +233,17 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         at::Tensor saved =
             at::empty({5 * call->channels}, x.options().dtype(compute_type(x.scalar_type())));
         call->recorded = forward_call(*call, x, y, weight, bias, saved);
-        // In eval the population statistics are saved too, as torch saves them: changing
-        // them in place before the backward pass then raises autograd's error instead of
-        // giving a double backward the changed values. The bias only with the relu, whose
-        // slope a double backward recomputes.
-        const at::Tensor slope_bias = call->relu ? bias : at::Tensor();
-        if (call->training)
+        // Memory-efficient: the output y alone where it gives x_hat back (the next layer
+        // keeps y anyway). Else x; the bias with an activation, whose slope a double
+        // backward recomputes. In eval the population statistics are saved too, as torch
+        // saves them: changing them in place before the backward pass then raises
+        // autograd's error instead of giving a double backward the changed values.
+        const bool from_y = call->training && call->from_output &&
+                            output_invertible(y, weight, bias, *call);
+        const at::Tensor slope_bias = call->act != ACT_NONE ? bias : at::Tensor();
+        if (from_y)
+            ctx->save_for_backward({y, weight, bias, saved});
+        else if (call->training)
             ctx->save_for_backward({x, weight, slope_bias, saved});
         else
             ctx->save_for_backward(
@@ -191,7 +255,9 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         ctx->saved_data["channels"] = call->channels;
         ctx->saved_data["inner"] = call->inner;
         ctx->saved_data["training"] = call->training;
-        ctx->saved_data["relu"] = call->relu;
+        ctx->saved_data["act"] = (int64_t)call->act;
+        ctx->saved_data["param"] = call->param;
+        ctx->saved_data["from_y"] = from_y;
         ctx->saved_data["threads"] = (int64_t)call->threads;
         ctx->saved_data["eps"] = call->eps;
         ctx->saved_data["pool_bytes"] = call->pool_bytes;
@@ -200,9 +266,10 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const variable_list saved_vars = ctx->get_saved_variables();
-        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &saved = saved_vars[3];
+        // src: x, or the output y (from_y)
+        const at::Tensor &src = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2];
+        const at::Tensor &saved = saved_vars[3];
         const bool training = ctx->saved_data["training"].toBool();
-        const bool relu = ctx->saved_data["relu"].toBool();
         at::Tensor g = grads[0];
         const bool has_weight = ctx->saved_data["has_weight"].toBool();
         const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -212,56 +279,54 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         // Under autograd, or for gradients without storage (batched by vmap, as
         // autograd.grad(..., is_grads_batched=True) makes them): torch operations.
         if (at::GradMode::is_enabled() || !g.has_storage())
-            return differentiable(saved_vars, ctx->saved_data["eps"].toDouble(), g, training,
-                                  relu, need_w, need_b);
+            return differentiable(ctx, saved_vars, g, need_x, need_w, need_b);
         const int64_t channels = ctx->saved_data["channels"].toInt();
-        if (g.scalar_type() != x.scalar_type() || !g.strides().equals(x.strides())) {
-            g = g.to(x.scalar_type());  // in x's layout, as the loops read it
-            g = x.is_contiguous() ? g.contiguous()
-                                  : g.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::ChannelsLast3d);
-        }
         at::Tensor dx, dw, db;
-        if (need_x) dx = output_like(x, ctx->saved_data["pool_bytes"].toInt());
+        if (need_x) dx = output_like(src, ctx->saved_data["pool_bytes"].toInt());
+        if (g.scalar_type() != src.scalar_type() || !g.strides().equals(src.strides())) {
+            // g in x's layout, as the loops read it. Copied into dx where there is one:
+            // the loops read each value of g before they write dx at the same position,
+            // so an expanded gradient (a sum's) costs no tensor besides dx.
+            if (need_x) {
+                dx.copy_(g);
+                g = dx;
+            } else {
+                g = g.to(src.scalar_type());
+                g = src.is_contiguous()
+                        ? g.contiguous()
+                        : g.contiguous(src.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                      : at::MemoryFormat::ChannelsLast3d);
+            }
+        }
         if (need_w) dw = at::empty({channels}, saved.options());
         if (need_b) db = at::empty({channels}, saved.options());
-        backward_loop[loop_index(x.scalar_type())](
-            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), x.data_ptr(), mutable_ptr(dx),
+        backward_loop[loop_index(src.scalar_type())](
+            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), src.data_ptr(), mutable_ptr(dx),
             ctx->saved_data["rows"].toInt(), channels, ctx->saved_data["inner"].toInt(),
-            saved.data_ptr(), ptr(weight), mutable_ptr(dw), mutable_ptr(db), training, relu,
-            (int)ctx->saved_data["threads"].toInt());
+            saved.data_ptr(), ptr(weight), ptr(bias), mutable_ptr(dw), mutable_ptr(db),
+            training, (int)ctx->saved_data["act"].toInt(), ctx->saved_data["param"].toDouble(),
+            ctx->saved_data["from_y"].toBool(), (int)ctx->saved_data["threads"].toInt());
         return {dx, dw, db, at::Tensor()};
     }
 
-    // Gradients that are themselves differentiable: Python's express._double_backward.
-    // saved_vars: x, weight, the bias (relu), the 5 * C values, and in eval the
-    // population statistics.
-    static variable_list differentiable(const variable_list &saved_vars, double eps,
-                                        const at::Tensor &g, bool training, bool relu,
-                                        bool need_w, bool need_b) {
-        const at::Tensor &x = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2];
+    // Gradients that are themselves differentiable, or batched: Python's
+    // express._double_backward(saved tensors, g, node, needs).
+    static variable_list differentiable(AutogradContext *ctx, const variable_list &saved_vars,
+                                        const at::Tensor &g, bool need_x, bool need_w,
+                                        bool need_b) {
         PyGILState_STATE gil = PyGILState_Ensure();
-        variable_list result;
-        PyObject *mean = Py_None, *var = Py_None;
-        if (!training) {
-            mean = THPVariable_Wrap(saved_vars[4]);
-            var = THPVariable_Wrap(saved_vars[5]);
-        } else {
-            Py_INCREF(mean);
-            Py_INCREF(var);
-        }
-        PyObject *w = weight.defined() ? THPVariable_Wrap(weight) : (Py_INCREF(Py_None), Py_None);
-        PyObject *b = bias.defined() ? THPVariable_Wrap(bias) : (Py_INCREF(Py_None), Py_None);
+        PyObject *tensors = PyTuple_New((Py_ssize_t)saved_vars.size());
+        if (tensors == nullptr) rethrow(gil);
+        for (size_t i = 0; i < saved_vars.size(); ++i)
+            PyTuple_SET_ITEM(tensors, (Py_ssize_t)i, wrap(saved_vars[i]));
+        auto flag = [](bool value) { return value ? Py_True : Py_False; };
         PyObject *out = PyObject_CallFunction(
-            double_backward, "NNNNNNdOOOO", THPVariable_Wrap(x), w, b, THPVariable_Wrap(g),
-            mean, var, eps, training ? Py_True : Py_False,
-            relu ? Py_True : Py_False, need_w ? Py_True : Py_False, need_b ? Py_True : Py_False);
-        if (out == nullptr) {
-            python_error error;
-            error.persist();
-            PyGILState_Release(gil);
-            throw error;
-        }
+            double_backward, "NN(dOidO)(OOO)", tensors, THPVariable_Wrap(g),
+            ctx->saved_data["eps"].toDouble(), flag(ctx->saved_data["training"].toBool()),
+            (int)ctx->saved_data["act"].toInt(), ctx->saved_data["param"].toDouble(),
+            flag(ctx->saved_data["from_y"].toBool()), flag(need_x), flag(need_w), flag(need_b));
+        if (out == nullptr) rethrow(gil);
+        variable_list result;
         for (Py_ssize_t i = 0; i < 3; ++i) {
             PyObject *item = PyTuple_GET_ITEM(out, i);
             result.push_back(item == Py_None ? at::Tensor() : THPVariable_Unpack(item));
@@ -274,10 +339,10 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
 };
 
 // batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-//            num_batches_tracked, unbiased, skip_nonfinite, relu)
-//   -> (output, recorded) or None (express.batch_norm's contract).
+//            num_batches_tracked, flags)
+//   -> (output, recorded) or None (express.batch_norm's contract; flags: express.Flags).
 PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12 || parameter_type == nullptr) Py_RETURN_NONE;
+    if (nargs != 10 || parameter_type == nullptr) Py_RETURN_NONE;
     HANDLE_TH_ERRORS
     PyObject *x_obj = args[0];
     if (!plain_type(x_obj)) Py_RETURN_NONE;
@@ -350,11 +415,18 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
             Py_RETURN_NONE;
         call.tracked = tracked;
     }
-    for (int i = 9; i < 12; ++i)
-        if (args[i] != Py_True && args[i] != Py_False) Py_RETURN_NONE;
-    call.unbiased = args[9] == Py_True;
-    call.skip_nonfinite = args[10] == Py_True;
-    call.relu = args[11] == Py_True;
+    PyObject *flags = args[9];
+    if (!PyTuple_Check(flags) || PyTuple_GET_SIZE(flags) != 5) Py_RETURN_NONE;
+    PyObject *const *flag = &PyTuple_GET_ITEM(flags, 0);
+    if (!PyBool_Check(flag[0]) || !PyBool_Check(flag[1]) || !PyLong_CheckExact(flag[2]) ||
+        !PyFloat_CheckExact(flag[3]) || !PyBool_Check(flag[4]))
+        Py_RETURN_NONE;
+    call.unbiased = flag[0] == Py_True;
+    call.skip_nonfinite = flag[1] == Py_True;
+    call.act = (int)PyLong_AsLong(flag[2]);
+    call.param = PyFloat_AsDouble(flag[3]);
+    call.from_output = flag[4] == Py_True;
+    if (call.act < 0 || call.act > ACT_RELU) Py_RETURN_NONE;
     call.threads = numel >= parallel_threshold ? at::get_num_threads() : 1;
 
     at::Tensor output;
@@ -376,10 +448,12 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     END_HANDLE_TH_ERRORS
 }
 
-// init(Parameter, double_backward, cpu_module, outputs_module)
+// init(Parameter, double_backward, inversion_limit, cpu_module, outputs_module)
 PyObject *init(PyObject *, PyObject *args) {
     PyObject *parameter, *fallback, *cpu, *outputs;
-    if (!PyArg_ParseTuple(args, "OOOO", &parameter, &fallback, &cpu, &outputs)) return nullptr;
+    if (!PyArg_ParseTuple(args, "OOdOO", &parameter, &fallback, &inversion_limit, &cpu,
+                          &outputs))
+        return nullptr;
     Py_XINCREF(parameter);
     Py_XSETREF(parameter_type, parameter);
     Py_XINCREF(fallback);

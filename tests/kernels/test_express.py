@@ -16,8 +16,10 @@ import bnkit
 from bnkit import reference as ref
 from bnkit.errors import NonFiniteStatsWarning
 from bnkit.functional import batch_norm
+from bnkit.kernels import activation as act
 from bnkit.kernels import batch_norm as pipeline
 from bnkit.kernels import express, native, primitive
+from bnkit.kernels.activation import default_param
 from tests.helpers import assert_close_to_scale
 
 pytestmark = pytest.mark.skipif(
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOLERANCE = {torch.float32: 3e-5, torch.float64: 1e-11}
+RELU = express.flags("unbiased", True, "relu", None, False).activation  # its code
 
 #: (shape, memory format) pairs covering both C layouts and the threaded loops
 LAYOUTS: list[tuple[tuple[int, ...], torch.memory_format]] = [
@@ -78,8 +81,9 @@ def _step(
     unbiased = options.get("unbiased", True)
     if use_express:
         result = express.batch_norm(
-            x, mean, var, w, b, training, momentum, 1e-5, tracked, unbiased, True, relu
-        )
+            x, mean, var, w, b, training, momentum, 1e-5, tracked,
+            express.Flags(unbiased, True, RELU if relu else 0),
+        )  # fmt: skip
         assert result is not None, "the express path did not take a plain call"
         y = result[0]
     else:
@@ -201,7 +205,7 @@ def test_fuzz_against_the_reference(
     wt = torch.tensor(gamma, requires_grad=True)
     bt = torch.tensor(beta, requires_grad=True)
     mean, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-    result = express.batch_norm(xt, mean, var, wt, bt, True, 0.1, 1e-5, None, True, True, False)
+    result = express.batch_norm(xt, mean, var, wt, bt, True, 0.1, 1e-5, None, express.Flags())
     if x.size < 256:  # below the fast kernel's threshold: the general path's business
         assert result is None
         return
@@ -231,14 +235,14 @@ def test_gradcheck_and_gradgradcheck_in_float64() -> None:
     b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
 
     def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, True, True, False)
+        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, express.Flags())
         assert result is not None
         return result[0]
 
     mean, var = torch.rand(3, dtype=torch.float64), 1 + torch.rand(3, dtype=torch.float64)
 
     def evaluate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5, None, True, True, False)
+        result = express.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5, None, express.Flags())
         assert result is not None
         return result[0]
 
@@ -247,22 +251,43 @@ def test_gradcheck_and_gradgradcheck_in_float64() -> None:
         assert torch.autograd.gradgradcheck(function, (x, w, b))
 
 
-def test_relu_double_backward_and_batched_gradients() -> None:
-    """The fused relu's double backward recomputes its slope from x and the saved bias;
-    gradients batched by vmap (which the C loops cannot read) take the same route."""
+FUSED = [
+    ("relu", None, False),
+    ("leaky_relu", 0.2, False),
+    ("leaky_relu", 0.2, True),
+    ("elu", 0.7, False),
+    ("elu", 0.7, True),
+    ("identity", None, True),
+]
+
+
+@pytest.mark.parametrize(("name", "param", "memory_efficient"), FUSED, ids=str)
+def test_fused_activations_double_backward_and_batched_gradients(
+    name: str, param: float | None, memory_efficient: bool
+) -> None:
+    """Keeping x, a fused activation's double backward recomputes its slope from x and
+    the saved bias; keeping only the output (memory-efficient) it is refused with the
+    pipeline's error. Gradients batched by vmap (which the C loops cannot read) take the
+    torch-operation route either way, against one backward per cotangent."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator, requires_grad=True)
     w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
     w.requires_grad_()
     b.requires_grad_()
+    flags = express.flags("unbiased", True, name, param, memory_efficient)
 
     def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, True, True, True)
+        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, flags)
         assert result is not None
         return result[0]
 
     assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
-    assert torch.autograd.gradgradcheck(train, (x, w, b))
+    assert torch.autograd.gradcheck(train, (x, w, b))
+    if memory_efficient:
+        with pytest.raises(RuntimeError, match="memory_efficient=False"):
+            torch.autograd.grad(train(x, w, b).square().sum(), x, create_graph=True)
+    else:
+        assert torch.autograd.gradgradcheck(train, (x, w, b))
     y = train(x, w, b)
     cotangents = torch.randn(3, *y.shape, dtype=torch.float64, generator=generator)
     batched = torch.autograd.grad(y, (x, w, b), cotangents, is_grads_batched=True)
@@ -272,13 +297,96 @@ def test_relu_double_backward_and_batched_gradients() -> None:
             torch.testing.assert_close(got[i], expected)
 
 
+@pytest.mark.parametrize("name", ["leaky_relu", "elu", "identity"])
+def test_memory_efficient_activations_keep_the_output_not_the_input(name: str) -> None:
+    """The node saves y (which the next layer keeps anyway) and per-channel values, as the
+    pipeline's autograd function does; where y does not give x_hat back (a zero gamma)
+    it keeps x instead, and the gradients stay exact."""
+    x = torch.randn(8, 4, 10, 10, requires_grad=True)
+    layer = bnkit.BatchNorm2d(4, activation=name)
+    for zero_gamma in (False, True):
+        with torch.no_grad():
+            layer.weight.fill_(0.0 if zero_gamma else 1.5)
+        y, saved = _saving(layer, x)
+        assert type(y.grad_fn).__name__ == "CppFunction"
+        full = [t for t in saved if t.shape == x.shape]
+        assert len(full) == 1
+        assert (full[0].data_ptr() == x.data_ptr()) is zero_gamma
+        assert (full[0].data_ptr() == y.data_ptr()) is not zero_gamma
+        dy = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        reference = torch.nn.functional.batch_norm(
+            x, None, None, layer.weight, layer.bias, training=True
+        )
+        out = _unfused(reference, name)
+        torch.testing.assert_close(y, out)
+        (dx_ref,) = torch.autograd.grad(out, x, dy)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+
+INVERSION_CASES = [
+    ("leaky_relu", torch.float32, 1.0, 0.0, 0.0),
+    ("leaky_relu", torch.float32, 0.0, 0.0, 0.0),  # gamma = 0
+    ("leaky_relu", torch.float32, 1e-3, 1.0, 0.0),  # |beta| = 1000 |gamma|: lossy
+    ("identity", torch.float64, 1e-3, 0.999, 0.0),  # just under the limit
+    ("identity", torch.float64, -2e-3, -2.0, 0.0),
+    ("elu", torch.float32, 1.0, 0.0, 0.0),
+    ("elu", torch.float32, 1.0, -30.0, 0.0),  # saturated: y rounds to -alpha
+    ("elu", torch.bfloat16, 1.0, -3.0, 0.0),  # near the floor in bfloat16
+    ("elu", torch.float64, 1.0, -30.0, 0.0),  # within sqrt(eps) of the floor in float64 too
+    ("elu", torch.float64, 1.0, -10.0, 0.0),  # not: exp(-10) >> sqrt(eps)
+    ("leaky_relu", torch.float16, 1.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype", "gamma", "beta", "shift"), INVERSION_CASES, ids=str)
+def test_the_node_keeps_the_output_where_the_rule_says_it_inverts(
+    name: str, dtype: torch.dtype, gamma: float, beta: float, shift: float
+) -> None:
+    """fast.cpp's invertibility check gives :func:`activation.invertible`'s answer (it
+    applies the same rule in C++): the node keeps y exactly where that says y gives
+    x_hat back, and x elsewhere."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x = (shift + torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))).to(dtype)
+    x.requires_grad_()
+    weight = torch.tensor([1.0, gamma, 0.5], dtype=compute, requires_grad=True)
+    bias = torch.tensor([0.0, beta, 0.1], dtype=compute, requires_grad=True)
+    flags = express.flags("unbiased", True, name, default_param(name), True)
+    result, saved = _saving(express.batch_norm, x, None, None, weight, bias, True, 0.1, 1e-5,
+                            None, flags)  # fmt: skip
+    assert result is not None
+    y = result[0]
+    keeps_y = any(t.data_ptr() == y.data_ptr() for t in saved)
+    keeps_x = any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert keeps_y is act.invertible(y, weight, bias, name, default_param(name))
+    assert keeps_x is not keeps_y
+
+
+def _saving(function: Any, *args: Any) -> tuple[Any, list[torch.Tensor]]:
+    """function(*args), and the tensors autograd saved for its backward pass."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return function(*args), saved
+
+
+def _unfused(z: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, 0.01)
+    if name == "elu":
+        return torch.nn.functional.elu(z)
+    return z
+
+
 def test_non_finite_batch_is_not_recorded_and_warns() -> None:
     x = torch.randn(16, 4, 8)
     x[3, 2, 5] = float("nan")
     mean, var, tracked = torch.zeros(4), torch.ones(4), torch.tensor(0)
-    result = express.batch_norm(
-        x, mean, var, None, None, True, 0.1, 1e-5, tracked, True, True, False
-    )
+    result = express.batch_norm(x, mean, var, None, None, True, 0.1, 1e-5, tracked, express.Flags())
     assert result is not None
     assert result[1] is False
     assert torch.equal(mean, torch.zeros(4))
@@ -343,8 +451,9 @@ def test_16_bit_inputs_match_the_portable_kernel(
         mean, var = torch.linspace(-1, 1, c), torch.linspace(0.5, 2, c)
         if use_express:
             result = express.batch_norm(
-                xg, mean, var, wg, bg, training, 0.1, 1e-5, None, True, True, relu
-            )
+                xg, mean, var, wg, bg, training, 0.1, 1e-5, None,
+                express.Flags(activation=RELU if relu else 0),
+            )  # fmt: skip
             assert result is not None, "the express path did not take a 16-bit call"
             y = result[0]
         else:
@@ -376,7 +485,7 @@ def test_16_bit_values_are_read_and_rounded_as_torch_does(dtype: torch.dtype) ->
     for scale in (1.0, 3.7, -0.37, 1e5, 1e-5, 65504.0 / 3):
         weight, bias = torch.full((1,), scale), torch.zeros(1)
         result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, eps, None,
-                                    True, True, False)  # fmt: skip
+                                    express.Flags())  # fmt: skip
         assert result is not None
         expected = (x.float() * scale + 0.0).to(dtype)
         nan = expected.isnan()
@@ -425,18 +534,18 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
     mean, var = torch.randn(c, generator=g).to(dtype), (torch.rand(c, generator=g) + 0.5).to(dtype)
     x = torch.randn(8, c, 10, 10, generator=g).to(dtype)
     with torch.no_grad():
-        result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, None, True,
-                                    True, False)  # fmt: skip
+        result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, None,
+                                    express.Flags())  # fmt: skip
         assert result is not None
         theirs = pipeline(x, mean, var, weight, bias, use_batch_stats=False, momentum=0.1,
                           eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
     assert result[0].dtype == dtype
     assert_close_to_scale(result[0].float(), theirs.float(), HALF_ULP[dtype])
-    assert express.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, None, True, True,
-                              False) is None  # fmt: skip
+    assert express.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, None,
+                              express.Flags()) is None  # fmt: skip
     w = weight.clone().requires_grad_(True)
     assert express.batch_norm(x, mean.float(), var.float(), w, bias, False, 0.1, 1e-5, None,
-                              True, True, False) is None  # fmt: skip
+                              express.Flags()) is None  # fmt: skip
     # training without gradients, float32 running statistics: taken, and they match
     runs = []
     for use_express in (True, False):
@@ -444,7 +553,7 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
         with torch.no_grad():
             if use_express:
                 taken = express.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5, None,
-                                           True, True, False)  # fmt: skip
+                                           express.Flags())  # fmt: skip
                 assert taken is not None
                 y = taken[0]
             else:
@@ -471,9 +580,7 @@ def _express_result(**changes: Any) -> Any:
         "momentum": 0.1,
         "eps": 1e-5,
         "num_batches_tracked": torch.tensor(0),
-        "unbiased": True,
-        "skip_nonfinite": True,
-        "relu": False,
+        "options": express.Flags(),
     }
     args.update(changes)
     return express.batch_norm(**args)
@@ -519,7 +626,7 @@ def test_leaves_torch_func_transforms_to_the_general_path() -> None:
     def one(sample: torch.Tensor) -> torch.Tensor:
         seen.append(
             express.batch_norm(
-                sample, None, None, None, None, True, 0.1, 1e-5, None, True, True, False
+                sample, None, None, None, None, True, 0.1, 1e-5, None, express.Flags()
             )
         )
         return batch_norm(sample, None, None, training=True)
@@ -536,9 +643,12 @@ def test_functional_and_modules_take_the_express_path(express_taken: list[bool])
     batch_norm(x, torch.zeros(16), torch.ones(16), training=True)
     bnkit.BatchNorm2d(16)(x)
     bnkit.BatchNorm2d(16, activation="relu")(x)
+    bnkit.BatchNorm2d(16, activation="leaky_relu")(x.requires_grad_())
+    bnkit.BatchNorm2d(16, activation="elu", memory_efficient=False).eval()(x)
     bnkit.BatchNorm2d(16).eval()(x)
-    assert taken == [True, True, True, True]
+    assert taken == [True] * 6
     taken.clear()
     bnkit.BatchNorm2d(16, ghost_batch_size=4)(x)
-    bnkit.BatchNorm2d(16, activation="leaky_relu")(x)
+    bnkit.BatchNorm2d(16, renorm=bnkit.Renorm())(x)
+    bnkit.BatchNorm2d(16)(x, mask=torch.ones(8, 8, 8, dtype=torch.bool))
     assert taken == []

@@ -231,13 +231,14 @@ def test_eager_calls_bind_no_signatures(monkeypatch: pytest.MonkeyPatch) -> None
 
     layer = bnkit.BatchNorm2d(4, activation="leaky_relu", track_running_stats=False)
     x = torch.randn(3, 4, 5, 5, requires_grad=True)
-    expected = torch.func.vmap(layer)(x.detach().unsqueeze(0))[0]
+    mask = torch.ones(3, 5, 5, dtype=torch.bool)  # a mask: the pipeline, not the express path
+    expected = torch.func.vmap(lambda t: layer(t, mask=mask))(x.detach().unsqueeze(0))[0]
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("inspect.signature called")
 
     monkeypatch.setattr(inspect, "signature", refuse)
-    y = layer(x)
+    y = layer(x, mask=mask)
     assert type(y.grad_fn).__name__ == "_NormalizeActivateBackward"
     y.sum().backward()
     monkeypatch.undo()

@@ -110,8 +110,8 @@ from bnkit.kernels import express
 x = torch.randn(8, 16, 12, 12, dtype=torch.float64, requires_grad=True)
 assert native.library() is None and "BNKIT_NATIVE=0" in native.load_error()
 assert select_kernel(x) is primitive.PORTABLE
-assert express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None, True, True,
-                          False) is None
+assert express.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, None,
+                          express.Flags()) is None
 ours, theirs = bnkit.BatchNorm2d(16).double(), torch.nn.BatchNorm2d(16).double()
 y, y_torch = ours(x), theirs(x)
 g = torch.autograd.grad(y.square().sum(), x)[0]
