@@ -194,6 +194,53 @@ void bn_stream_copy(const uint8_t *src, uint8_t *dst, i64 n, int nt) {
     }
 }
 
+/* exp(z) - 1 and log(1 + u) in float arithmetic that the compiler vectorizes (libm's
+ * expm1f and log1pf are scalar calls, which made the fused elu 2.5x slower than torch's
+ * vectorized one). Both stay within 2 ulp of the exact value (tests/kernels/test_cpu.py
+ * measures them against float64 across their range) and propagate NaN. */
+
+/* expm1 for z <= 88 (the fused elu needs z <= 0; larger z give expm1(88)):
+ * z = k ln2 + r with |r| <= ln2 / 2, and exp(z) - 1 = 2^k expm1(r) + (2^k - 1), where
+ * 2^k - 1 is exact for k >= -24 and rounds to -1 below, as the result does. expm1(r) is
+ * its Taylor polynomial to r^7 (the next term is under 1e-8 r). */
+static inline __attribute__((always_inline)) float bn_expm1f(float z) {
+    const float zc = z < -88.0f ? -88.0f : (z > 88.0f ? 88.0f : z);
+    const float round = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float kf = (zc * 1.44269504f + round) - round;
+    const float r = (zc - kf * 0.693145751953125f) - kf * 1.428606820e-6f; /* ln2 in two */
+    const float p =
+        r + r * r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+                                                r * (1.0f / 720 + r * (1.0f / 5040))))));
+    const int32_t bits = ((int32_t)kf + 127) << 23;
+    float scale; /* 2^k (0 for k = -127, where the result is -1) */
+    memcpy(&scale, &bits, sizeof scale);
+    const float result = scale * p + (scale - 1.0f);
+    return z != z ? z : result;
+}
+
+/* log1p for u >= -1 (NaN below): m = 1 + u = 2^e f with sqrt(1/2) <= f < sqrt(2), and with
+ * x = f - 1 (exact), s = x / (2 + x), log f = 2 atanh(s) = 2s + s R(s^2) (series to s^9,
+ * |s| <= 0.172) = x - (x^2/2 - s (x^2/2 + R)), so that the largest term is added last.
+ * The rounding of 1 + u is undone by adding (u - (m - 1)) / m (m - 1 is exact). */
+static inline __attribute__((always_inline)) float bn_log1pf(float u) {
+    const float m = 1.0f + u;
+    int32_t bits;
+    memcpy(&bits, &m, sizeof bits);
+    const int32_t half_root = 0x3f3504f3; /* sqrt(1/2) */
+    bits += 0x3f800000 - half_root;
+    const float e = (float)((bits >> 23) - 127);
+    bits = (bits & 0x007fffff) + half_root;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    const float x = f - 1.0f, s = x / (2.0f + x), z = s * s;
+    const float r = z * (2.0f / 3 + z * (2.0f / 5 + z * (2.0f / 7 + z * (2.0f / 9))));
+    const float half_square = 0.5f * x * x;
+    const float log_f = x - (half_square - s * (half_square + r));
+    const float correction = (u - (m - 1.0f)) / m;
+    const float result = e * 0.693145751953125f + ((log_f + correction) + e * 1.428606820e-6f);
+    return m > 0.0f ? (m < INFINITY ? result : m) : (m == 0.0f ? -INFINITY : NAN);
+}
+
 /* The running-statistics update below, declared for the one-call paths of the template. */
 int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,
                           double count, void *running_mean, void *running_var,
@@ -217,8 +264,8 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #define D float
 #define S f32
 #define CS f32
-#define EXPM1 expm1f
-#define LOG1P log1pf
+#define EXPM1 bn_expm1f
+#define LOG1P bn_log1pf
 #define SQRT sqrtf
 #include __FILE__
 #undef T
@@ -310,8 +357,8 @@ static inline uint16_t f16_store(float f) {
 #define CS f32
 #define HALF_DATA 1
 #define SQRT sqrtf
-#define EXPM1 expm1f
-#define LOG1P log1pf
+#define EXPM1 bn_expm1f
+#define LOG1P bn_log1pf
 #define S bf16
 #define LD(v) bf16_load(v)
 #define STO(v) bf16_store(v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -846,3 +847,31 @@ def test_half_precision_options_run_the_c_loops(
     tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
     for a, b in zip(half[:4], full[:4], strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+
+
+def _ulps(ours: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|ours - exact| in units of the float32 spacing at the exact value."""
+    nearest = exact.float().abs()
+    spacing = (torch.nextafter(nearest, torch.tensor(math.inf)) - nearest).double()
+    return (ours.double() - exact).abs() / spacing
+
+
+def test_the_fused_elus_expm1_and_log1p_are_within_two_ulp() -> None:
+    """cpu.c's vectorizable expm1 (the elu's forward) and log1p (its backward from the
+    output, z = log1p(y / alpha)) against float64, over the whole negative range: tiny,
+    denormal, around 0 and down to where expm1 saturates at -1; NaN stays NaN."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    tiny = -torch.logspace(-44, 2, 200_001)
+    z = torch.cat([torch.linspace(-100, 0, 1_000_001), tiny, torch.tensor([-0.0, -1e-45])])
+    z = torch.cat([z.float(), torch.tensor([math.nan])]).view(-1, 1)
+    y = cpu.affine(z, zero, one, zero, "elu", 1.0).view(-1)  # z = x exactly: y = expm1(z)
+    assert float(_ulps(y[:-1], torch.expm1(z[:-1].double().view(-1))).max()) <= 2.0
+    assert y[-1].isnan()
+    u = torch.cat([torch.linspace(-1, 0, 1_000_001)[1:], -torch.logspace(-44, 0, 200_001)])
+    u = u.float()[u.float() > -1]  # -1 itself: a saturated output, which adds nothing
+    u = torch.cat([u, torch.tensor([-0.0, math.nan])]).view(-1, 1)
+    # g = 0, alpha = 0, k1 = 1, k0 = 0: dx = (z - 0) * 1 + 0 = log1p(y)
+    v = cpu.backward_input(torch.zeros_like(u), u, zero, zero, one, zero, "elu", 1.0, True)
+    v = v.view(-1)
+    assert float(_ulps(v[:-1], torch.log1p(u[:-1].double().view(-1))).max()) <= 2.0
+    assert v[-1].isnan()
