@@ -104,9 +104,11 @@ def batch_norm(
     running statistics to update. The arguments have the meaning of
     :func:`bnkit.functional.batch_norm`'s; ``options`` are the rest (:func:`flags`).
     """
+    if _compiling() or _transformed():  # first: torch.compile would trace the loading
+        return None
     if _FAST is None and not _started:
         _start()
-    if _FAST is None or _compiling() or _transformed():
+    if _FAST is None:
         return None
     result: tuple[Tensor, bool | None] | None = _FAST(
         x, running_mean, running_var, weight, bias, training, momentum, eps,

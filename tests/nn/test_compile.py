@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -76,3 +78,25 @@ def test_compiled_skip_nonfinite_leaves_stats_without_graph_break() -> None:
     compiled(bad)  # no warning under compile, but the statistics are still protected
     for key, value in layer.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_compiling_before_any_eager_call_traces_without_graph_breaks() -> None:
+    """A process whose first batch norm call is compiled (fullgraph=True) must not trace
+    the loading of the native code (a lock and an extension's init, which Dynamo cannot
+    trace): the express path declines compiled calls before it loads anything."""
+    script = """
+import warnings
+import torch
+import bnkit
+from bnkit.kernels import native
+warnings.filterwarnings("ignore", ".*should not be instantiated.*", DeprecationWarning)
+assert native.load_error() is None and native.build_seconds() is None  # nothing loaded yet
+layer = bnkit.BatchNorm2d(4)
+compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+x = torch.randn(8, 4, 16, 16)
+torch.testing.assert_close(compiled(x), bnkit.BatchNorm2d(4)(x))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
