@@ -362,6 +362,73 @@ def test_the_node_keeps_the_output_where_the_rule_says_it_inverts(
     assert keeps_x is not keeps_y
 
 
+@given(
+    shape=st.sampled_from([(4, 3, 70), (9, 5, 8, 8), (300, 7), (2, 2, 3, 5, 6)]),
+    channels_last=st.booleans(),
+    activation=st.sampled_from(["relu", "leaky_relu", "elu", "identity"]),
+    param=st.floats(0.01, 3.0),
+    memory_efficient=st.booleans(),
+    gamma_kind=st.sampled_from(["random", "a zero", "tiny"]),
+    loc=st.floats(-50, 50),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(deadline=None, max_examples=60)
+def test_fuzz_fused_activations_against_torch_in_float64(
+    shape: tuple[int, ...],
+    channels_last: bool,
+    activation: str,
+    param: float,
+    memory_efficient: bool,
+    gamma_kind: str,
+    loc: float,
+    seed: int,
+) -> None:
+    """Random batches through the express node with each fused activation, kept input or
+    output (gamma with a zero, or tiny against beta, makes the node keep x): outputs,
+    gradients and running statistics equal torch's batch norm + activation in float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = loc + torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    c = shape[1]
+    gamma = torch.randn(c, generator=g, dtype=torch.float64)
+    if gamma_kind == "a zero":
+        gamma[0] = 0.0
+    elif gamma_kind == "tiny":
+        gamma[-1] = 1e-6
+    beta = torch.randn(c, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    param_or_none = param if activation in ("leaky_relu", "elu") else None
+    flags = express.flags("unbiased", True, activation, param_or_none, memory_efficient)
+    results = []
+    for ours in (True, False):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, gamma, beta))
+        mean, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+        if ours:
+            result = express.batch_norm(xg, mean, var, wg, bg, True, 0.1, 1e-5, None, flags)
+            assert result is not None
+            y = result[0]
+        else:
+            z = torch.nn.functional.batch_norm(xg, mean, var, wg, bg, training=True, eps=1e-5)
+            y = _activate(z, activation, param_or_none)
+        results.append([y, *torch.autograd.grad(y, (xg, wg, bg), dy), mean, var])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _activate(z: torch.Tensor, name: str, param: float | None) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(z)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, param)  # type: ignore[arg-type]
+    if name == "elu":
+        return torch.nn.functional.elu(z, param)  # type: ignore[arg-type]
+    return z
+
+
 def _saving(function: Any, *args: Any) -> tuple[Any, list[torch.Tensor]]:
     """function(*args), and the tensors autograd saved for its backward pass."""
     saved: list[torch.Tensor] = []
