@@ -193,7 +193,7 @@ class Options:
     @property
     def express(self) -> express.Flags | None:
         """The options as the express path reads them, or None where it cannot take the
-        call (ghost batches, renorm or sync; masks are per call)."""
+        call (ghost batches, renorm or sync; a mask, per call, is decided there)."""
         flags: express.Flags | None = self.__dict__["_express"]
         return flags
 
@@ -396,10 +396,11 @@ def try_express(
     """The output of a call on a CPU tensor by :mod:`bnkit.kernels.express` (one C call
     each way; a batch the running statistics skipped is reported to ``monitor``), or
     None: then :func:`_batch_norm` runs the general pipeline, which also reports invalid
-    arguments. The express path takes no mask, no ghost batches, renorm or sync
-    (:attr:`Options.express`), and not the calls where the Triton kernels are asked for."""
+    arguments. The express path takes no ghost batches, renorm or sync
+    (:attr:`Options.express`), a mask only without an activation, and not the calls where
+    the Triton kernels are asked for."""
     flags = options.express
-    if call.mask is not None or flags is None or gpu.forced():
+    if flags is None or gpu.forced():
         return None
     result = express.batch_norm(
         call.input,
@@ -412,6 +413,7 @@ def try_express(
         eps,
         call.num_batches_tracked,
         flags,
+        call.mask,
     )
     if result is None:
         return None

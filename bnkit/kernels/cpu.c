@@ -241,6 +241,14 @@ static inline __attribute__((always_inline)) float bn_log1pf(float u) {
     return m > 0.0f ? (m < INFINITY ? result : m) : (m == 0.0f ? -INFINITY : NAN);
 }
 
+/* The number of nonzero bytes among n: a mask's valid positions. */
+static i64 bn_valid_count(const uint8_t *mask, i64 n) {
+    i64 count = 0;
+    _Pragma("omp simd reduction(+ : count)")
+    for (i64 i = 0; i < n; ++i) count += mask[i] != 0;
+    return count;
+}
+
 /* The running-statistics update below, declared for the one-call paths of the template. */
 int bn_update_running_f32(const float *shift, const float *smean, const float *var, i64 C,
                           double count, void *running_mean, void *running_var,
@@ -1260,7 +1268,9 @@ void NAME(bn_act_backward_input_nc)(const D *g, const D *src, D *dx, i64 M, i64 
 
 /* The layer in one call each way (the express path: no Python between the steps), with
  * a fused activation `act` (ACT_IDENTITY: none, ACT_RELU, ACT_LEAKY or ACT_ELU with its
- * parameter). Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved`
+ * parameter) and, in training, an optional mask (kind 0: (N, L), 1: (R,) bytes, nonzero
+ * at valid positions; with ACT_IDENTITY only), whose valid positions alone make the
+ * statistics. Layout: kind 0 = ncl (R = N rows of C * L), 1 = nc (R rows of C). `saved`
  * holds 5 * C values: shift, shifted mean, invstd (what the backward pass needs), then
  * the affine coefficients a and b' of z = (x - shift) * a + b' (NULL: a scratch buffer).
  *
@@ -1270,7 +1280,8 @@ void NAME(bn_act_backward_input_nc)(const D *g, const D *src, D *dx, i64 M, i64 
  * Forward, eval: shift = running mean, smean = 0, var = running var.
  * Returns whether the batch was recorded in the running statistics (1 when nothing was
  * to record). */
-int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w,
+int NAME(bn_forward)(int kind, const D *x, const uint8_t *mask, D *y, i64 R, i64 C, i64 L,
+                     const T *w,
                      const T *bias, double eps, int training, T *saved, T *rmean, T *rvar,
                      double momentum, int64_t *tracked, int unbiased, int skip_nonfinite,
                      int act, double param, int nt) {
@@ -1282,12 +1293,17 @@ int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w
     int recorded = 1;
     if (training) {
         T *var = invstd; /* the variance, until it becomes invstd below */
-        if (kind == 0)
+        double count = (double)(R * L);
+        if (mask && kind == 0)
+            NAME(bn_stats_masked_ncl)(x, mask, R, C, L, shift, smean, var, &count, nt);
+        else if (mask)
+            NAME(bn_stats_masked_nc)(x, mask, R, C, shift, smean, var, &count, nt);
+        else if (kind == 0)
             NAME(bn_stats_ncl)(x, R, C, L, shift, smean, var, nt);
         else
             NAME(bn_stats_nc)(x, R, C, shift, smean, var, nt);
         if (rmean || rvar || tracked)
-            recorded = CAT(bn_update_running, CS)(shift, smean, var, C, (double)(R * L), rmean,
+            recorded = CAT(bn_update_running, CS)(shift, smean, var, C, count, rmean,
                                                rvar, sizeof(T) == sizeof(double), momentum,
                                                tracked, unbiased, skip_nonfinite);
         for (i64 c = 0; c < C; ++c) invstd[c] = (T)1 / SQRT(var[c] + e);
@@ -1324,9 +1340,9 @@ int NAME(bn_forward)(int kind, const D *x, D *y, i64 R, i64 C, i64 L, const T *w
  * reads g at a position before it writes dx there. With batch statistics (training)
  * dx = a * (g' - mean(g') - x_hat * mean(g' x_hat)); without, dx = a * g'. The
  * coefficients are computed in double and rounded once. */
-void NAME(bn_backward)(int kind, const D *g, const D *src, D *dx, i64 R, i64 C, i64 L,
-                       const T *saved, const T *w, const T *bias, T *dw, T *db, int training,
-                       int act, double param, int from_y, int nt) {
+void NAME(bn_backward)(int kind, const D *g, const D *src, const uint8_t *mask, D *dx, i64 R,
+                       i64 C, i64 L, const T *saved, const T *w, const T *bias, T *dw, T *db,
+                       int training, int act, double param, int from_y, int nt) {
     const T *invstd = saved + 2 * C, *za = saved + 3 * C, *zb = saved + 4 * C;
     const int fused = from_y || act == ACT_LEAKY || act == ACT_ELU;
     double *sums = (double *)malloc((size_t)(2 * C) * sizeof(double));
@@ -1353,7 +1369,9 @@ void NAME(bn_backward)(int kind, const D *g, const D *src, D *dx, i64 R, i64 C, 
     else
         NAME(bn_backward_reduce_nc)(g, src, R, C, s, m, act == ACT_RELU ? za : NULL,
                                     act == ACT_RELU ? zb : NULL, sum_g, sum_gc, nt);
-    const double count = (double)(R * L);
+    /* the sums run over every position (a padded output depends on the statistics too);
+     * the path through them reaches the valid inputs only, count of them */
+    const double count = (double)(mask ? bn_valid_count(mask, kind == 0 ? R * L : R) : R * L);
     for (i64 c = 0; c < C; ++c) {
         const double is = (double)invstd[c], wc = w ? (double)w[c] : 1.0;
         /* x_hat = (v - s - m) * per_unit */
@@ -1372,7 +1390,11 @@ void NAME(bn_backward)(int kind, const D *g, const D *src, D *dx, i64 R, i64 C, 
             k0[c] = (T)0;
         }
     }
-    if (dx && fused && kind == 0)
+    if (dx && mask && kind == 0)
+        NAME(bn_backward_input_masked_ncl)(g, src, mask, dx, R, C, L, s, alpha, k1, k0, nt);
+    else if (dx && mask)
+        NAME(bn_backward_input_masked_nc)(g, src, mask, dx, R, C, s, alpha, k1, k0, nt);
+    else if (dx && fused && kind == 0)
         NAME(bn_act_backward_input_ncl)(g, src, dx, R, C, L, s, alpha, k1, k0, za, zb, act,
                                         param, from_y, nt);
     else if (dx && fused)

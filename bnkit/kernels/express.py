@@ -1,13 +1,14 @@
 """The express path: batch norm on a CPU tensor in one C call each way.
 
-Most calls have no mask, ghost batches, renorm or synchronization: a float32, float64,
+Most calls have no ghost batches, renorm or synchronization: a float32, float64,
 bfloat16 or float16 CPU tensor in a layout the C loops know, per-channel tensors in the
 compute dtype (float32 for 16-bit inputs: the mixed-precision layout), with or without a
-fused activation. Without autograd, 16-bit parameters (and, in eval, 16-bit population
-statistics: a ``model.to(torch.bfloat16)`` at inference) are read as float32 copies. For
-them the general pipeline (statistics objects, affine terms computed with torch, a
-separate update of the running statistics) costs hundreds of microseconds of Python and
-small torch operations per call, more than the work itself on a small tensor. Here the
+fused activation, or in training a mask without one. Without autograd, 16-bit
+parameters (and, in eval, 16-bit population statistics: a ``model.to(torch.bfloat16)`` at
+inference) are read as float32 copies. For them the general pipeline (statistics
+objects, affine terms computed with torch, a separate update of the running statistics)
+costs hundreds of microseconds of Python and small torch operations per call, more than
+the work itself on a small tensor. Here the
 C++ of ``fast.cpp`` decides, and one call to ``bn_forward`` in ``cpu.c`` computes the
 statistics, updates the running ones and normalizes, under a native autograd node whose
 backward is one call to ``bn_backward``; the arithmetic is the C loops', so results agree
@@ -96,13 +97,15 @@ def batch_norm(
     eps: float,
     num_batches_tracked: Tensor | None,
     options: Flags,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, bool | None] | None:
     """(output, recorded) of a call, or None when this path does not take it.
 
     ``recorded`` is whether the running statistics took the batch (False only for a
     batch with non-finite statistics under ``skip_nonfinite``), None when there were no
     running statistics to update. The arguments have the meaning of
-    :func:`bnkit.functional.batch_norm`'s; ``options`` are the rest (:func:`flags`).
+    :func:`bnkit.functional.batch_norm`'s; ``options`` are the rest (:func:`flags`). A
+    mask is taken in training without an activation, where it has two valid positions.
     """
     if _compiling() or _transformed():  # first: torch.compile would trace the loading
         return None
@@ -112,7 +115,7 @@ def batch_norm(
         return None
     result: tuple[Tensor, bool | None] | None = _FAST(
         x, running_mean, running_var, weight, bias, training, momentum, eps,
-        num_batches_tracked, options,
+        num_batches_tracked, options, mask,
     )  # fmt: skip
     return result
 
@@ -137,8 +140,9 @@ def _double_backward(
     autograd (a double backward), and for gradients batched by
     ``autograd.grad(..., is_grads_batched=True)``, which the C loops cannot read.
 
-    ``saved`` are the node's tensors: (x or y, weight, bias, its 5 * C values, and in eval
-    the population statistics); ``needs``: which gradients are wanted. From the input,
+    ``saved`` are the node's tensors: (x or y, weight, bias, its 5 * C values, the
+    population statistics (eval), the mask), None where absent; ``needs``: which
+    gradients are wanted. From the input,
     the portable kernel's forward is recomputed (running statistics left alone) and
     differentiated; from the output (memory-efficient), which has no input to
     differentiate, a double backward is refused and batched gradients take the
@@ -151,7 +155,7 @@ def _double_backward(
             act.refuse_double_backward()
         return _from_output(saved, grad_output, info, needs)
     x, weight, bias = saved[:3]
-    running_mean, running_var = (None, None) if info.training else saved[4:6]
+    running_mean, running_var, mask = saved[4:7]
     _, need_weight, need_bias = needs  # x's: whether x requires grad
     assert x is not None
     if name is None or bias is None:
@@ -176,6 +180,7 @@ def _double_backward(
             momentum=0.0,
             eps=info.eps,
             kernel=primitive.PORTABLE,
+            mask=mask,
             activation=None if name is None else pipeline.Activation(name, info.param, False),
         ).output
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph))

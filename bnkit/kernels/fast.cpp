@@ -1,9 +1,9 @@
 // The express path: batch norm on a CPU tensor (float, double, bfloat16 or half) with no
 // Python between the call and the C loops, and a native autograd node.
 //
-// A call with no mask, ghost batches, renorm or sync (any fused activation; see
-// bnkit.kernels.express) would otherwise pay the general pipeline's Python: tens of
-// microseconds, several times the work on a small tensor. Here one call to bn_forward of
+// A call with no ghost batches, renorm or sync (any fused activation, or a mask without
+// one; see bnkit.kernels.express) would otherwise pay the general pipeline's Python:
+// hundreds of microseconds, several times the work on a small tensor. Here one call to bn_forward of
 // cpu.c (linked into the same extension by bnkit.kernels.native) computes the statistics,
 // updates the running ones and normalizes, and one call to bn_backward gives every
 // gradient. It answers None for any call it does not take, which then goes through the
@@ -26,12 +26,12 @@
 // declared here with untyped data pointers, which have the same calling convention as
 // cpu.c's typed ones).
 #define BN_LOOPS(S)                                                                          \
-    int bn_forward_##S(int, const void *, void *, int64_t, int64_t, int64_t, const void *,   \
-                       const void *, double, int, void *, void *, void *, double, int64_t *, \
-                       int, int, int, double, int);                                          \
-    void bn_backward_##S(int, const void *, const void *, void *, int64_t, int64_t, int64_t, \
-                         const void *, const void *, const void *, void *, void *, int, int,  \
-                         double, int, int);
+    int bn_forward_##S(int, const void *, const uint8_t *, void *, int64_t, int64_t, int64_t, \
+                       const void *, const void *, double, int, void *, void *, void *,       \
+                       double, int64_t *, int, int, int, double, int);                        \
+    void bn_backward_##S(int, const void *, const void *, const uint8_t *, void *, int64_t,    \
+                         int64_t, int64_t, const void *, const void *, const void *, void *,   \
+                         void *, int, int, double, int, int);
 extern "C" {
 BN_LOOPS(f32)
 BN_LOOPS(f64)
@@ -102,6 +102,7 @@ struct Call {
     bool training = false;
     double eps = 0.0, momentum = 0.0;
     at::Tensor running_mean, running_var, tracked;  // undefined: none
+    at::Tensor mask;  // bool (N, *spatial), training only; undefined: none
     bool unbiased = true, skip_nonfinite = true;
     int act = ACT_NONE;        // the fused activation (cpu.c's ACT_*)
     double param = 0.0;        // its parameter: leaky_relu's slope, elu's alpha
@@ -129,6 +130,27 @@ bool vector_arg(PyObject *obj, int64_t channels, at::ScalarType dtype, at::Tenso
         t.size(0) != channels || !t.is_contiguous())
         return false;
     *out = widened ? t.to(dtype) : t;
+    return true;
+}
+
+// A mask the loops take, set in call->mask: a bool CPU tensor of shape (N, *spatial),
+// contiguous, in training, without an activation, with two valid positions or more (the
+// general path reports a bad mask, and decides what a batch with fewer valid values
+// gives).
+bool mask_arg(PyObject *obj, const at::Tensor &x, Call *call) {
+    if (!plain_type(obj) || !call->training || call->act != ACT_NONE || call->from_output)
+        return false;
+    const at::Tensor &mask = THPVariable_Unpack(obj);
+    if (mask.scalar_type() != at::kBool || !mask.is_cpu() || !mask.is_contiguous() ||
+        mask.requires_grad() || mask.dim() != x.dim() - 1 || mask.size(0) != x.size(0))
+        return false;
+    for (int64_t d = 2; d < x.dim(); ++d)
+        if (mask.size(d - 1) != x.size(d)) return false;
+    const uint8_t *valid = (const uint8_t *)mask.data_ptr();
+    int64_t count = 0;
+    for (int64_t i = 0, n = mask.numel(); i < n && count < 2; ++i) count += valid[i] != 0;
+    if (count < 2) return false;
+    call->mask = mask;
     return true;
 }
 
@@ -169,12 +191,15 @@ at::Tensor output_like(const at::Tensor &x, int64_t pool_bytes) {
 }
 
 const void *ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+const uint8_t *mask_ptr(const at::Tensor &mask) {
+    return mask.defined() ? (const uint8_t *)mask.data_ptr() : nullptr;
+}
 void *mutable_ptr(const at::Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 int forward_call(const Call &call, const at::Tensor &x, const at::Tensor &y,
                  const at::Tensor &weight, const at::Tensor &bias, const at::Tensor &saved) {
     return forward_loop[loop_index(x.scalar_type())](
-        call.kind, x.data_ptr(), y.data_ptr(), call.rows, call.channels, call.inner,
+        call.kind, x.data_ptr(), mask_ptr(call.mask), y.data_ptr(), call.rows, call.channels, call.inner,
         ptr(weight), ptr(bias), call.eps, call.training, mutable_ptr(saved),
         mutable_ptr(call.running_mean), mutable_ptr(call.running_var), call.momentum,
         call.tracked.defined() ? call.tracked.data_ptr<int64_t>() : nullptr, call.unbiased,
@@ -240,14 +265,13 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         // autograd's error instead of giving a double backward the changed values.
         const bool from_y = call->training && call->from_output &&
                             output_invertible(y, weight, bias, *call);
-        const at::Tensor slope_bias = call->act != ACT_NONE ? bias : at::Tensor();
-        if (from_y)
-            ctx->save_for_backward({y, weight, bias, saved});
-        else if (call->training)
-            ctx->save_for_backward({x, weight, slope_bias, saved});
-        else
-            ctx->save_for_backward(
-                {x, weight, slope_bias, saved, call->running_mean, call->running_var});
+        // Seven slots, undefined where there is nothing: x or y, weight, bias, the 5 * C
+        // values, the population statistics (eval), the mask (training).
+        const at::Tensor slope_bias = call->act != ACT_NONE || from_y ? bias : at::Tensor();
+        const at::Tensor none;
+        ctx->save_for_backward({from_y ? y : x, weight, slope_bias, saved,
+                                call->training ? none : call->running_mean,
+                                call->training ? none : call->running_var, call->mask});
         ctx->saved_data["has_weight"] = weight.defined();
         ctx->saved_data["has_bias"] = bias.defined();
         ctx->saved_data["kind"] = call->kind;
@@ -301,7 +325,8 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         if (need_w) dw = at::empty({channels}, saved.options());
         if (need_b) db = at::empty({channels}, saved.options());
         backward_loop[loop_index(src.scalar_type())](
-            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), src.data_ptr(), mutable_ptr(dx),
+            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), src.data_ptr(),
+            mask_ptr(saved_vars[6]), mutable_ptr(dx),
             ctx->saved_data["rows"].toInt(), channels, ctx->saved_data["inner"].toInt(),
             saved.data_ptr(), ptr(weight), ptr(bias), mutable_ptr(dw), mutable_ptr(db),
             training, (int)ctx->saved_data["act"].toInt(), ctx->saved_data["param"].toDouble(),
@@ -339,10 +364,10 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
 };
 
 // batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-//            num_batches_tracked, flags)
+//            num_batches_tracked, flags, mask)
 //   -> (output, recorded) or None (express.batch_norm's contract; flags: express.Flags).
 PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10 || parameter_type == nullptr) Py_RETURN_NONE;
+    if (nargs != 11 || parameter_type == nullptr) Py_RETURN_NONE;
     HANDLE_TH_ERRORS
     PyObject *x_obj = args[0];
     if (!plain_type(x_obj)) Py_RETURN_NONE;
@@ -427,6 +452,7 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     call.param = PyFloat_AsDouble(flag[3]);
     call.from_output = flag[4] == Py_True;
     if (call.act < 0 || call.act > ACT_RELU) Py_RETURN_NONE;
+    if (args[10] != Py_None && !mask_arg(args[10], x, &call)) Py_RETURN_NONE;
     call.threads = numel >= parallel_threshold ? at::get_num_threads() : 1;
 
     at::Tensor output;

@@ -713,9 +713,60 @@ def test_functional_and_modules_take_the_express_path(express_taken: list[bool])
     bnkit.BatchNorm2d(16, activation="leaky_relu")(x.requires_grad_())
     bnkit.BatchNorm2d(16, activation="elu", memory_efficient=False).eval()(x)
     bnkit.BatchNorm2d(16).eval()(x)
-    assert taken == [True] * 6
+    bnkit.BatchNorm2d(16)(x, mask=torch.rand(8, 8, 8) > 0.5)
+    assert taken == [True] * 7
     taken.clear()
     bnkit.BatchNorm2d(16, ghost_batch_size=4)(x)
     bnkit.BatchNorm2d(16, renorm=bnkit.Renorm())(x)
-    bnkit.BatchNorm2d(16)(x, mask=torch.ones(8, 8, 8, dtype=torch.bool))
     assert taken == []
+    with pytest.raises(bnkit.errors.DTypeError, match=r"BatchNorm2d\(16\).*bool mask"):
+        bnkit.BatchNorm2d(16)(x, mask=torch.ones(8, 8, 8))  # declined, then reported
+
+
+def test_masked_gradcheck_double_backward_and_batched_gradients() -> None:
+    """A masked call's node: gradcheck, gradgradcheck (the double backward recomputes
+    with the saved mask) and gradients batched by vmap, against one backward each."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 40, dtype=torch.float64, generator=generator, requires_grad=True)
+    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
+    w.requires_grad_()
+    b.requires_grad_()
+    mask = torch.rand(5, 40, generator=generator) > 0.3
+
+    def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = express.batch_norm(
+            x, None, None, w, b, True, 0.1, 1e-5, None, express.Flags(), mask
+        )
+        assert result is not None
+        return result[0]
+
+    assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
+    assert torch.autograd.gradcheck(train, (x, w, b))
+    assert torch.autograd.gradgradcheck(train, (x, w, b))
+    y = train(x, w, b)
+    cotangents = torch.randn(2, *y.shape, dtype=torch.float64, generator=generator)
+    batched = torch.autograd.grad(y, (x, w, b), cotangents, is_grads_batched=True)
+    for i, cotangent in enumerate(cotangents):
+        one = torch.autograd.grad(train(x, w, b), (x, w, b), cotangent)
+        for got, expected in zip(batched, one, strict=True):
+            torch.testing.assert_close(got[i], expected)
+
+
+MASK_DECLINED: list[tuple[str, dict[str, Any]]] = [
+    ("an activation", {"options": express.Flags(activation=RELU)}),
+    ("eval", {"training": False}),
+    ("one valid position", {"mask": torch.arange(8 * 8 * 8).view(8, 8, 8) == 5}),
+    ("float mask", {"mask": torch.ones(8, 8, 8)}),
+    ("wrong shape", {"mask": torch.ones(8, 8, 7, dtype=torch.bool)}),
+    ("not contiguous", {"mask": torch.ones(8, 8, 16, dtype=torch.bool)[:, :, ::2]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change"), MASK_DECLINED, ids=[c for c, _ in MASK_DECLINED])
+def test_masks_the_express_path_leaves_to_the_pipeline(case: str, change: dict[str, Any]) -> None:
+    """A mask the loops cannot take, or one whose call the pipeline must decide (too few
+    valid positions: ``single_sample``), goes to the general path, which reports it."""
+    assert _express_result(mask=torch.ones(8, 8, 8, dtype=torch.bool)) is not None
+    assert _express_result(**{"mask": torch.ones(8, 8, 8, dtype=torch.bool), **change}) is None, (
+        case
+    )

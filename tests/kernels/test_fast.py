@@ -62,6 +62,7 @@ def _run(
     skip_nonfinite: bool = True,
     unbiased: bool = True,
     grad_of: str = "xwb",
+    mask: torch.Tensor | None = None,
 ) -> list[Any]:
     """Outputs, gradients, running statistics and the recorded flag of one call: through
     the express path, or (``use_fast`` False) the pipeline on the operators' kernel."""
@@ -77,7 +78,9 @@ def _run(
         name, param, memory_efficient = activation or (None, None, False)
         estimator = "unbiased" if unbiased else "biased"
         flags = express.flags(estimator, skip_nonfinite, name, param, memory_efficient)
-        result = express.batch_norm(x, mean, var, w, b, training, momentum, 1e-5, tracked, flags)
+        result = express.batch_norm(
+            x, mean, var, w, b, training, momentum, 1e-5, tracked, flags, mask
+        )
         assert result is not None
         y, recorded = result
         name = "" if y.grad_fn is None else y.grad_fn.name()
@@ -86,7 +89,7 @@ def _run(
         out = pipeline.batch_norm(
             x, mean, var, w, b, use_batch_stats=training, momentum=momentum, eps=1e-5,
             num_batches_tracked=tracked, unbiased=unbiased, skip_nonfinite=skip_nonfinite,
-            kernel=ops.KERNEL, activation=activation,
+            kernel=ops.KERNEL, activation=activation, mask=mask,
         )  # fmt: skip
         y = out.output
         # the express path says whether an update took the batch (True without
@@ -137,6 +140,36 @@ def test_same_results_as_the_python_path(
                         for r in (ours, theirs)]  # fmt: skip
         # the parameter gradients are sums of many terms, which the pipeline's eval-mode
         # backward (torch operations) rounds to bfloat16 each: to the sums' scale
+        for a, b in zip(ours[:-4], theirs[:-4], strict=True):
+            assert_close_to_scale(a, b, 2e-2)
+        _equal(ours[-4:], theirs[-4:])
+        return
+    _equal(ours, theirs)
+
+
+@pytest.mark.usefixtures("fast_call")
+@pytest.mark.parametrize(("shape", "fmt"), LAYOUTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_masks_give_the_same_results(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    fmt: torch.memory_format,
+    dtype: torch.dtype,
+) -> None:
+    """A mask (N, *spatial) in training: statistics of the valid positions, every position
+    normalized, the input gradient's path through the statistics at valid ones only."""
+    g = torch.Generator().manual_seed(8)
+    x = (3 + 2 * torch.randn(shape, generator=g)).to(dtype).contiguous(memory_format=fmt)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = torch.randn(2, shape[1], generator=g, dtype=compute)
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=fmt)
+    mask = torch.rand((shape[0], *shape[2:]), generator=g) > 0.4
+    args = (x, weight, bias, dy, True, 0.1, None)
+    ours = _run(True, monkeypatch, *args, mask=mask)
+    theirs = _run(False, monkeypatch, *args, mask=mask)
+    if dtype == torch.bfloat16:
+        ours, theirs = [[t.float() if isinstance(t, torch.Tensor) else t for t in r]
+                        for r in (ours, theirs)]  # fmt: skip
         for a, b in zip(ours[:-4], theirs[:-4], strict=True):
             assert_close_to_scale(a, b, 2e-2)
         _equal(ours[-4:], theirs[-4:])
@@ -254,9 +287,9 @@ def test_declines_what_the_python_path_must_decide(
         "eps": 1e-5,
         "tracked": torch.tensor(0),
     }
-    assert fast_call(*args.values(), express.Flags()) is not None
+    assert fast_call(*args.values(), express.Flags(), None) is not None
     args.update(change)
-    assert fast_call(*args.values(), express.Flags()) is None, case
+    assert fast_call(*args.values(), express.Flags(), None) is None, case
 
 
 def test_large_outputs_come_from_the_output_pool(fast_call: Any) -> None:
@@ -265,7 +298,7 @@ def test_large_outputs_come_from_the_output_pool(fast_call: Any) -> None:
         pytest.skip("the output pool is off")
     x = torch.randn(outputs.MIN_BYTES // 4 // 8 + 1, 8, requires_grad=True)
     before = outputs.stats()["requests"]
-    result = fast_call(x, None, None, None, None, True, 0.1, 1e-5, None, express.Flags())
+    result = fast_call(x, None, None, None, None, True, 0.1, 1e-5, None, express.Flags(), None)
     assert result is not None
     (dx,) = torch.autograd.grad(result[0], x, torch.randn_like(x))
     assert outputs.stats()["requests"] == before + 2  # y, then dx
@@ -277,7 +310,7 @@ def test_16_bit_data_takes_the_express_path(fast_call: Any) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(8, 4, 16).to(dtype)
         mean, var = torch.zeros(4), torch.ones(4)
-        result = fast_call(x, mean, var, None, None, True, 0.1, 1e-5, None, express.Flags())
+        result = fast_call(x, mean, var, None, None, True, 0.1, 1e-5, None, express.Flags(), None)
         assert result is not None
         assert result[0].dtype == dtype
 
