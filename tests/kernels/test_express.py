@@ -288,11 +288,18 @@ def test_fused_activations_double_backward_and_batched_gradients(
             torch.autograd.grad(train(x, w, b).square().sum(), x, create_graph=True)
     else:
         assert torch.autograd.gradgradcheck(train, (x, w, b))
-    y = train(x, w, b)
-    cotangents = torch.randn(3, *y.shape, dtype=torch.float64, generator=generator)
-    batched = torch.autograd.grad(y, (x, w, b), cotangents, is_grads_batched=True)
+    _check_batched_gradients(train, (x, w, b), generator)
+
+
+def _check_batched_gradients(
+    function: Any, inputs: tuple[torch.Tensor, ...], generator: torch.Generator
+) -> None:
+    """Gradients batched by ``is_grads_batched=True`` equal one backward per cotangent."""
+    y = function(*inputs)
+    cotangents = torch.randn(3, *y.shape, dtype=y.dtype, generator=generator)
+    batched = torch.autograd.grad(y, inputs, cotangents, is_grads_batched=True)
     for i, cotangent in enumerate(cotangents):
-        one = torch.autograd.grad(train(x, w, b), (x, w, b), cotangent)
+        one = torch.autograd.grad(function(*inputs), inputs, cotangent)
         for got, expected in zip(batched, one, strict=True):
             torch.testing.assert_close(got[i], expected)
 
@@ -743,13 +750,7 @@ def test_masked_gradcheck_double_backward_and_batched_gradients() -> None:
     assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
     assert torch.autograd.gradcheck(train, (x, w, b))
     assert torch.autograd.gradgradcheck(train, (x, w, b))
-    y = train(x, w, b)
-    cotangents = torch.randn(2, *y.shape, dtype=torch.float64, generator=generator)
-    batched = torch.autograd.grad(y, (x, w, b), cotangents, is_grads_batched=True)
-    for i, cotangent in enumerate(cotangents):
-        one = torch.autograd.grad(train(x, w, b), (x, w, b), cotangent)
-        for got, expected in zip(batched, one, strict=True):
-            torch.testing.assert_close(got[i], expected)
+    _check_batched_gradients(train, (x, w, b), generator)
 
 
 MASK_DECLINED: list[tuple[str, dict[str, Any]]] = [
