@@ -9,15 +9,16 @@
 // gradient. It answers None for any call it does not take, which then goes through the
 // pipeline. Large outputs come from bnkit.kernels.outputs' pool (a Python call, nothing
 // next to the work); so does a double backward (a backward pass under autograd).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/le.h>
 #include <Python.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -241,9 +242,21 @@ bool output_invertible(const at::Tensor &y, const at::Tensor &weight, const at::
         if (lossy) return false;
     }
     if (call.act != ACT_ELU) return true;
-    // an elu output within sqrt(eps) (relative) of its floor -alpha
+    // an elu output within sqrt(eps) (relative) of its floor -alpha, compared in y's type
+    // (as torch compares a tensor with a number); y is dense, so its storage is its values
     const double floor = -call.param * (1.0 - std::sqrt(epsilon(y.scalar_type())));
-    return !at::le(y, floor).any().item<bool>();
+    bool near = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "floor", [&] {
+        const scalar_t *values = y.data_ptr<scalar_t>(), limit = static_cast<scalar_t>(floor);
+        const int64_t n = y.numel(), block = 4096;  // a block at a time: the loop vectorizes
+        for (int64_t start = 0; start < n && !near; start += block) {
+            int count = 0;
+            for (int64_t i = start, end = std::min(n, start + block); i < end; ++i)
+                count += values[i] <= limit;
+            near = count > 0;
+        }
+    });
+    return !near;
 }
 
 struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
