@@ -43,7 +43,9 @@ _NAMES = ("bnkit", "compiled")
 # The names of bnkit.bench.speed.DTYPES and .OPERATIONS, repeated so that building the
 # parser (bnkit --help) does not import torch; a test keeps them equal.
 _DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
-_OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
+_OPERATIONS = (
+    "forward", "fwd+bwd", "eval", "bn+relu fwd+bwd", "bn+leaky fwd+bwd", "bn+elu fwd+bwd"
+)  # fmt: skip
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -124,7 +126,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="dtype(s); float32 by default (bfloat16, float16: informational; 16-bit "
         "activations with float32 parameters)",
     )
-    parser.add_argument("--op", action="append", choices=_OPERATIONS, help="operation(s)")
+    parser.add_argument(
+        "--op",
+        action="append",
+        choices=_OPERATIONS,
+        help="operation(s); default: the first four (the leaky_relu and elu rows when named)",
+    )
     parser.add_argument(
         "--repetitions", type=_positive_int, help="interleaved repetitions (default 7)"
     )

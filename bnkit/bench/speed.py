@@ -14,7 +14,11 @@ operation                          passes  what
 ``eval``                            2       read x, write y
 ``fwd+bwd`` (training)              8       forward 3, backward: reductions 2, dx 3
 ``bn+relu fwd+bwd`` (training)      8       as fwd+bwd, the ReLU folded in
+``bn+leaky fwd+bwd`` (training)     8       as fwd+bwd, a leaky ReLU (slope 0.01) folded in
+``bn+elu fwd+bwd`` (training)       8       as fwd+bwd, an ELU folded in
 ================================  ======  =============================================
+
+The last two run only when asked for (``--op``); the others are the default.
 
 A new tensor can cost more than its pass: the operating system maps and zeroes fresh
 pages on first touch (bnkit's large outputs avoid that by reusing memory it keeps,
@@ -25,11 +29,13 @@ and eval, two for the training step: y and dx) and each implementation's fractio
 
 Implementations, timed interleaved (each repetition runs every one once, so load from
 other processes hits them alike; the figures are medians over repetitions of per-repetition
-ratios): ``torch`` = ``torch.nn.functional.batch_norm`` (+ ``torch.relu``), ``compiled`` =
-``torch.compile`` of ``torch.nn.BatchNorm*d`` (+ ReLU) when asked (compiled afresh for
+ratios): ``torch`` = ``torch.nn.functional.batch_norm`` (+ the activation function),
+``compiled`` = ``torch.compile`` of ``torch.nn.BatchNorm*d`` (+ its module) when asked
+(compiled afresh for
 each row after ``torch._dynamo.reset()``, its compile time reported separately, and
-bnkit's speed against it), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default options
-(``activation="relu"`` for the fused row). Running statistics are updated by all of them.
+bnkit's speed against it), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default
+options (``activation=...`` for the fused rows: the activation folded in). Running
+statistics are updated by all of them.
 
 Where the memory of a new output comes from matters as much as the kernel: glibc's
 allocator returns a freed tensor larger than 32 MB to the operating system at once, so
@@ -85,11 +91,19 @@ SHAPES: tuple[tuple[int, ...], ...] = (
     (8, 16, 8, 8),
 )
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((32, 256, 56, 56), (4096, 1024), (8, 16, 8, 8))
-OPERATIONS = ("forward", "fwd+bwd", "eval", "bn+relu fwd+bwd")
+#: the fused rows' activation, as bnkit names it, and its torch function and module
+FUSED: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor], type[torch.nn.Module]]] = {
+    "bn+relu fwd+bwd": ("relu", torch.relu, torch.nn.ReLU),
+    "bn+leaky fwd+bwd": ("leaky_relu", F.leaky_relu, torch.nn.LeakyReLU),
+    "bn+elu fwd+bwd": ("elu", F.elu, torch.nn.ELU),
+}
+OPERATIONS = ("forward", "fwd+bwd", "eval", *FUSED)
+#: what runs when no operation is named
+DEFAULT_OPERATIONS = OPERATIONS[:4]
 #: tensor-sized memory passes of each operation (the floor)
-PASSES = {"forward": 3, "fwd+bwd": 8, "eval": 2, "bn+relu fwd+bwd": 8}
+PASSES = {"forward": 3, "fwd+bwd": 8, "eval": 2, **dict.fromkeys(FUSED, 8)}
 #: new tensor-sized outputs each operation must create (y; y and dx)
-OUTPUTS = {"forward": 1, "fwd+bwd": 2, "eval": 1, "bn+relu fwd+bwd": 2}
+OUTPUTS = {"forward": 1, "fwd+bwd": 2, "eval": 1, **dict.fromkeys(FUSED, 2)}
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -107,7 +121,7 @@ class Config:
     shapes: Sequence[tuple[int, ...]] = SHAPES
     layouts: Sequence[str] = ("nchw", "channels_last")
     dtypes: Sequence[str] = ("float32",)
-    operations: Sequence[str] = OPERATIONS
+    operations: Sequence[str] = DEFAULT_OPERATIONS
     compile: bool = False
     repetitions: int = 7
     #: each timed sample runs the operation until at least this many seconds have passed
@@ -202,18 +216,16 @@ def _candidates(
         name: (torch.zeros(channels, dtype=param_dtype), torch.ones(channels, dtype=param_dtype))
         for name in ("torch", "bnkit")
     }
-    relu = operation == "bn+relu fwd+bwd"
+    activation, torch_activation, _ = FUSED.get(operation, (None, None, None))
 
     def torch_call(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool) -> Any:
         mean, var = running["torch"]
         y = F.batch_norm(inp, mean, var, w, b, training=training)
-        return torch.relu(y) if relu else y
+        return y if torch_activation is None else torch_activation(y)
 
     def bnkit_call(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool) -> Any:
         mean, var = running["bnkit"]
-        return batch_norm(
-            inp, mean, var, w, b, training=training, activation="relu" if relu else None
-        )
+        return batch_norm(inp, mean, var, w, b, training=training, activation=activation)
 
     calls: dict[str, Callable[..., Any]] = {"torch": torch_call, "bnkit": bnkit_call}
     if compiled is not None:
@@ -308,15 +320,18 @@ def _fresh_output_probes(x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[
     return (lambda: torch.empty_like(x).fill_(1.0)), (lambda: kept.fill_(1.0))
 
 
-def _compile_module(x: torch.Tensor, relu: bool, training: bool) -> tuple[torch.nn.Module, float]:
-    """torch.compile'd BatchNorm (+ ReLU) for x, and the seconds its first call took
+def _compile_module(
+    x: torch.Tensor, operation: str, training: bool
+) -> tuple[torch.nn.Module, float]:
+    """torch.compile'd BatchNorm (+ the fused row's activation) for x, and the seconds its
+    first call took
     (from a reset compiler: no graph or recompilation budget carried over from another
     row)."""
     torch._dynamo.reset()
     dtype = torch.float32 if x.dtype in _HALF else x.dtype
     layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype)]
-    if relu:
-        layers.append(torch.nn.ReLU())
+    if operation in FUSED:
+        layers.append(FUSED[operation][2]())
     module = torch.nn.Sequential(*layers)
     if x.dtype in _HALF:
         module = module.to(x.dtype)
@@ -348,8 +363,7 @@ def measure(
     compiled = None
     compile_s = None
     if config.compile:
-        relu = operation == "bn+relu fwd+bwd"
-        compiled, compile_s = _compile_module(x, relu, operation != "eval")
+        compiled, compile_s = _compile_module(x, operation, operation != "eval")
     candidates = _candidates(operation, x, compiled)
     probes = _bandwidth_probes(x)
     fresh, kept = _fresh_output_probes(x)

@@ -36,7 +36,7 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     rows = run["rows"]
     # (8, 16, 8, 8) in two layouts, (64, 32) in one: 3 x 4 operations
     assert len(rows) == 12
-    assert {row["operation"] for row in rows} == set(speed.OPERATIONS)
+    assert {row["operation"] for row in rows} == set(speed.DEFAULT_OPERATIONS)
     for row in rows:
         assert row["floor_ms"] > 0
         assert row["bandwidth_gbs"] > 0
