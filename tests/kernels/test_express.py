@@ -771,3 +771,26 @@ def test_masks_the_express_path_leaves_to_the_pipeline(case: str, change: dict[s
     assert _express_result(**{"mask": torch.ones(8, 8, 8, dtype=torch.bool), **change}) is None, (
         case
     )
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu"])
+def test_fused_activations_in_eval_gradcheck_and_double_backward(name: str) -> None:
+    """In eval the node keeps x and the population statistics (never y): gradcheck and
+    gradgradcheck through the fused activation."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator, requires_grad=True)
+    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
+    w.requires_grad_()
+    b.requires_grad_()
+    mean = torch.randn(3, dtype=torch.float64, generator=generator)
+    var = 0.5 + torch.rand(3, dtype=torch.float64, generator=generator)
+    flags = express.flags("unbiased", True, name, default_param(name), True)
+
+    def evaluate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = express.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5, None, flags)
+        assert result is not None
+        return result[0]
+
+    assert type(evaluate(x, w, b).grad_fn).__name__ == "CppFunction"
+    assert torch.autograd.gradcheck(evaluate, (x, w, b))
+    assert torch.autograd.gradgradcheck(evaluate, (x, w, b))
