@@ -177,10 +177,8 @@ class Options:
         param = check_activation(where, self.activation, self.activation_param)
         object.__setattr__(self, "activation_param", param)
         plain = self.ghost_batch_size is None and self.renorm is None and not self.sync
-        flags = None
-        if plain:
-            flags = express.flags(self.running_var_estimator, self.skip_nonfinite,
-                                  self.activation, param, self.memory_efficient)  # fmt: skip
+        flags = express.flags(self.running_var_estimator, self.skip_nonfinite,
+                              self.activation, param, self.memory_efficient, plain)  # fmt: skip
         object.__setattr__(self, "_express", flags)  # computed once: read on every call
 
     @property
@@ -191,10 +189,11 @@ class Options:
         return pipeline.Activation(self.activation, self.activation_param, self.memory_efficient)
 
     @property
-    def express(self) -> express.Flags | None:
-        """The options as the express path reads them, or None where it cannot take the
-        call (ghost batches, renorm or sync; a mask, per call, is decided there)."""
-        flags: express.Flags | None = self.__dict__["_express"]
+    def express(self) -> express.Flags:
+        """The options as the express path reads them. With ghost batches, renorm or sync
+        it takes eval calls only (they change nothing there); a mask, per call, is decided
+        there too."""
+        flags: express.Flags = self.__dict__["_express"]
         return flags
 
 
@@ -396,11 +395,10 @@ def try_express(
     """The output of a call on a CPU tensor by :mod:`bnkit.kernels.express` (one C call
     each way; a batch the running statistics skipped is reported to ``monitor``), or
     None: then :func:`_batch_norm` runs the general pipeline, which also reports invalid
-    arguments. The express path takes no ghost batches, renorm or sync
-    (:attr:`Options.express`), a mask only without an activation, and not the calls where
-    the Triton kernels are asked for."""
-    flags = options.express
-    if flags is None or gpu.forced():
+    arguments. The express path takes ghost batches, renorm and sync in eval only
+    (:attr:`Options.express`), a mask only in training without an activation, and not the
+    calls where the Triton kernels are asked for."""
+    if gpu.forced():
         return None
     result = express.batch_norm(
         call.input,
@@ -412,7 +410,7 @@ def try_express(
         momentum,
         eps,
         call.num_batches_tracked,
-        flags,
+        options.express,
         call.mask,
     )
     if result is None:

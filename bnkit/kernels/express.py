@@ -1,9 +1,10 @@
 """The express path: batch norm on a CPU tensor in one C call each way.
 
-Most calls have no ghost batches, renorm or synchronization: a float32, float64,
-bfloat16 or float16 CPU tensor in a layout the C loops know, per-channel tensors in the
-compute dtype (float32 for 16-bit inputs: the mixed-precision layout), with or without a
-fused activation, or in training a mask without one. Without autograd, 16-bit
+Most calls have no ghost batches, renorm or synchronization (in eval none acts, since
+they act in training only): a float32, float64, bfloat16 or float16 CPU tensor in a
+layout the C loops know, per-channel tensors in the compute dtype (float32 for 16-bit
+inputs: the mixed-precision layout), with or without a fused activation, or in training
+a mask without one. Without autograd, 16-bit
 parameters (and, in eval, 16-bit population statistics: a ``model.to(torch.bfloat16)`` at
 inference) are read as float32 copies. For them the general pipeline (statistics
 objects, affine terms computed with torch, a separate update of the running statistics)
@@ -49,6 +50,9 @@ class Flags(NamedTuple):
     activation: int = 0  #: the fused activation's code (``_CODES``)
     param: float = 0.0  #: its parameter: leaky_relu's slope, elu's alpha
     from_output: bool = False  #: memory-efficient: training may save y instead of x
+    #: training calls too (False with ghost batches, renorm or sync, which the pipeline
+    #: carries out; in eval they change nothing)
+    training: bool = True
 
 
 def flags(
@@ -57,6 +61,7 @@ def flags(
     activation: str | None,
     param: float | None,
     memory_efficient: bool,
+    training: bool = True,
 ) -> Flags:
     """The :class:`Flags` of validated options (:class:`bnkit.functional.Options`')."""
     return Flags(
@@ -65,6 +70,7 @@ def flags(
         _CODES[activation],
         0.0 if param is None else float(param),
         memory_efficient and activation is not None and act.saves_output(activation),
+        training,
     )
 
 

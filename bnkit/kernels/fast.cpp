@@ -454,11 +454,12 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         call.tracked = tracked;
     }
     PyObject *flags = args[9];
-    if (!PyTuple_Check(flags) || PyTuple_GET_SIZE(flags) != 5) Py_RETURN_NONE;
+    if (!PyTuple_Check(flags) || PyTuple_GET_SIZE(flags) != 6) Py_RETURN_NONE;
     PyObject *const *flag = &PyTuple_GET_ITEM(flags, 0);
     if (!PyBool_Check(flag[0]) || !PyBool_Check(flag[1]) || !PyLong_CheckExact(flag[2]) ||
-        !PyFloat_CheckExact(flag[3]) || !PyBool_Check(flag[4]))
+        !PyFloat_CheckExact(flag[3]) || !PyBool_Check(flag[4]) || !PyBool_Check(flag[5]))
         Py_RETURN_NONE;
+    if (call.training && flag[5] != Py_True) Py_RETURN_NONE;  // ghost batches, renorm, sync
     call.unbiased = flag[0] == Py_True;
     call.skip_nonfinite = flag[1] == Py_True;
     call.act = (int)PyLong_AsLong(flag[2]);

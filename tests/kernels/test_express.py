@@ -711,6 +711,38 @@ def test_leaves_torch_func_transforms_to_the_general_path() -> None:
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"ghost_batch_size": 4}, {"renorm": "renorm"}, {"sync": True}],
+    ids=["ghost", "renorm", "sync"],
+)
+def test_training_only_options_take_the_express_path_in_eval(
+    express_taken: list[bool], options: dict[str, Any]
+) -> None:
+    """Ghost batches, renorm and sync change nothing in eval (population statistics, no
+    communication): an eval call takes the express path, with the pipeline's results."""
+    if options.get("renorm"):
+        options = {"renorm": bnkit.Renorm()}
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 16, 6, 6, generator=generator, requires_grad=True)
+    layer = bnkit.BatchNorm2d(16, **options)
+    with torch.no_grad():
+        layer.running_mean.normal_(generator=generator)
+        layer.running_var.uniform_(0.5, 2.0, generator=generator)
+        layer.weight.normal_(generator=generator)
+    layer.eval()
+    y = layer(x)
+    assert express_taken == [True]
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    plain = bnkit.BatchNorm2d(16).eval()
+    plain.load_state_dict(layer.state_dict())
+    expected = torch.nn.functional.batch_norm(
+        x, plain.running_mean, plain.running_var, plain.weight, plain.bias, training=False
+    )
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(dx, torch.autograd.grad(expected, x, torch.ones_like(y))[0])
+
+
 def test_functional_and_modules_take_the_express_path(express_taken: list[bool]) -> None:
     taken = express_taken
     x = torch.randn(8, 16, 8, 8)
@@ -725,7 +757,8 @@ def test_functional_and_modules_take_the_express_path(express_taken: list[bool])
     taken.clear()
     bnkit.BatchNorm2d(16, ghost_batch_size=4)(x)
     bnkit.BatchNorm2d(16, renorm=bnkit.Renorm())(x)
-    assert taken == []
+    bnkit.BatchNorm2d(16, sync=True)(x)
+    assert taken == [False] * 3  # asked, and declined: these options act in training
     with pytest.raises(bnkit.errors.DTypeError, match=r"BatchNorm2d\(16\).*bool mask"):
         bnkit.BatchNorm2d(16)(x, mask=torch.ones(8, 8, 8))  # declined, then reported
 
