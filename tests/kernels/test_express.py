@@ -251,6 +251,33 @@ def test_gradcheck_and_gradgradcheck_in_float64() -> None:
         assert torch.autograd.gradgradcheck(function, (x, w, b))
 
 
+def _through_express(
+    flags: express.Flags,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> Any:
+    """(x, weight, bias) -> the express node's output: in eval given population
+    statistics, else in training (without running statistics)."""
+
+    def call(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        training = mean is None
+        result = express.batch_norm(x, mean, var, w, b, training, 0.1, 1e-5, None, flags, mask)
+        assert result is not None
+        return result[0]
+
+    return call
+
+
+def _float64_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """x (4, 3, 30), weight and bias in float64, requiring gradients, and the generator
+    that made them (for more values from the same seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator)
+    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), generator
+
+
 FUSED = [
     ("relu", None, False),
     ("leaky_relu", 0.2, False),
@@ -269,18 +296,8 @@ def test_fused_activations_double_backward_and_batched_gradients(
     the saved bias; keeping only the output (memory-efficient) it is refused with the
     pipeline's error. Gradients batched by vmap (which the C loops cannot read) take the
     torch-operation route either way, against one backward per cotangent."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator, requires_grad=True)
-    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
-    w.requires_grad_()
-    b.requires_grad_()
-    flags = express.flags("unbiased", True, name, param, memory_efficient)
-
-    def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, None, flags)
-        assert result is not None
-        return result[0]
-
+    x, w, b, generator = _float64_inputs(0)
+    train = _through_express(express.flags("unbiased", True, name, param, memory_efficient))
     assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
     assert torch.autograd.gradcheck(train, (x, w, b))
     if memory_efficient:
@@ -773,13 +790,7 @@ def test_masked_gradcheck_double_backward_and_batched_gradients() -> None:
     b.requires_grad_()
     mask = torch.rand(5, 40, generator=generator) > 0.3
 
-    def train(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(
-            x, None, None, w, b, True, 0.1, 1e-5, None, express.Flags(), mask
-        )
-        assert result is not None
-        return result[0]
-
+    train = _through_express(express.Flags(), mask=mask)
     assert type(train(x, w, b).grad_fn).__name__ == "CppFunction"
     assert torch.autograd.gradcheck(train, (x, w, b))
     assert torch.autograd.gradgradcheck(train, (x, w, b))
@@ -810,20 +821,11 @@ def test_masks_the_express_path_leaves_to_the_pipeline(case: str, change: dict[s
 def test_fused_activations_in_eval_gradcheck_and_double_backward(name: str) -> None:
     """In eval the node keeps x and the population statistics (never y): gradcheck and
     gradgradcheck through the fused activation."""
-    generator = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 3, 30, dtype=torch.float64, generator=generator, requires_grad=True)
-    w, b = (torch.randn(3, dtype=torch.float64, generator=generator) for _ in range(2))
-    w.requires_grad_()
-    b.requires_grad_()
+    x, w, b, generator = _float64_inputs(4)
     mean = torch.randn(3, dtype=torch.float64, generator=generator)
     var = 0.5 + torch.rand(3, dtype=torch.float64, generator=generator)
     flags = express.flags("unbiased", True, name, default_param(name), True)
-
-    def evaluate(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        result = express.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5, None, flags)
-        assert result is not None
-        return result[0]
-
+    evaluate = _through_express(flags, mean, var)
     assert type(evaluate(x, w, b).grad_fn).__name__ == "CppFunction"
     assert torch.autograd.gradcheck(evaluate, (x, w, b))
     assert torch.autograd.gradgradcheck(evaluate, (x, w, b))
