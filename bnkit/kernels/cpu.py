@@ -182,9 +182,10 @@ _LOOP_SIGNATURES: dict[str, list[type]] = {
     "bn_backward_input_masked_ncl": [*[_PTR] * 4, _I64, _I64, _I64, *[_PTR] * 4, _INT],
     "bn_backward_input_masked_nc": [*[_PTR] * 4, _I64, _I64, *[_PTR] * 4, _INT],
 }
-#: The activations the fused loops implement (their codes in ``cpu.c``); relu has its own.
-_ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
-_ACTIVATION_NAMES = {code: name for name, code in _ACTIVATION_CODES.items()}
+#: The activations' codes in ``cpu.c`` (ACT_*): the fused loops implement the first three
+#: (the plain ones fuse relu with a flag of their own); relu's code is for the whole-call
+#: bn_forward and bn_backward.
+_ACTIVATION_CODES: dict[str | None, int] = {"identity": 0, "leaky_relu": 1, "elu": 2, "relu": 3}
 
 
 def _call(name: str, x: Tensor, *args: Any) -> Any:

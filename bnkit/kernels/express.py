@@ -38,8 +38,8 @@ from bnkit.kernels.stats import compute_dtype
 __all__ = ["Flags", "batch_norm", "flags"]
 
 #: The fused activations' codes in ``cpu.c``'s bn_forward and bn_backward (ACT_*)
-_CODES = {None: 0, "identity": 0, "leaky_relu": 1, "elu": 2, "relu": 3}
-_NAMES = {1: "leaky_relu", 2: "elu", 3: "relu"}
+_CODES = {None: 0, **cpu._ACTIVATION_CODES}
+_NAMES = {code: name for name, code in _CODES.items() if code}  # no activation: absent
 
 
 class Flags(NamedTuple):
