@@ -56,10 +56,14 @@ def test_compiled_model_matches_eager(options: dict[str, Any]) -> None:
         target = torch.randn(y_eager.shape, generator=g)
         (y_eager - target).square().sum().backward()
         (y_compiled - target).square().sum().backward()
+        # The biases before a training-mode BN have a zero gradient up to rounding, which
+        # differs between kernels: differences are measured against the largest gradient.
+        scale = max(1.0, *(float(p.grad.abs().max()) for p in eager.parameters()))
         for (name, p_eager), p_compiled in zip(
             eager.named_parameters(), compiled_module.parameters(), strict=True
         ):
-            assert torch.allclose(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5), name
+            close = torch.allclose(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5 * scale)
+            assert close, name
         for (name, b_eager), b_compiled in zip(
             eager.named_buffers(), compiled_module.buffers(), strict=True
         ):
