@@ -39,7 +39,7 @@ def _devices() -> list[str]:
 
 #: the autograd node of a plain express call's output -> the path that ran it
 _EXPRESS = {
-    "CppFunction": "express, C++ (fast.cpp) calling the native C loops",
+    "CppFunction": "express: bnkit::batch_norm (C++, fast.cpp) calling the native C loops",
 }
 
 

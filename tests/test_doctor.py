@@ -22,7 +22,9 @@ def test_describe_names_the_path_each_dtype_takes() -> None:
         assert row.why
     if native.library() is not None:  # every dtype runs the native loops' express path
         for dtype in doctor.DTYPES:
-            assert cpu[dtype].why == "express, C++ (fast.cpp) calling the native C loops"
+            assert cpu[dtype].why == (
+                "express: bnkit::batch_norm (C++, fast.cpp) calling the native C loops"
+            )
 
 
 def test_describe_without_native_code_says_portable_and_why() -> None:

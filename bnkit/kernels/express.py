@@ -10,10 +10,13 @@ inference) are read as float32 copies. For them the general pipeline (statistics
 objects, affine terms computed with torch, a separate update of the running statistics)
 costs hundreds of microseconds of Python and small torch operations per call, more than
 the work itself on a small tensor. Here the
-C++ of ``fast.cpp`` decides, and one call to ``bn_forward`` in ``cpu.c`` computes the
-statistics, updates the running ones and normalizes, under a native autograd node whose
-backward is one call to ``bn_backward``; the arithmetic is the C loops', so results agree
-with the operators' kernel (:mod:`bnkit.kernels.ops`) to rounding. A memory-efficient
+C++ of ``fast.cpp`` decides, and calls the operator ``bnkit::batch_norm`` (registered in
+C++): one call to ``bn_forward`` in ``cpu.c`` computes the statistics, updates the
+running ones and normalizes, under a native autograd node whose backward is the operator
+``bnkit::batch_norm_backward``, one call to ``bn_backward``; the arithmetic is the C
+loops', so results agree with the pass operators' kernel (:mod:`bnkit.kernels.ops`) to
+rounding. This module registers the two operators' fake kernels, so that
+``torch.library.opcheck`` and AOTAutograd trace them. A memory-efficient
 activation saves the output where it gives x_hat back (the rule of
 :func:`bnkit.kernels.activation.invertible`, which fast.cpp applies to the tensors it
 takes), as the pipeline's autograd function does.
@@ -89,7 +92,28 @@ def _start() -> None:
     extension = native.extension()
     if extension is not None:
         extension.init(torch.nn.Parameter, _double_backward, act.INVERSION_LIMIT, cpu, outputs)
+        torch.library.register_fake("bnkit::batch_norm")(_fake_batch_norm)
+        torch.library.register_fake("bnkit::batch_norm_backward")(_fake_backward)
         _FAST = extension.batch_norm
+
+
+def _fake_batch_norm(x: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``bnkit::batch_norm``'s fake kernel: the output like x, the 5 * C saved values in
+    the compute dtype, a 0-d bool (whether the running statistics took the batch)."""
+    stats = x.new_empty(5 * x.shape[1], dtype=compute_dtype(x.dtype))
+    return torch.empty_like(x), stats, x.new_empty((), dtype=torch.bool)
+
+
+def _fake_backward(
+    grad_output: Tensor, src: Tensor, stats: Tensor, *args: Any
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``bnkit::batch_norm_backward``'s fake kernel: (dx, dweight, dbias) where wanted."""
+    output_mask, channels = args[-1], (src.shape[1],)
+    return (
+        torch.empty_like(src) if output_mask[0] else None,
+        stats.new_empty(channels) if output_mask[1] else None,
+        stats.new_empty(channels) if output_mask[2] else None,
+    )
 
 
 def batch_norm(

@@ -1,14 +1,22 @@
 // The express path: batch norm on a CPU tensor (float, double, bfloat16 or half) with no
-// Python between the call and the C loops, and a native autograd node.
+// Python between the call and the C loops, as two operators registered in C++.
 //
-// A call with no ghost batches, renorm or sync (any fused activation, or a mask without
-// one; see bnkit.kernels.express) would otherwise pay the general pipeline's Python:
-// hundreds of microseconds, several times the work on a small tensor. Here one call to bn_forward of
-// cpu.c (linked into the same extension by bnkit.kernels.native) computes the statistics,
-// updates the running ones and normalizes, and one call to bn_backward gives every
-// gradient. It answers None for any call it does not take, which then goes through the
-// pipeline. Large outputs come from bnkit.kernels.outputs' pool (a Python call, nothing
-// next to the work); so does a double backward (a backward pass under autograd).
+// bnkit::batch_norm computes the statistics, updates the running ones and normalizes
+// (with a fused activation) in one call to cpu.c's bn_forward (linked into the same
+// extension by bnkit.kernels.native); bnkit::batch_norm_backward gives every gradient in
+// one call to bn_backward. Like aten's native_batch_norm, the forward returns the
+// per-channel values its backward reads. Each has a CPU kernel; the forward has an
+// Autograd kernel (ExpressFunction, the backward operator under a native node); their
+// fake kernels are Python's (bnkit.kernels.express), so torch.library.opcheck and
+// AOTAutograd trace them.
+//
+// batch_norm, the module's entry, decides whether a call (no ghost batches, renorm or
+// sync in training; any fused activation, or a mask without one; see
+// bnkit.kernels.express) is one the operator takes, and calls it through the dispatcher;
+// it answers None for any other call, which then goes through the general pipeline, whose
+// Python would cost hundreds of microseconds, several times the work on a small tensor.
+// Large outputs come from bnkit.kernels.outputs' pool (a Python call, nothing next to the
+// work); so does a double backward (a backward pass under autograd).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +25,7 @@
 #include <Python.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +54,9 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Optional = std::optional<at::Tensor>;
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // y, stats, recorded
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;    // dx, dweight, dbias
 
 typedef decltype(&bn_forward_f32) forward_fn;
 typedef decltype(&bn_backward_f32) backward_fn;
@@ -80,9 +92,14 @@ constexpr int ACT_NONE = 0, ACT_ELU = 2, ACT_RELU = 3;
 PyObject *parameter_type = nullptr;
 PyObject *double_backward = nullptr;
 double inversion_limit = 0.0;
-// The sizes are read from their Python modules on each call (tests change them):
-// bnkit.kernels.cpu's SMALL_THRESHOLD and PARALLEL_THRESHOLD, bnkit.kernels.outputs'
-// MIN_BYTES.
+// The sizes the Python modules set: bnkit.kernels.cpu's SMALL_THRESHOLD (the express
+// path's smallest tensor) and PARALLEL_THRESHOLD (the smallest run on several threads),
+// bnkit.kernels.outputs' MIN_BYTES (the smallest output from its pool). The express
+// path's entry reads them on each call (tests change them); the operators' kernels use
+// the latest values.
+struct Sizes {
+    int64_t small = 0, parallel = 0, pool = std::numeric_limits<int64_t>::max();
+} sizes;
 PyObject *cpu_module = nullptr, *outputs_module = nullptr;
 PyObject *small_name = nullptr, *parallel_name = nullptr, *pool_name = nullptr;
 PyObject *empty_like_name = nullptr;
@@ -109,9 +126,30 @@ struct Call {
     double param = 0.0;        // its parameter: leaky_relu's slope, elu's alpha
     bool from_output = false;  // memory-efficient: training may save y instead of x
     int threads = 1;
-    int recorded = 1;
-    int64_t pool_bytes = 0;  // outputs this large come from the pool
 };
+
+at::Tensor value(const Optional &t) { return t.has_value() ? *t : at::Tensor(); }
+
+// x's layout as the loops see it, in call's kind, rows, channels and inner (x has two
+// dimensions or more); false for other strides.
+bool set_layout(const at::Tensor &x, Call *call) {
+    call->channels = x.size(1);
+    call->rows = x.size(0);
+    if (x.is_contiguous()) {
+        call->kind = x.dim() == 2 ? 1 : 0;
+        call->inner = 1;
+        for (int64_t d = 2; d < x.dim(); ++d) call->inner *= x.size(d);
+        return true;
+    }
+    if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+        (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+        call->kind = 1;
+        call->inner = 1;
+        call->rows = x.numel() / call->channels;
+        return true;
+    }
+    return false;
+}
 
 bool plain_type(PyObject *obj) {
     return Py_TYPE(obj) == (PyTypeObject *)THPVariableClass ||
@@ -174,9 +212,9 @@ PyObject *wrap(const at::Tensor &t) {
 }
 
 // An uninitialized tensor like x: from bnkit.kernels.outputs' pool (which keeps large
-// mappings; it takes the GIL) when it holds `pool_bytes` or more, else torch's.
-at::Tensor output_like(const at::Tensor &x, int64_t pool_bytes) {
-    if (x.numel() * (int64_t)x.element_size() < pool_bytes) return at::empty_like(x);
+// mappings; it takes the GIL) when it holds sizes.pool bytes or more, else torch's.
+at::Tensor output_like(const at::Tensor &x) {
+    if (x.numel() * (int64_t)x.element_size() < sizes.pool) return at::empty_like(x);
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *wrapped = THPVariable_Wrap(x);
     PyObject *out =
@@ -234,17 +272,17 @@ double epsilon(at::ScalarType dtype) {
 // bnkit.kernels.activation.invertible's rule for the tensors this path takes (its
 // docstring says why); tests/kernels/test_express.py holds the two to the same answers.
 bool output_invertible(const at::Tensor &y, const at::Tensor &weight, const at::Tensor &bias,
-                       const Call &call) {
+                       int act, double param) {
     if (weight.defined()) {
         const bool lossy = weight.scalar_type() == at::kDouble
                                ? lossy_channel<double>(weight, bias, inversion_limit)
                                : lossy_channel<float>(weight, bias, inversion_limit);
         if (lossy) return false;
     }
-    if (call.act != ACT_ELU) return true;
+    if (act != ACT_ELU) return true;
     // an elu output within sqrt(eps) (relative) of its floor -alpha, compared in y's type
     // (as torch compares a tensor with a number); y is dense, so its storage is its values
-    const double floor = -call.param * (1.0 - std::sqrt(epsilon(y.scalar_type())));
+    const double floor = -param * (1.0 - std::sqrt(epsilon(y.scalar_type())));
     bool near = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "floor", [&] {
         const scalar_t *values = y.data_ptr<scalar_t>(), limit = static_cast<scalar_t>(floor);
@@ -259,55 +297,207 @@ bool output_invertible(const at::Tensor &y, const at::Tensor &weight, const at::
     return !near;
 }
 
+// bnkit::batch_norm's arguments (its schema, in TORCH_LIBRARY_FRAGMENT below), as its
+// kernels receive them.
+struct Args {
+    const at::Tensor &x;
+    const Optional &weight, &bias, &running_mean, &running_var, &tracked, &mask;
+    bool training;
+    double momentum, eps;
+    bool unbiased, skip_nonfinite;
+    int64_t act;
+    double param;
+    bool from_output;
+};
+
+// Refuse a per-channel tensor the loops cannot read: (C,), contiguous, of the compute type.
+void check_vector(const char *name, const Optional &t, int64_t channels, at::ScalarType type) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->scalar_type() == type && t->is_cpu() && t->dim() == 1 &&
+                    t->size(0) == channels && t->is_contiguous(),
+                "bnkit::batch_norm: expected ", name, " a contiguous (", channels, ",) ", type,
+                " CPU tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+}
+
+// The call the loops run for `args`: x's layout, the options, the settings' sizes.
+// Arguments the loops cannot take are refused (the express path passes only valid ones).
+Call make_call(const Args &args) {
+    Call call;
+    TORCH_CHECK(args.x.dim() >= 2 && loop_index(args.x.scalar_type()) >= 0 && args.x.is_cpu(),
+                "bnkit::batch_norm: expected a float, double, bfloat16 or half CPU tensor "
+                "(N, C, *), got ", args.x.scalar_type(), " of shape ", args.x.sizes());
+    TORCH_CHECK(set_layout(args.x, &call),
+                "bnkit::batch_norm: expected a contiguous or channels-last input, got strides ",
+                args.x.strides());
+    const at::ScalarType compute = compute_type(args.x.scalar_type());
+    check_vector("weight", args.weight, call.channels, compute);
+    check_vector("bias", args.bias, call.channels, compute);
+    check_vector("running_mean", args.running_mean, call.channels, compute);
+    check_vector("running_var", args.running_var, call.channels, compute);
+    TORCH_CHECK(args.running_mean.has_value() == args.running_var.has_value(),
+                "bnkit::batch_norm: expected running_mean and running_var both or neither");
+    TORCH_CHECK(args.eps > 0 && std::isfinite(args.eps),
+                "bnkit::batch_norm: expected eps > 0, got ", args.eps);
+    TORCH_CHECK(!args.tracked.has_value() || (args.tracked->scalar_type() == at::kLong &&
+                                              args.tracked->numel() == 1 && args.tracked->is_cpu()),
+                "bnkit::batch_norm: expected num_batches_tracked a one-element int64 tensor");
+    TORCH_CHECK(args.act >= ACT_NONE && args.act <= ACT_RELU,
+                "bnkit::batch_norm: expected an activation code in [0, 3], got ", args.act);
+    TORCH_CHECK(args.act == ACT_NONE || args.act == ACT_RELU ||
+                    (args.param > 0 && std::isfinite(args.param)),
+                "bnkit::batch_norm: expected param > 0 and finite for leaky_relu and elu, got ",
+                args.param);
+    if (args.mask.has_value()) {
+        const at::Tensor &mask = *args.mask;
+        bool shaped = mask.dim() == args.x.dim() - 1 && mask.size(0) == args.x.size(0);
+        for (int64_t d = 2; shaped && d < args.x.dim(); ++d) shaped = mask.size(d - 1) == args.x.size(d);
+        TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_cpu() && mask.is_contiguous() &&
+                        shaped && args.training && args.act == ACT_NONE && !args.from_output,
+                    "bnkit::batch_norm: expected a mask only in training without an "
+                    "activation, a contiguous bool tensor of shape (N, *spatial), got ",
+                    mask.scalar_type(), " of shape ", mask.sizes());
+    }
+    call.training = args.training;
+    call.momentum = args.momentum;
+    call.eps = args.eps;
+    call.running_mean = value(args.running_mean);
+    call.running_var = value(args.running_var);
+    call.tracked = value(args.tracked);
+    call.mask = value(args.mask);
+    call.unbiased = args.unbiased;
+    call.skip_nonfinite = args.skip_nonfinite;
+    call.act = (int)args.act;
+    call.param = args.param;
+    call.from_output = args.from_output;
+    call.threads = args.x.numel() >= sizes.parallel ? at::get_num_threads() : 1;
+    return call;
+}
+
+// bnkit::batch_norm's CPU kernel: (output, the 5 * C values the backward reads, whether
+// the running statistics took the batch as a 0-d bool).
+Outputs forward_cpu(const at::Tensor &x, const Optional &weight, const Optional &bias,
+                    const Optional &running_mean, const Optional &running_var,
+                    const Optional &tracked, const Optional &mask, bool training,
+                    double momentum, double eps, bool unbiased, bool skip_nonfinite,
+                    int64_t act, double param, bool from_output) {
+    const Call call = make_call({x, weight, bias, running_mean, running_var, tracked, mask,
+                                 training, momentum, eps, unbiased, skip_nonfinite, act, param,
+                                 from_output});
+    at::Tensor y = output_like(x);
+    at::Tensor stats =
+        at::empty({5 * call.channels}, x.options().dtype(compute_type(x.scalar_type())));
+    const int recorded = forward_call(call, x, y, value(weight), value(bias), stats);
+    return {y, stats, at::scalar_tensor(recorded != 0, x.options().dtype(at::kBool))};
+}
+
+// bnkit::batch_norm_backward's CPU kernel: (dx, dweight, dbias), undefined where
+// output_mask says the gradient is not wanted. `src` is the input x, or the output y
+// where the forward saved it (from_output); bias is needed only then, and with an
+// activation.
+Grads backward_cpu(const at::Tensor &grad_output, const at::Tensor &src, const at::Tensor &stats,
+                   const Optional &weight, const Optional &bias, const Optional &mask,
+                   bool training, int64_t act, double param, bool from_output,
+                   std::array<bool, 3> output_mask) {
+    Call call;
+    TORCH_CHECK(src.dim() >= 2 && loop_index(src.scalar_type()) >= 0 && set_layout(src, &call),
+                "bnkit::batch_norm_backward: expected an input bnkit::batch_norm takes, got ",
+                src.scalar_type(), " of shape ", src.sizes(), " and strides ", src.strides());
+    const int threads = src.numel() >= sizes.parallel ? at::get_num_threads() : 1;
+    at::Tensor g = grad_output, dx, dw, db;
+    if (output_mask[0]) dx = output_like(src);
+    if (g.scalar_type() != src.scalar_type() || !g.strides().equals(src.strides())) {
+        // g in x's layout, as the loops read it. Copied into dx where there is one: the
+        // loops read each value of g before they write dx at the same position, so an
+        // expanded gradient (a sum's) costs no tensor besides dx.
+        if (output_mask[0]) {
+            dx.copy_(g);
+            g = dx;
+        } else {
+            g = g.to(src.scalar_type());
+            g = src.is_contiguous()
+                    ? g.contiguous()
+                    : g.contiguous(src.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                  : at::MemoryFormat::ChannelsLast3d);
+        }
+    }
+    if (output_mask[1]) dw = at::empty({call.channels}, stats.options());
+    if (output_mask[2]) db = at::empty({call.channels}, stats.options());
+    backward_loop[loop_index(src.scalar_type())](
+        call.kind, g.data_ptr(), src.data_ptr(), mask_ptr(value(mask)), mutable_ptr(dx),
+        call.rows, call.channels, call.inner, stats.data_ptr(), ptr(value(weight)),
+        ptr(value(bias)), mutable_ptr(dw), mutable_ptr(db), training, (int)act, param,
+        from_output, threads);
+    return {dx, dw, db};
+}
+
+// The operators as the dispatcher calls them (found on first use).
+const auto &forward_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnkit::batch_norm", "")
+                               .typed<decltype(forward_cpu)>();
+    return op;
+}
+const auto &backward_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnkit::batch_norm_backward", "")
+                               .typed<decltype(backward_cpu)>();
+    return op;
+}
+
+// bnkit::batch_norm's autograd: the forward below autograd, one call to the backward
+// operator for the gradients (or, under autograd or for batched gradients, Python's
+// differentiable formula).
+// Whether a tensor's values can be read here: false for the tensors of a trace (fake,
+// functional, vmap-batched), whose values must not decide what the graph does.
+bool readable(const at::Tensor &t) {
+    static const c10::DispatchKeySet traced({c10::DispatchKey::Python,
+                                             c10::DispatchKey::Functionalize,
+                                             c10::DispatchKey::FuncTorchBatched});
+    return !t.key_set().has_any(traced) && t.has_storage();
+}
+
 struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
     // weight and bias are optional: absent ones are no inputs of the node (its edges are
     // x's, then weight's and bias's where given), but have a (null) gradient slot.
-    static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x,
-                              const std::optional<at::Tensor> &weight_arg,
-                              const std::optional<at::Tensor> &bias_arg, Call *call) {
-        const at::Tensor weight = weight_arg.value_or(at::Tensor());
-        const at::Tensor bias = bias_arg.value_or(at::Tensor());
-        at::Tensor y = output_like(x, call->pool_bytes);
-        at::Tensor saved =
-            at::empty({5 * call->channels}, x.options().dtype(compute_type(x.scalar_type())));
-        call->recorded = forward_call(*call, x, y, weight, bias, saved);
+    static variable_list forward(AutogradContext *ctx, const at::Tensor &x,
+                                 const Optional &weight_arg, const Optional &bias_arg,
+                                 const Args *args) {
+        at::AutoDispatchBelowADInplaceOrView below;
+        auto [y, stats, recorded] =
+            forward_op().call(x, weight_arg, bias_arg, args->running_mean, args->running_var,
+                              args->tracked, args->mask, args->training, args->momentum,
+                              args->eps, args->unbiased, args->skip_nonfinite, args->act,
+                              args->param, args->from_output);
+        const at::Tensor weight = value(weight_arg), bias = value(bias_arg);
         // Memory-efficient: the output y alone where it gives x_hat back (the next layer
         // keeps y anyway). Else x; the bias with an activation, whose slope a double
         // backward recomputes. In eval the population statistics are saved too, as torch
         // saves them: changing them in place before the backward pass then raises
         // autograd's error instead of giving a double backward the changed values.
-        const bool from_y = call->training && call->from_output &&
-                            output_invertible(y, weight, bias, *call);
+        const bool from_y = args->training && args->from_output && readable(y) &&
+                            output_invertible(y, weight, bias, (int)args->act, args->param);
         // Seven slots, undefined where there is nothing: x or y, weight, bias, the 5 * C
         // values, the population statistics (eval), the mask (training).
-        const at::Tensor slope_bias = call->act != ACT_NONE || from_y ? bias : at::Tensor();
+        const at::Tensor slope_bias = args->act != ACT_NONE || from_y ? bias : at::Tensor();
         const at::Tensor none;
-        ctx->save_for_backward({from_y ? y : x, weight, slope_bias, saved,
-                                call->training ? none : call->running_mean,
-                                call->training ? none : call->running_var, call->mask});
+        ctx->save_for_backward({from_y ? y : x, weight, slope_bias, stats,
+                                args->training ? none : value(args->running_mean),
+                                args->training ? none : value(args->running_var),
+                                value(args->mask)});
         ctx->saved_data["has_weight"] = weight.defined();
         ctx->saved_data["has_bias"] = bias.defined();
-        ctx->saved_data["kind"] = call->kind;
-        ctx->saved_data["rows"] = call->rows;
-        ctx->saved_data["channels"] = call->channels;
-        ctx->saved_data["inner"] = call->inner;
-        ctx->saved_data["training"] = call->training;
-        ctx->saved_data["act"] = (int64_t)call->act;
-        ctx->saved_data["param"] = call->param;
+        ctx->saved_data["training"] = args->training;
+        ctx->saved_data["act"] = args->act;
+        ctx->saved_data["param"] = args->param;
         ctx->saved_data["from_y"] = from_y;
-        ctx->saved_data["threads"] = (int64_t)call->threads;
-        ctx->saved_data["eps"] = call->eps;
-        ctx->saved_data["pool_bytes"] = call->pool_bytes;
-        return y;
+        ctx->saved_data["eps"] = args->eps;
+        ctx->mark_non_differentiable({stats, recorded});
+        return {y, stats, recorded};
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const variable_list saved_vars = ctx->get_saved_variables();
-        // src: x, or the output y (from_y)
-        const at::Tensor &src = saved_vars[0], &weight = saved_vars[1], &bias = saved_vars[2];
-        const at::Tensor &saved = saved_vars[3];
-        const bool training = ctx->saved_data["training"].toBool();
-        at::Tensor g = grads[0];
+        const variable_list saved = ctx->get_saved_variables();
+        const at::Tensor &g = grads[0];
         const bool has_weight = ctx->saved_data["has_weight"].toBool();
         const bool has_bias = ctx->saved_data["has_bias"].toBool();
         const bool need_x = ctx->needs_input_grad(0);
@@ -316,34 +506,14 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
         // Under autograd, or for gradients without storage (batched by vmap, as
         // autograd.grad(..., is_grads_batched=True) makes them): torch operations.
         if (at::GradMode::is_enabled() || !g.has_storage())
-            return differentiable(ctx, saved_vars, g, need_x, need_w, need_b);
-        const int64_t channels = ctx->saved_data["channels"].toInt();
-        at::Tensor dx, dw, db;
-        if (need_x) dx = output_like(src, ctx->saved_data["pool_bytes"].toInt());
-        if (g.scalar_type() != src.scalar_type() || !g.strides().equals(src.strides())) {
-            // g in x's layout, as the loops read it. Copied into dx where there is one:
-            // the loops read each value of g before they write dx at the same position,
-            // so an expanded gradient (a sum's) costs no tensor besides dx.
-            if (need_x) {
-                dx.copy_(g);
-                g = dx;
-            } else {
-                g = g.to(src.scalar_type());
-                g = src.is_contiguous()
-                        ? g.contiguous()
-                        : g.contiguous(src.dim() == 4 ? at::MemoryFormat::ChannelsLast
-                                                      : at::MemoryFormat::ChannelsLast3d);
-            }
-        }
-        if (need_w) dw = at::empty({channels}, saved.options());
-        if (need_b) db = at::empty({channels}, saved.options());
-        backward_loop[loop_index(src.scalar_type())](
-            (int)ctx->saved_data["kind"].toInt(), g.data_ptr(), src.data_ptr(),
-            mask_ptr(saved_vars[6]), mutable_ptr(dx),
-            ctx->saved_data["rows"].toInt(), channels, ctx->saved_data["inner"].toInt(),
-            saved.data_ptr(), ptr(weight), ptr(bias), mutable_ptr(dw), mutable_ptr(db),
-            training, (int)ctx->saved_data["act"].toInt(), ctx->saved_data["param"].toDouble(),
-            ctx->saved_data["from_y"].toBool(), (int)ctx->saved_data["threads"].toInt());
+            return differentiable(ctx, saved, g, need_x, need_w, need_b);
+        auto optional = [](const at::Tensor &t) { return t.defined() ? Optional(t) : Optional(); };
+        at::AutoDispatchBelowADInplaceOrView below;
+        auto [dx, dw, db] = backward_op().call(
+            g, saved[0], saved[3], optional(saved[1]), optional(saved[2]), optional(saved[6]),
+            ctx->saved_data["training"].toBool(), ctx->saved_data["act"].toInt(),
+            ctx->saved_data["param"].toDouble(), ctx->saved_data["from_y"].toBool(),
+            {need_x, need_w, need_b});
         return {dx, dw, db, at::Tensor()};
     }
 
@@ -376,9 +546,42 @@ struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
     }
 };
 
+// bnkit::batch_norm's Autograd kernel.
+Outputs forward_autograd(const at::Tensor &x, const Optional &weight, const Optional &bias,
+                         const Optional &running_mean, const Optional &running_var,
+                         const Optional &tracked, const Optional &mask, bool training,
+                         double momentum, double eps, bool unbiased, bool skip_nonfinite,
+                         int64_t act, double param, bool from_output) {
+    const Args args{x,        weight,   bias, running_mean, running_var,    tracked, mask,
+                    training, momentum, eps,  unbiased,     skip_nonfinite, act,     param,
+                    from_output};
+    const variable_list out = ExpressFunction::apply(x, weight, bias, &args);
+    return {out[0], out[1], out[2]};
+}
+
+// The sizes from their Python modules (false with a Python error set on failure).
+bool read_sizes() {
+    sizes.small = module_int(cpu_module, small_name);
+    sizes.parallel = module_int(cpu_module, parallel_name);
+    sizes.pool = module_int(outputs_module, pool_name);
+    return !PyErr_Occurred();
+}
+
+// A momentum the loops take: a number in [0, 1], or None (the cumulative average, -1).
+bool momentum_arg(PyObject *obj, double *out) {
+    if (obj == Py_None) {
+        *out = -1.0;
+        return true;
+    }
+    if (!(PyFloat_CheckExact(obj) || PyLong_CheckExact(obj))) return false;
+    *out = PyFloat_AsDouble(obj);
+    return *out >= 0.0 && *out <= 1.0;
+}
+
 // batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
 //            num_batches_tracked, flags, mask)
 //   -> (output, recorded) or None (express.batch_norm's contract; flags: express.Flags).
+// Decides whether bnkit::batch_norm takes the call, and calls it.
 PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 11 || parameter_type == nullptr) Py_RETURN_NONE;
     HANDLE_TH_ERRORS
@@ -387,71 +590,45 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     const at::Tensor &x = THPVariable_Unpack(x_obj);
     const at::ScalarType dtype = x.scalar_type();
     if (!x.is_cpu() || loop_index(dtype) < 0 || x.dim() < 2) Py_RETURN_NONE;
-    const at::ScalarType compute = compute_type(dtype);
-    const int64_t numel = x.numel();
-    const int64_t small_threshold = module_int(cpu_module, small_name);
-    const int64_t pool_bytes = module_int(outputs_module, pool_name);
-    const int64_t parallel_threshold = module_int(cpu_module, parallel_name);
-    if (PyErr_Occurred()) return nullptr;
-    if (numel < small_threshold) Py_RETURN_NONE;  // tiny: the general path
+    if (!read_sizes()) return nullptr;
     Call call;
-    call.pool_bytes = pool_bytes;
-    call.channels = x.size(1);
-    call.rows = x.size(0);
-    if (x.is_contiguous()) {
-        call.kind = x.dim() == 2 ? 1 : 0;
-        call.inner = x.dim() == 2 ? 1 : numel / (call.rows * call.channels);
-    } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-               (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
-        call.kind = 1;
-        call.inner = 1;
-        call.rows = numel / call.channels;
-    } else {
-        Py_RETURN_NONE;
-    }
-    call.training = args[5] == Py_True;
-    if (!call.training && args[5] != Py_False) Py_RETURN_NONE;
-    if (call.training && call.rows * call.inner < 2) Py_RETURN_NONE;
-    PyObject *eps = args[7];
-    if (!(PyFloat_CheckExact(eps) || PyLong_CheckExact(eps))) Py_RETURN_NONE;
-    call.eps = PyFloat_AsDouble(eps);
-    if (!(call.eps > 0)) Py_RETURN_NONE;
+    if (x.numel() < sizes.small || !set_layout(x, &call)) Py_RETURN_NONE;  // tiny: the general path
+    const bool training = args[5] == Py_True;
+    if (!training && args[5] != Py_False) Py_RETURN_NONE;
+    if (training && call.rows * call.inner < 2) Py_RETURN_NONE;
+    PyObject *eps_obj = args[7];
+    if (!(PyFloat_CheckExact(eps_obj) || PyLong_CheckExact(eps_obj))) Py_RETURN_NONE;
+    const double eps = PyFloat_AsDouble(eps_obj);
+    if (!(eps > 0)) Py_RETURN_NONE;
     // A 16-bit model (model.to(torch.bfloat16)) in a call without autograd: its
     // parameters, and in eval its population statistics, are read as float copies.
+    const at::ScalarType compute = compute_type(dtype);
     const bool grad_free = !at::GradMode::is_enabled() ||
                            !(x.requires_grad() || requires_grad(args[3]) || requires_grad(args[4]));
     const at::ScalarType widen = compute != dtype && grad_free ? dtype : at::ScalarType::Undefined;
-    at::Tensor weight, bias;
+    at::Tensor weight, bias, running_mean, running_var, tracked;
     if (!vector_arg(args[3], call.channels, compute, &weight, widen) ||
         !vector_arg(args[4], call.channels, compute, &bias, widen))
         Py_RETURN_NONE;
     bool update = false;
     if (args[1] == Py_None || args[2] == Py_None) {
-        if (!call.training || args[1] != args[2]) Py_RETURN_NONE;
+        if (!training || args[1] != args[2]) Py_RETURN_NONE;
     } else {
-        const at::ScalarType population = call.training ? at::ScalarType::Undefined : widen;
-        if (!vector_arg(args[1], call.channels, compute, &call.running_mean, population) ||
-            !vector_arg(args[2], call.channels, compute, &call.running_var, population) ||
-            call.running_mean.requires_grad() || call.running_var.requires_grad())
+        const at::ScalarType population = training ? at::ScalarType::Undefined : widen;
+        if (!vector_arg(args[1], call.channels, compute, &running_mean, population) ||
+            !vector_arg(args[2], call.channels, compute, &running_var, population) ||
+            running_mean.requires_grad() || running_var.requires_grad())
             Py_RETURN_NONE;
-        update = call.training;
+        update = training;
     }
-    PyObject *momentum = args[6];
-    if (momentum == Py_None) {
-        if (update && args[8] == Py_None) Py_RETURN_NONE;
-        call.momentum = -1.0;  // the cumulative average
-    } else if (PyFloat_CheckExact(momentum) || PyLong_CheckExact(momentum)) {
-        call.momentum = PyFloat_AsDouble(momentum);
-        if (!(call.momentum >= 0.0 && call.momentum <= 1.0)) Py_RETURN_NONE;
-    } else {
-        Py_RETURN_NONE;
-    }
+    double momentum;
+    if (!momentum_arg(args[6], &momentum)) Py_RETURN_NONE;
+    if (update && momentum < 0.0 && args[8] == Py_None) Py_RETURN_NONE;
     if (update && args[8] != Py_None) {
         if (Py_TYPE(args[8]) != (PyTypeObject *)THPVariableClass) Py_RETURN_NONE;
-        const at::Tensor &tracked = THPVariable_Unpack(args[8]);
+        tracked = THPVariable_Unpack(args[8]);
         if (tracked.scalar_type() != at::kLong || !tracked.is_cpu() || tracked.numel() != 1)
             Py_RETURN_NONE;
-        call.tracked = tracked;
     }
     PyObject *flags = args[9];
     if (!PyTuple_Check(flags) || PyTuple_GET_SIZE(flags) != 6) Py_RETURN_NONE;
@@ -459,32 +636,21 @@ PyObject *batch_norm(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!PyBool_Check(flag[0]) || !PyBool_Check(flag[1]) || !PyLong_CheckExact(flag[2]) ||
         !PyFloat_CheckExact(flag[3]) || !PyBool_Check(flag[4]) || !PyBool_Check(flag[5]))
         Py_RETURN_NONE;
-    if (call.training && flag[5] != Py_True) Py_RETURN_NONE;  // ghost batches, renorm, sync
-    call.unbiased = flag[0] == Py_True;
-    call.skip_nonfinite = flag[1] == Py_True;
+    if (training && flag[5] != Py_True) Py_RETURN_NONE;  // ghost batches, renorm, sync
+    call.training = training;
     call.act = (int)PyLong_AsLong(flag[2]);
-    call.param = PyFloat_AsDouble(flag[3]);
     call.from_output = flag[4] == Py_True;
     if (call.act < 0 || call.act > ACT_RELU) Py_RETURN_NONE;
     if (args[10] != Py_None && !mask_arg(args[10], x, &call)) Py_RETURN_NONE;
-    call.threads = numel >= parallel_threshold ? at::get_num_threads() : 1;
 
-    at::Tensor output;
-    const bool grad = at::GradMode::is_enabled() &&
-                      (x.requires_grad() || (weight.defined() && weight.requires_grad()) ||
-                       (bias.defined() && bias.requires_grad()));
-    if (grad) {
-        std::optional<at::Tensor> w, b;
-        if (weight.defined()) w = weight;
-        if (bias.defined()) b = bias;
-        output = ExpressFunction::apply(x, w, b, &call);
-    } else {
-        output = output_like(x, call.pool_bytes);
-        call.recorded = forward_call(call, x, output, weight, bias, at::Tensor());
-    }
-    PyObject *recorded = update ? (call.recorded ? Py_True : Py_False) : Py_None;
-    Py_INCREF(recorded);
-    return Py_BuildValue("(NN)", THPVariable_Wrap(output), recorded);
+    auto optional = [](const at::Tensor &t) { return t.defined() ? Optional(t) : Optional(); };
+    auto [output, stats, recorded] = forward_op().call(
+        x, optional(weight), optional(bias), optional(running_mean), optional(running_var),
+        optional(tracked), optional(call.mask), training, momentum, eps, flag[0] == Py_True,
+        flag[1] == Py_True, call.act, PyFloat_AsDouble(flag[3]), call.from_output);
+    PyObject *took = update ? (recorded.item<bool>() ? Py_True : Py_False) : Py_None;
+    Py_INCREF(took);
+    return Py_BuildValue("(NN)", THPVariable_Wrap(output), took);
     END_HANDLE_TH_ERRORS
 }
 
@@ -508,6 +674,7 @@ PyObject *init(PyObject *, PyObject *args) {
         pool_name = PyUnicode_InternFromString("MIN_BYTES");
         empty_like_name = PyUnicode_InternFromString("empty_like");
     }
+    if (!read_sizes()) return nullptr;
     Py_RETURN_NONE;
 }
 
@@ -527,5 +694,29 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, BNKIT_STRING(TORCH_EXTENSION_NA
                           -1, methods};
 
 }  // namespace
+
+// The operators: bnkit::batch_norm (statistics, the update of the running ones and the
+// normalization with a fused activation in one call; stats holds the 5 * C values its
+// backward reads: shift, shifted mean, 1 / std and the affine coefficients) and
+// bnkit::batch_norm_backward, as aten's native_batch_norm and its backward. Their fake
+// kernels are registered in Python (bnkit.kernels.express).
+TORCH_LIBRARY_FRAGMENT(bnkit, m) {
+    m.def(
+        "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor? mask, "
+        "bool training, float momentum, float eps, bool unbiased, bool skip_nonfinite, "
+        "int activation, float param, bool from_output) -> (Tensor, Tensor, Tensor)");
+    m.def(
+        "batch_norm_backward(Tensor grad_output, Tensor input, Tensor stats, Tensor? weight, "
+        "Tensor? bias, Tensor? mask, bool training, int activation, float param, "
+        "bool from_output, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
+    m.impl("batch_norm", &forward_cpu);
+    m.impl("batch_norm_backward", &backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(bnkit, Autograd, m) { m.impl("batch_norm", &forward_autograd); }
 
 PyMODINIT_FUNC BNKIT_JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_def); }

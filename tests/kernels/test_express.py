@@ -829,3 +829,110 @@ def test_fused_activations_in_eval_gradcheck_and_double_backward(name: str) -> N
     assert type(evaluate(x, w, b).grad_fn).__name__ == "CppFunction"
     assert torch.autograd.gradcheck(evaluate, (x, w, b))
     assert torch.autograd.gradgradcheck(evaluate, (x, w, b))
+
+
+# --- the operators behind the express path --------------------------------------------
+
+#: (activation, memory_efficient) settings of the operator checks
+OPERATOR_SETTINGS = [(None, False), ("relu", False), ("leaky_relu", True), ("elu", True)]
+
+
+def _operator_args(
+    fmt: torch.memory_format, training: bool, name: str | None, efficient: bool
+) -> tuple[Any, ...]:
+    """bnkit::batch_norm's arguments for a float64 (8, 6, 5, 4) input in ``fmt``."""
+    x, weight, bias, _ = _inputs((8, 6, 5, 4), fmt, torch.float64, affine=True)
+    assert weight is not None
+    assert bias is not None
+    param = None if name is None else default_param(name)
+    flags = express.flags("unbiased", True, name, param, efficient)
+    tracked = torch.tensor(2)
+    return (
+        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+        torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), tracked, None,
+        training, 0.1, 1e-5, flags.unbiased, flags.skip_nonfinite, flags.activation,
+        flags.param, flags.from_output,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "efficient"), OPERATOR_SETTINGS)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_operators_pass_opcheck(
+    name: str | None, efficient: bool, fmt: torch.memory_format, training: bool
+) -> None:
+    """bnkit::batch_norm and bnkit::batch_norm_backward: their schemas (what they
+    mutate), fake kernels, autograd registration, and traced (AOTAutograd) gradients
+    against eager ones, by torch.library.opcheck."""
+    express.batch_norm(
+        torch.ones(4, 4), None, None, None, None, True, 0.1, 1e-5, None, express.Flags()
+    )  # fmt: skip  (loads the native code)
+    args = _operator_args(fmt, training, name, efficient)
+    torch.library.opcheck(torch.ops.bnkit.batch_norm.default, args)
+    x, weight, bias = (t.detach() for t in args[:3])
+    y, stats, _ = torch.ops.bnkit.batch_norm(x, weight, bias, *args[3:])
+    src = y if efficient and training else x
+    for wanted in ([True, True, True], [True, False, False], [False, True, True]):
+        backward_args = (torch.randn_like(x), src, stats, weight, bias, None, training,
+                         args[12], args[13], efficient and training, wanted)  # fmt: skip
+        torch.library.opcheck(torch.ops.bnkit.batch_norm_backward.default, backward_args)
+
+
+def test_the_operator_matches_the_layer_and_records_the_batch() -> None:
+    """A direct call of bnkit::batch_norm gives the layer's output and running statistics,
+    its stats output is what its backward operator needs for the layer's gradients, and
+    its third output says whether the running statistics took the batch."""
+    x, weight, bias, dy = _inputs((8, 6, 5, 4), torch.contiguous_format, torch.float64, True)
+    layer = bnkit.BatchNorm2d(6, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(weight)  # type: ignore[arg-type]
+        layer.bias.copy_(bias)  # type: ignore[arg-type]
+    xl = x.clone().requires_grad_()
+    expected = layer(xl)
+    expected.backward(dy)
+    mean, var = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    tracked = torch.tensor(0)
+    y, stats, recorded = torch.ops.bnkit.batch_norm(
+        x, weight, bias, mean, var, tracked, None, True, 0.1, 1e-5, True, True, 0, 0.0, False
+    )
+    _close(y, expected)
+    _close(mean, layer.running_mean)
+    _close(var, layer.running_var)
+    assert int(tracked) == 1
+    assert recorded.dtype == torch.bool
+    assert bool(recorded)
+    dx, dw, db = torch.ops.bnkit.batch_norm_backward(
+        dy, x, stats, weight, bias, None, True, 0, 0.0, False, [True, True, True]
+    )
+    _close(dx, xl.grad)
+    _close(dw, layer.weight.grad)
+    _close(db, layer.bias.grad)
+    x[0, 0, 0, 0] = float("nan")
+    recorded = torch.ops.bnkit.batch_norm(
+        x, weight, bias, mean, var, tracked, None, True, 0.1, 1e-5, True, True, 0, 0.0, False
+    )[2]
+    assert not bool(recorded)
+    assert int(tracked) == 1
+    assert torch.equal(mean, layer.running_mean)
+
+
+def test_the_operator_refuses_tensors_the_loops_cannot_read() -> None:
+    """A direct call with strides the loops do not know, or an integer tensor, is refused
+    with an error that names the operator and what it got."""
+    express.batch_norm(torch.ones(4, 4), None, None, None, None, True, 0.1, 1e-5, None,
+                       express.Flags())  # fmt: skip
+    rest = (None, None, None, None, None, None, True, 0.1, 1e-5, True, True, 0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"bnkit::batch_norm: expected a contiguous.*strides"):
+        torch.ops.bnkit.batch_norm(torch.randn(4, 6, 8)[:, :, ::2], *rest)
+    with pytest.raises(RuntimeError, match=r"bnkit::batch_norm: expected a float.*Long"):
+        torch.ops.bnkit.batch_norm(torch.ones(4, 6, dtype=torch.long), *rest)
+    x = torch.randn(4, 6, 8)
+    with pytest.raises(RuntimeError, match=r"expected weight a contiguous \(6,\) Float"):
+        torch.ops.bnkit.batch_norm(x, torch.ones(5), *rest[1:])
+    leaky = (*rest[:-3], 1, 0.0, True)  # a zero slope: the output would not give x back
+    with pytest.raises(RuntimeError, match=r"expected param > 0 and finite.*got 0"):
+        torch.ops.bnkit.batch_norm(x, *leaky)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    relu = (*rest[:5], mask, True, 0.1, 1e-5, True, True, 3, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"expected a mask only in training without an act"):
+        torch.ops.bnkit.batch_norm(x, *relu)
