@@ -386,8 +386,9 @@ Outputs forward_cpu(const at::Tensor &x, const Optional &weight, const Optional 
     at::Tensor y = output_like(x);
     at::Tensor stats =
         at::empty({5 * call.channels}, x.options().dtype(compute_type(x.scalar_type())));
-    const int recorded = forward_call(call, x, y, value(weight), value(bias), stats);
-    return {y, stats, at::scalar_tensor(recorded != 0, x.options().dtype(at::kBool))};
+    at::Tensor recorded = at::empty({}, x.options().dtype(at::kBool));
+    *recorded.data_ptr<bool>() = forward_call(call, x, y, value(weight), value(bias), stats) != 0;
+    return {y, stats, recorded};
 }
 
 // bnkit::batch_norm_backward's CPU kernel: (dx, dweight, dbias), undefined where
@@ -552,6 +553,14 @@ Outputs forward_autograd(const at::Tensor &x, const Optional &weight, const Opti
                          const Optional &tracked, const Optional &mask, bool training,
                          double momentum, double eps, bool unbiased, bool skip_nonfinite,
                          int64_t act, double param, bool from_output) {
+    const auto grad = [](const Optional &t) { return t.has_value() && t->requires_grad(); };
+    if (!at::GradMode::is_enabled() || !(x.requires_grad() || grad(weight) || grad(bias))) {
+        // nothing to record: no node (building one costs more than a small call's work)
+        at::AutoDispatchBelowADInplaceOrView below;
+        return forward_op().call(x, weight, bias, running_mean, running_var, tracked, mask,
+                                 training, momentum, eps, unbiased, skip_nonfinite, act,
+                                 param, from_output);
+    }
     const Args args{x,        weight,   bias, running_mean, running_var,    tracked, mask,
                     training, momentum, eps,  unbiased,     skip_nonfinite, act,     param,
                     from_output};
