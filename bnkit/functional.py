@@ -664,6 +664,26 @@ def _batch_norm(
     if renorm is not None and use_batch_stats:
         renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
 
+    # Under torch.compile a call the express path would take (no ghost batches, renorm,
+    # sync, mask or deferred update) becomes one operator in the graph.
+    whole = chunks is None or chunks == [pipeline.Chunk(0, shape[0])]
+    plain = renorm_limits is None and group is None and mask is None
+    if whole and plain and (deferred is None or not update):
+        compiled = express.compiled_batch_norm(
+            input,
+            running_mean if update or not use_batch_stats else None,
+            running_var if update or not use_batch_stats else None,
+            weight,
+            bias,
+            use_batch_stats,
+            momentum,
+            float(eps),
+            num_batches_tracked if update else None,
+            options.express,
+        )
+        if compiled is not None:
+            return pipeline.BatchNormResult(*compiled)
+
     return pipeline.batch_norm(
         input,
         running_mean if update or not use_batch_stats else None,

@@ -38,7 +38,7 @@ from bnkit.kernels import activation as act
 from bnkit.kernels import cpu, native, outputs, pipeline, portable, primitive
 from bnkit.kernels.stats import compute_dtype
 
-__all__ = ["Flags", "batch_norm", "flags"]
+__all__ = ["Flags", "batch_norm", "compiled_batch_norm", "flags"]
 
 #: The fused activations' codes in ``cpu.c``'s bn_forward and bn_backward (ACT_*)
 _CODES = {None: 0, **cpu._ACTIVATION_CODES}
@@ -148,6 +148,58 @@ def batch_norm(
         num_batches_tracked, options, mask,
     )  # fmt: skip
     return result
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def _loaded() -> bool:
+    """Whether the native code is loaded, loading it on the first call. ``torch.compile``
+    runs this function when it traces a call instead of tracing it (the loading takes a
+    lock and may build), and keeps its answer."""
+    if not _started:
+        _start()
+    return _FAST is not None
+
+
+def compiled_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    options: Flags,
+) -> tuple[Tensor, Tensor | None] | None:
+    """(output, recorded) of a validated call without ghost batches, renorm, sync or mask
+    that ``torch.compile`` traces, as one ``bnkit::batch_norm`` in the graph (its fake
+    kernel traces; the compiled graph then runs the C loops each way), or None: not
+    compiling, exporting (an exported graph keeps to torch operations, which any runtime
+    runs), inside a ``torch.func`` transform, or a tensor the loops do not take.
+    ``recorded`` is the 0-d bool the pipeline gives (with running statistics updated under
+    ``skip_nonfinite``), else None."""
+    if not _compiling() or torch.compiler.is_exporting() or _transformed():
+        return None
+    if not (x.is_cpu and cpu.has_dtype(x.dtype) and x.numel() >= cpu.SMALL_THRESHOLD):
+        return None
+    dtype = compute_dtype(x.dtype)
+    vectors = (weight, bias, running_mean, running_var)
+    if cpu.layout(x) is None or any(
+        v is not None and (v.dtype != dtype or not v.is_contiguous()) for v in vectors
+    ):
+        return None
+    update = training and running_mean is not None
+    if (update and momentum is not None and not 0 <= momentum <= 1) or not eps > 0:
+        return None  # the loops read a negative momentum as the cumulative average
+    if not _loaded():
+        return None
+    output, _, recorded = torch.ops.bnkit.batch_norm.default(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, None, training,
+        -1.0 if momentum is None else float(momentum), float(eps), options.unbiased,
+        options.skip_nonfinite, options.activation, options.param, False,
+    )  # fmt: skip
+    return output, recorded if update and options.skip_nonfinite else None
 
 
 class _Node(NamedTuple):

@@ -58,14 +58,16 @@ __all__ = [
 ]
 
 
-_interpreters = torch._C._functorch.peek_interpreter_stack
+#: Whether a torch.func transform is active (torch.compile traces this test; it would
+#: take torch._C._functorch.peek_interpreter_stack() for a transform every time)
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def transformed() -> bool:
     """Whether a ``torch.func`` transform or forward-mode AD (``torch.autograd.forward_ad``)
     is active: the calls this kernel takes whatever the tensors, since only its autograd
     functions have vmap and forward-mode rules."""
-    return _interpreters() is not None or forward_ad._current_level >= 0
+    return _transforms_active() or forward_ad._current_level >= 0
 
 
 def _channel_view(x: Tensor) -> list[int]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bnkit.nn as bnn
+from bnkit.kernels import native
 
 # torch._dynamo instantiates torch.autograd.Function while tracing any custom autograd
 # Function, which emits a DeprecationWarning from inside torch (pytorch/pytorch#128439,
@@ -104,3 +105,90 @@ torch.testing.assert_close(compiled(x), bnkit.BatchNorm2d(4)(x))
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _graph_targets(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    """A compiled call's output and the functions its Dynamo graph calls."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    output = torch.compile(module, backend=backend, fullgraph=True)(x)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    return output, targets
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"activation": "leaky_relu"}, {"activation": "relu"}, {"momentum": None}],
+    ids=["plain", "leaky", "relu", "cumulative"],
+)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_compiled_plain_calls_run_the_whole_call_operator(
+    options: dict[str, Any], fmt: torch.memory_format
+) -> None:
+    """Under torch.compile a plain CPU call is one bnkit::batch_norm in the graph (the C
+    loops each way), with the eager layer's output, gradients and running statistics, in
+    training and in eval."""
+    if native.library() is None:
+        pytest.skip(f"no native CPU kernel: {native.load_error()}")
+    eager = bnn.BatchNorm2d(6, **options)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 2.0)
+        eager.bias.uniform_(-1.0, 1.0)
+    compiled_module = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(3)
+    for training in (True, True, False):
+        eager.train(training)
+        compiled_module.train(training)
+        x = (2 + 3 * torch.randn(8, 6, 7, 7, generator=g)).contiguous(memory_format=fmt)
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_compiled, targets = _graph_targets(compiled_module, x_compiled)
+        assert "bnkit.batch_norm.default" in targets
+        y_eager = eager(x_eager)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+        dy = torch.randn(x.shape, generator=g)
+        y_eager.backward(dy)
+        y_compiled.backward(dy)
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-5)
+        for p_eager, p_compiled in zip(
+            eager.parameters(), compiled_module.parameters(), strict=True
+        ):
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-4)
+        for b_eager, b_compiled in zip(eager.buffers(), compiled_module.buffers(), strict=True):
+            torch.testing.assert_close(b_compiled, b_eager, rtol=1e-5, atol=1e-6)
+    assert int(compiled_module.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "shape"),
+    [({"ghost_batch_size": 4}, (8, 6, 7, 7)), ({}, (2, 6, 3, 3)), ({}, (8, 6, 7, 7))],
+    ids=["ghost-batches", "tiny", "float64"],
+)
+def test_other_compiled_calls_keep_to_torch_operations(
+    options: dict[str, Any], shape: tuple[int, ...]
+) -> None:
+    """Ghost batches, tensors below the express path's size and parameters in another
+    dtype than the loops' compute type trace to torch operations, which Inductor fuses."""
+    layer = bnn.BatchNorm2d(6, **options)
+    x = torch.randn(shape)
+    if shape == (8, 6, 7, 7) and not options:  # float64 data, float32 parameters
+        x = x.double()
+    _, targets = _graph_targets(layer, x)
+    assert "bnkit.batch_norm.default" not in targets
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_keeps_to_torch_operations(training: bool) -> None:
+    """torch.export gives a graph of torch operations (any runtime runs it), not the
+    native operator, and it computes the layer's function."""
+    layer = bnn.BatchNorm2d(6).train(training)
+    x = torch.randn(8, 6, 7, 7)
+    program = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any(t.startswith("bnkit.") for t in targets), targets
+    reference = bnn.BatchNorm2d(6).train(training)
+    torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-5, atol=1e-5)
