@@ -150,7 +150,6 @@ def batch_norm(
     return result
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _loaded() -> bool:
     """Whether the native code is loaded, loading it on the first call. ``torch.compile``
     runs this function when it traces a call instead of tracing it (the loading takes a
@@ -158,6 +157,12 @@ def _loaded() -> bool:
     if not _started:
         _start()
     return _FAST is not None
+
+
+# What torch.compiler.assume_constant_result(_loaded) does, without importing torch._dynamo
+# here: that import, made while bnkit.nn is imported, left torch.distributed's spawned
+# worker processes (tests/distributed) slow to exit and some aborted at exit.
+_loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def compiled_batch_norm(
