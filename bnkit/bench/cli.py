@@ -39,7 +39,9 @@ from bnkit._cli import PlainParser, plain, run
 __all__ = ["add_commands", "format_machine", "format_row", "main", "run_command"]
 
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
-_NAMES = ("bnkit", "compiled")
+_NAMES = ("bnkit", "compiled", "bnkit compiled")
+#: column labels of the implementations whose names do not fit
+_LABELS = {"bnkit compiled": "bnkit comp"}
 # The names of bnkit.bench.speed.DTYPES and .OPERATIONS, repeated so that building the
 # parser (bnkit --help) does not import torch; a test keeps them equal.
 _DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
@@ -199,7 +201,8 @@ def format_machine(info: dict[str, Any]) -> str:
 
 def _header(names: Sequence[str]) -> str:
     columns = "".join(
-        f"{name + ' ms':>13s}{'x torch':>9s}{'floor':>7s}{'+new':>6s}" for name in names
+        f"{_LABELS.get(name, name) + ' ms':>13s}{'x torch':>9s}{'floor':>7s}{'+new':>6s}"
+        for name in names
     )
     if "compiled" in names:
         columns += f"{'x comp':>8s}{'compile s':>11s}"
@@ -243,7 +246,7 @@ def _measure_here(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
 
     config = _config(args)
     print(format_machine(speed.machine()), file=out, flush=True)
-    names = ["bnkit", "compiled"] if config.compile else ["bnkit"]
+    names = list(_NAMES) if config.compile else ["bnkit"]
     print(_header(names), file=out, flush=True)
     return speed.run(config, report=lambda row: print(format_row(row), file=out, flush=True))
 

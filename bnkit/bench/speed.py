@@ -34,7 +34,9 @@ ratios): ``torch`` = ``torch.nn.functional.batch_norm`` (+ the activation functi
 (compiled afresh for
 each row after ``torch._dynamo.reset()``, its compile time reported separately, and
 bnkit's speed against it), ``bnkit`` = :func:`bnkit.functional.batch_norm` with default
-options (``activation=...`` for the fused rows: the activation folded in). Running
+options (``activation=...`` for the fused rows: the activation folded in), and with
+``compiled`` also ``bnkit compiled`` = ``torch.compile`` of ``bnkit.BatchNorm*d`` (the
+fused rows' with the activation). Running
 statistics are updated by all of them.
 
 Where the memory of a new output comes from matters as much as the kernel: glibc's
@@ -196,17 +198,20 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor | None:
     return None
 
 
-def _module(channels: int, rank: int, dtype: torch.dtype) -> torch.nn.Module:
-    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}.get(
-        rank, torch.nn.BatchNorm3d
-    )
-    return cls(channels, dtype=dtype)
+def _module(
+    channels: int, rank: int, dtype: torch.dtype, library: Any = torch.nn, **options: Any
+) -> Any:
+    """A BatchNorm1d/2d/3d of ``library`` (torch.nn or bnkit, which takes ``options``)
+    for inputs of ``rank``."""
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}.get(rank, "BatchNorm3d")
+    return getattr(library, name)(channels, dtype=dtype, **options)
 
 
 def _candidates(
-    operation: str, x: torch.Tensor, compiled: torch.nn.Module | None
+    operation: str, x: torch.Tensor, compiled: dict[str, torch.nn.Module]
 ) -> dict[str, Callable[[], Any]]:
-    """name -> a callable running the operation once."""
+    """name -> a callable running the operation once (``compiled``: name -> a compiled
+    module, run as it is)."""
     channels = x.shape[1]
     dtype = x.dtype
     param_dtype = torch.float32 if dtype in _HALF else dtype
@@ -228,14 +233,18 @@ def _candidates(
         return batch_norm(inp, mean, var, w, b, training=training, activation=activation)
 
     calls: dict[str, Callable[..., Any]] = {"torch": torch_call, "bnkit": bnkit_call}
-    if compiled is not None:
+    for name, module in compiled.items():
 
         def compiled_call(
-            inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor, training: bool
+            inp: torch.Tensor,
+            w: torch.Tensor,
+            b: torch.Tensor,
+            training: bool,
+            module: torch.nn.Module = module,
         ) -> Any:
-            return compiled(inp)
+            return module(inp)
 
-        calls["compiled"] = compiled_call
+        calls[name] = compiled_call
 
     result: dict[str, Callable[[], Any]] = {}
     for name, call in calls.items():
@@ -252,9 +261,8 @@ def _candidates(
             wg = weight.detach().clone().requires_grad_(True)
             bg = bias.detach().clone().requires_grad_(True)
             grad = torch.randn_like(x)
-            if name == "compiled":
-                assert compiled is not None
-                inputs: tuple[torch.Tensor, ...] = (xg, *compiled.parameters())
+            if name in compiled:
+                inputs: tuple[torch.Tensor, ...] = (xg, *compiled[name].parameters())
             else:
                 inputs = (xg, wg, bg)
 
@@ -321,16 +329,18 @@ def _fresh_output_probes(x: torch.Tensor) -> tuple[Callable[[], Any], Callable[[
 
 
 def _compile_module(
-    x: torch.Tensor, operation: str, training: bool
+    x: torch.Tensor, operation: str, training: bool, library: Any = torch.nn
 ) -> tuple[torch.nn.Module, float]:
-    """torch.compile'd BatchNorm (+ the fused row's activation) for x, and the seconds its
-    first call took
+    """torch.compile'd BatchNorm of ``library`` (torch.nn, + the fused row's activation
+    module; or bnkit, the activation fused) for x, and the seconds its first call took
     (from a reset compiler: no graph or recompilation budget carried over from another
     row)."""
     torch._dynamo.reset()
     dtype = torch.float32 if x.dtype in _HALF else x.dtype
-    layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype)]
-    if operation in FUSED:
+    fused = library is bnkit and operation in FUSED
+    options = {"activation": FUSED[operation][0]} if fused else {}
+    layers: list[torch.nn.Module] = [_module(x.shape[1], x.dim(), dtype, library, **options)]
+    if operation in FUSED and not fused:
         layers.append(FUSED[operation][2]())
     module = torch.nn.Sequential(*layers)
     if x.dtype in _HALF:
@@ -360,10 +370,11 @@ def measure(
     x = _layout(base, layout)
     if x is None:
         return None
-    compiled = None
+    compiled: dict[str, torch.nn.Module] = {}
     compile_s = None
     if config.compile:
-        compiled, compile_s = _compile_module(x, operation, operation != "eval")
+        compiled["compiled"], compile_s = _compile_module(x, operation, operation != "eval")
+        compiled["bnkit compiled"], _ = _compile_module(x, operation, operation != "eval", bnkit)
     candidates = _candidates(operation, x, compiled)
     probes = _bandwidth_probes(x)
     fresh, kept = _fresh_output_probes(x)

@@ -91,3 +91,28 @@ def test_reuse_memory_runs_with_the_allocator_keeping_freed_memory(tmp_path: Pat
     assert runs["on"]["machine"]["freed_memory"] == "returned to the system"
     assert runs["on+reuse"]["machine"]["freed_memory"] == "kept by the allocator"
     assert len(runs["on+reuse"]["rows"]) == 3  # eval on 8x16x8x8 (2 layouts) and 64x32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("operation", ["fwd+bwd", "bn+leaky fwd+bwd", "eval"])
+# torch.compile's tracing emits these from inside torch
+@pytest.mark.filterwarnings("ignore:.*script_method.*is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated.*:DeprecationWarning")
+def test_compile_rows_time_both_compiled_layers(operation: str) -> None:
+    """With --compile a row times torch's compiled layer and bnkit's, each against torch
+    eager and bnkit's eager speed against torch's compiled layer; the table has a
+    column group per implementation."""
+    config = speed.Config(repetitions=1, compile=True)
+    row = speed.measure((8, 16, 8, 8), "nchw", "float32", operation, config)
+    assert row is not None
+    assert set(row["results"]) == {"torch", "bnkit", "compiled", "bnkit compiled"}
+    assert row["compile_s"] > 0
+    for result in row["results"].values():
+        assert result["ms"] > 0
+        assert "vs_compiled" in result
+    header = cli._header(list(cli._NAMES))
+    assert "bnkit comp ms" in header
+    assert "x comp" in header
+    line = cli.format_row(row)
+    for name in ("bnkit", "compiled", "bnkit compiled"):
+        assert f"{row['results'][name]['ms']:.3f}" in line
