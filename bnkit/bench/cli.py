@@ -201,7 +201,7 @@ def format_machine(info: dict[str, Any]) -> str:
 
 def _header(names: Sequence[str]) -> str:
     columns = "".join(
-        f"{_LABELS.get(name, name) + ' ms':>13s}{'x torch':>9s}{'floor':>7s}{'+new':>6s}"
+        f"{_LABELS.get(name, name) + ' ms':>14s}{'x torch':>9s}{'floor':>7s}{'+new':>6s}"
         for name in names
     )
     if "compiled" in names:
@@ -232,7 +232,7 @@ def format_row(row: dict[str, Any]) -> str:
         if name in results:
             result = results[name]
             line += (
-                f"{result['ms']:13.3f}{1.0 / result['vs_torch']:8.2f}x{result['of_floor']:7.0%}"
+                f"{result['ms']:14.3f}{1.0 / result['vs_torch']:8.2f}x{result['of_floor']:7.0%}"
                 f"{result['of_floor_with_outputs']:6.0%}"
             )
     if "compiled" in results:
