@@ -15,7 +15,7 @@ import numbers
 import operator
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from bnkit.errors import (
 )
 from bnkit.kernels import express, gpu, pipeline
 from bnkit.kernels.activation import check_activation
+from bnkit.kernels.pipeline import Call
 from bnkit.kernels.stats import BatchStats
 
 __all__ = ["RUNNING_VAR_ESTIMATORS", "SINGLE_SAMPLE_MODES", "Renorm", "batch_norm"]
@@ -371,19 +372,6 @@ def _options(*fields: Any) -> Options:
         return Options(*fields)
 
 
-class Call(NamedTuple):
-    """The tensors of one call: the input, the population statistics and their counter,
-    the affine parameters, and the mask (each but the input may be None)."""
-
-    input: Tensor
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    weight: Tensor | None
-    bias: Tensor | None
-    num_batches_tracked: Tensor | None
-    mask: Tensor | None
-
-
 def try_express(
     call: Call,
     training: bool,
@@ -669,16 +657,16 @@ def _batch_norm(
     whole = chunks is None or chunks == [pipeline.Chunk(0, shape[0])]
     plain = renorm_limits is None and group is None and mask is None
     if whole and plain and (deferred is None or not update):
+        population = update or not use_batch_stats  # the statistics the call reads or updates
         compiled = express.compiled_batch_norm(
-            input,
-            running_mean if update or not use_batch_stats else None,
-            running_var if update or not use_batch_stats else None,
-            weight,
-            bias,
+            call._replace(
+                running_mean=running_mean if population else None,
+                running_var=running_var if population else None,
+                num_batches_tracked=num_batches_tracked if update else None,
+            ),
             use_batch_stats,
             momentum,
             float(eps),
-            num_batches_tracked if update else None,
             options.express,
         )
         if compiled is not None:

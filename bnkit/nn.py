@@ -47,7 +47,6 @@ from bnkit.errors import (
     format_shape,
 )
 from bnkit.functional import (
-    Call,
     NonFiniteMonitor,
     Options,
     Renorm,
@@ -58,6 +57,7 @@ from bnkit.functional import (
 )
 from bnkit.kernels import pipeline
 from bnkit.kernels.activation import default_param
+from bnkit.kernels.pipeline import Call
 from bnkit.kernels.stats import BatchStats, merge_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]

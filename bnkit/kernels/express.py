@@ -166,27 +166,22 @@ _loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def compiled_batch_norm(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-    options: Flags,
+    call: pipeline.Call, training: bool, momentum: float | None, eps: float, options: Flags
 ) -> tuple[Tensor, Tensor | None] | None:
     """(output, recorded) of a validated call without ghost batches, renorm, sync or mask
-    that ``torch.compile`` traces, as one ``bnkit::batch_norm`` in the graph (its fake
-    kernel traces; the compiled graph then runs the C loops each way), or None: not
-    compiling, exporting (an exported graph keeps to torch operations, which any runtime
-    runs), inside a ``torch.func`` transform, or a tensor the loops do not take.
-    ``recorded`` is the 0-d bool the pipeline gives (with running statistics updated under
+    (``call`` holds the population statistics it reads or updates, or None) that
+    ``torch.compile`` traces, as one ``bnkit::batch_norm`` in the graph (its fake kernel
+    traces; the compiled graph then runs the C loops each way), or None: not compiling,
+    exporting (an exported graph keeps to torch operations, which any runtime runs),
+    inside a ``torch.func`` transform, or a tensor the loops do not take. ``recorded`` is
+    the 0-d bool the pipeline gives (with running statistics updated under
     ``skip_nonfinite``), else None."""
     if not _compiling() or torch.compiler.is_exporting() or _transformed():
         return None
-    if not (x.is_cpu and cpu.has_dtype(x.dtype) and x.numel() >= cpu.SMALL_THRESHOLD):
+    x, running_mean, running_var, weight, bias, num_batches_tracked, mask = call
+    if mask is not None or not x.is_cpu or not cpu.has_dtype(x.dtype):
+        return None
+    if x.numel() < cpu.SMALL_THRESHOLD:
         return None
     dtype = compute_dtype(x.dtype)
     vectors = (weight, bias, running_mean, running_var)

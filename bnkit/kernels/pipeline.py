@@ -152,6 +152,19 @@ def _triton_takes(x: Tensor) -> bool:
     return gpu.available() and gpu.supports(x)
 
 
+class Call(NamedTuple):
+    """The tensors of one call: the input, the population statistics and their counter,
+    the affine parameters, and the mask (each but the input may be None)."""
+
+    input: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    num_batches_tracked: Tensor | None
+    mask: Tensor | None
+
+
 class BatchNormResult(NamedTuple):
     """What the pipeline returns: the output, and whether the batch's statistics were
     recorded (a 0-d bool tensor, only when running statistics were updated with
