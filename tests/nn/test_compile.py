@@ -192,3 +192,23 @@ def test_export_keeps_to_torch_operations(training: bool) -> None:
     assert not any(t.startswith("bnkit.") for t in targets), targets
     reference = bnn.BatchNorm2d(6).train(training)
     torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_micro_batches_defer_their_update_as_eager() -> None:
+    """Inside accumulate_stats a compiled layer (which keeps to the pipeline there: the
+    update is deferred) records the merged statistics of its micro-batches, as eager."""
+    torch._dynamo.reset()
+    eager = bnn.BatchNorm2d(6)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    batches = [3 + torch.randn(8, 6, 7, 7, generator=g) for _ in range(3)]
+    with bnn.accumulate_stats(eager):
+        for x in batches:
+            eager(x)
+    with bnn.accumulate_stats(compiled_module):
+        for x in batches:
+            compiled(x)
+    for b_eager, b_compiled in zip(eager.buffers(), compiled_module.buffers(), strict=True):
+        torch.testing.assert_close(b_compiled, b_eager, rtol=1e-6, atol=1e-6)
+    assert int(compiled_module.num_batches_tracked) == 1
