@@ -652,17 +652,21 @@ def _batch_norm(
     if renorm is not None and use_batch_stats:
         renorm_limits = _renorm_limits(where, renorm, running_mean, num_batches_tracked)
 
+    # The population statistics the call reads (eval) or updates, and their counter.
+    population = update or not use_batch_stats
+    running_mean, running_var = (running_mean, running_var) if population else (None, None)
+    num_batches_tracked = num_batches_tracked if update else None
+
     # Under torch.compile a call the express path would take (no ghost batches, renorm,
     # sync, mask or deferred update) becomes one operator in the graph.
     whole = chunks is None or chunks == [pipeline.Chunk(0, shape[0])]
     plain = renorm_limits is None and group is None and mask is None
     if whole and plain and (deferred is None or not update):
-        population = update or not use_batch_stats  # the statistics the call reads or updates
         compiled = express.compiled_batch_norm(
             call._replace(
-                running_mean=running_mean if population else None,
-                running_var=running_var if population else None,
-                num_batches_tracked=num_batches_tracked if update else None,
+                running_mean=running_mean,
+                running_var=running_var,
+                num_batches_tracked=num_batches_tracked,
             ),
             use_batch_stats,
             momentum,
@@ -674,14 +678,14 @@ def _batch_norm(
 
     return pipeline.batch_norm(
         input,
-        running_mean if update or not use_batch_stats else None,
-        running_var if update or not use_batch_stats else None,
+        running_mean,
+        running_var,
         weight,
         bias,
         use_batch_stats=use_batch_stats,
         momentum=momentum,
         eps=float(eps),
-        num_batches_tracked=num_batches_tracked if update else None,
+        num_batches_tracked=num_batches_tracked,
         unbiased=options.running_var_estimator == "unbiased",
         skip_nonfinite=options.skip_nonfinite,
         mask=mask,

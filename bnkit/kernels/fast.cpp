@@ -156,6 +156,22 @@ bool plain_type(PyObject *obj) {
            (PyObject *)Py_TYPE(obj) == parameter_type;
 }
 
+// Whether the loops read t as a per-channel vector: (C,), contiguous, on the CPU, of `dtype`.
+bool fits_vector(const at::Tensor &t, int64_t channels, at::ScalarType dtype) {
+    return t.scalar_type() == dtype && t.is_cpu() && t.dim() == 1 && t.size(0) == channels &&
+           t.is_contiguous();
+}
+
+// Whether the loops read mask as x's: a contiguous bool CPU tensor of shape (N, *spatial).
+bool fits_mask(const at::Tensor &mask, const at::Tensor &x) {
+    if (mask.scalar_type() != at::kBool || !mask.is_cpu() || !mask.is_contiguous() ||
+        mask.dim() != x.dim() - 1 || mask.size(0) != x.size(0))
+        return false;
+    for (int64_t d = 2; d < x.dim(); ++d)
+        if (mask.size(d - 1) != x.size(d)) return false;
+    return true;
+}
+
 // A (C,) contiguous CPU tensor of `dtype` (of a plain tensor type), or None: sets *out.
 // One of type `widen` (a 16-bit model's parameter, in a call without autograd) is read
 // as a float copy.
@@ -165,9 +181,7 @@ bool vector_arg(PyObject *obj, int64_t channels, at::ScalarType dtype, at::Tenso
     if (!plain_type(obj)) return false;
     const at::Tensor &t = THPVariable_Unpack(obj);
     const bool widened = t.scalar_type() == widen && widen != at::ScalarType::Undefined;
-    if ((t.scalar_type() != dtype && !widened) || !t.is_cpu() || t.dim() != 1 ||
-        t.size(0) != channels || !t.is_contiguous())
-        return false;
+    if (!fits_vector(t, channels, widened ? widen : dtype)) return false;
     *out = widened ? t.to(dtype) : t;
     return true;
 }
@@ -180,11 +194,7 @@ bool mask_arg(PyObject *obj, const at::Tensor &x, Call *call) {
     if (!plain_type(obj) || !call->training || call->act != ACT_NONE || call->from_output)
         return false;
     const at::Tensor &mask = THPVariable_Unpack(obj);
-    if (mask.scalar_type() != at::kBool || !mask.is_cpu() || !mask.is_contiguous() ||
-        mask.requires_grad() || mask.dim() != x.dim() - 1 || mask.size(0) != x.size(0))
-        return false;
-    for (int64_t d = 2; d < x.dim(); ++d)
-        if (mask.size(d - 1) != x.size(d)) return false;
+    if (mask.requires_grad() || !fits_mask(mask, x)) return false;
     const uint8_t *valid = (const uint8_t *)mask.data_ptr();
     int64_t count = 0;
     for (int64_t i = 0, n = mask.numel(); i < n && count < 2; ++i) count += valid[i] != 0;
@@ -312,9 +322,7 @@ struct Args {
 
 // Refuse a per-channel tensor the loops cannot read: (C,), contiguous, of the compute type.
 void check_vector(const char *name, const Optional &t, int64_t channels, at::ScalarType type) {
-    if (!t.has_value()) return;
-    TORCH_CHECK(t->scalar_type() == type && t->is_cpu() && t->dim() == 1 &&
-                    t->size(0) == channels && t->is_contiguous(),
+    TORCH_CHECK(!t.has_value() || fits_vector(*t, channels, type),
                 "bnkit::batch_norm: expected ", name, " a contiguous (", channels, ",) ", type,
                 " CPU tensor, got ", t->scalar_type(), " of shape ", t->sizes());
 }
@@ -349,10 +357,8 @@ Call make_call(const Args &args) {
                 args.param);
     if (args.mask.has_value()) {
         const at::Tensor &mask = *args.mask;
-        bool shaped = mask.dim() == args.x.dim() - 1 && mask.size(0) == args.x.size(0);
-        for (int64_t d = 2; shaped && d < args.x.dim(); ++d) shaped = mask.size(d - 1) == args.x.size(d);
-        TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_cpu() && mask.is_contiguous() &&
-                        shaped && args.training && args.act == ACT_NONE && !args.from_output,
+        TORCH_CHECK(fits_mask(mask, args.x) && args.training && args.act == ACT_NONE &&
+                        !args.from_output,
                     "bnkit::batch_norm: expected a mask only in training without an "
                     "activation, a contiguous bool tensor of shape (N, *spatial), got ",
                     mask.scalar_type(), " of shape ", mask.sizes());
@@ -445,9 +451,6 @@ const auto &backward_op() {
     return op;
 }
 
-// bnkit::batch_norm's autograd: the forward below autograd, one call to the backward
-// operator for the gradients (or, under autograd or for batched gradients, Python's
-// differentiable formula).
 // Whether a tensor's values can be read here: false for the tensors of a trace (fake,
 // functional, vmap-batched), whose values must not decide what the graph does.
 bool readable(const at::Tensor &t) {
@@ -457,6 +460,9 @@ bool readable(const at::Tensor &t) {
     return !t.key_set().has_any(traced) && t.has_storage();
 }
 
+// bnkit::batch_norm's autograd: the forward below autograd, one call to the backward
+// operator for the gradients (or, under autograd or for batched gradients, Python's
+// differentiable formula).
 struct ExpressFunction : public torch::autograd::Function<ExpressFunction> {
     // weight and bias are optional: absent ones are no inputs of the node (its edges are
     // x's, then weight's and bias's where given), but have a (null) gradient slot.
