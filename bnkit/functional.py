@@ -655,47 +655,29 @@ def _batch_norm(
     # The population statistics the call reads (eval) or updates, and their counter.
     population = update or not use_batch_stats
     running_mean, running_var = (running_mean, running_var) if population else (None, None)
-    num_batches_tracked = num_batches_tracked if update else None
-
-    # Under torch.compile a call the express path would take (no ghost batches, renorm,
-    # sync, mask or deferred update) becomes one operator in the graph.
-    whole = chunks is None or chunks == [pipeline.Chunk(0, shape[0])]
-    plain = renorm_limits is None and group is None and mask is None
-    if whole and plain and (deferred is None or not update):
-        compiled = express.compiled_batch_norm(
-            call._replace(
-                running_mean=running_mean,
-                running_var=running_var,
-                num_batches_tracked=num_batches_tracked,
-            ),
-            use_batch_stats,
-            momentum,
-            float(eps),
-            options.express,
-        )
-        if compiled is not None:
-            return pipeline.BatchNormResult(*compiled)
-
-    return pipeline.batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        use_batch_stats=use_batch_stats,
+    tensors = call._replace(
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked if update else None,
+    )
+    plan = pipeline.Plan(
+        training=use_batch_stats,
         momentum=momentum,
         eps=float(eps),
-        num_batches_tracked=num_batches_tracked,
         unbiased=options.running_var_estimator == "unbiased",
         skip_nonfinite=options.skip_nonfinite,
-        mask=mask,
+        activation=fused,
         chunks=chunks,
         renorm_limits=renorm_limits,
         deferred=deferred if update else None,
         group=group,
         few_values=few_values,
-        activation=fused,
     )
+    # Under torch.compile a call the express path would take is one operator in the graph.
+    compiled = express.compiled_batch_norm(tensors, plan)
+    if compiled is not None:
+        return pipeline.BatchNormResult(*compiled)
+    return pipeline.batch_norm(tensors, plan)
 
 
 def _global_mode(

@@ -166,22 +166,26 @@ _loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def compiled_batch_norm(
-    call: pipeline.Call, training: bool, momentum: float | None, eps: float, options: Flags
+    call: pipeline.Call, plan: pipeline.Plan
 ) -> tuple[Tensor, Tensor | None] | None:
-    """(output, recorded) of a validated call without ghost batches, renorm, sync or mask
-    (``call`` holds the population statistics it reads or updates, or None) that
-    ``torch.compile`` traces, as one ``bnkit::batch_norm`` in the graph (its fake kernel
-    traces; the compiled graph then runs the C loops each way), or None: not compiling,
-    exporting (an exported graph keeps to torch operations, which any runtime runs),
-    inside a ``torch.func`` transform, or a tensor the loops do not take. ``recorded`` is
-    the 0-d bool the pipeline gives (with running statistics updated under
-    ``skip_nonfinite``), else None."""
+    """(output, recorded) of a validated, planned call that ``torch.compile`` traces, as
+    one ``bnkit::batch_norm`` in the graph (its fake kernel traces; the compiled graph then
+    runs the C loops each way), or None for the pipeline: not compiling, exporting (an
+    exported graph keeps to torch operations, which any runtime runs), inside a
+    ``torch.func`` transform, a call the express path does not take in training (ghost
+    batches, renorm, sync, a mask, a deferred update), or a tensor the loops do not take.
+    ``call`` holds the population statistics the call reads or updates, or None, as
+    :func:`bnkit.kernels.pipeline.batch_norm` takes them. ``recorded`` is the 0-d bool the
+    pipeline gives (with running statistics updated under ``skip_nonfinite``), else None."""
     if not _compiling() or torch.compiler.is_exporting() or _transformed():
         return None
     x, running_mean, running_var, weight, bias, num_batches_tracked, mask = call
-    if mask is not None or not x.is_cpu or not cpu.has_dtype(x.dtype):
+    whole = plan.chunks is None or list(plan.chunks) == [pipeline.Chunk(0, x.shape[0])]
+    if not whole or plan.renorm_limits is not None or plan.group is not None:
         return None
-    if x.numel() < cpu.SMALL_THRESHOLD:
+    if plan.deferred is not None or mask is not None:
+        return None
+    if not x.is_cpu or not cpu.has_dtype(x.dtype) or x.numel() < cpu.SMALL_THRESHOLD:
         return None
     dtype = compute_dtype(x.dtype)
     vectors = (weight, bias, running_mean, running_var)
@@ -189,17 +193,19 @@ def compiled_batch_norm(
         v is not None and (v.dtype != dtype or not v.is_contiguous()) for v in vectors
     ):
         return None
-    update = training and running_mean is not None
-    if (update and momentum is not None and not 0 <= momentum <= 1) or not eps > 0:
+    update = plan.training and running_mean is not None
+    momentum = plan.momentum
+    if (update and momentum is not None and not 0 <= momentum <= 1) or not plan.eps > 0:
         return None  # the loops read a negative momentum as the cumulative average
     if not _loaded():
         return None
+    name, param = (None, None) if plan.activation is None else plan.activation[:2]
     output, _, recorded = torch.ops.bnkit.batch_norm.default(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, None, training,
-        -1.0 if momentum is None else float(momentum), float(eps), options.unbiased,
-        options.skip_nonfinite, options.activation, options.param, False,
+        x, weight, bias, running_mean, running_var, num_batches_tracked, None, plan.training,
+        -1.0 if momentum is None else float(momentum), float(plan.eps), plan.unbiased,
+        plan.skip_nonfinite, _CODES[name], 0.0 if param is None else float(param), False,
     )  # fmt: skip
-    return output, recorded if update and options.skip_nonfinite else None
+    return output, recorded if update and plan.skip_nonfinite else None
 
 
 class _Node(NamedTuple):
@@ -252,18 +258,11 @@ def _double_backward(
     wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     create_graph = torch.is_grad_enabled()  # else batched gradients, computed without one
     with torch.enable_grad():
+        activation = None if name is None else pipeline.Activation(name, info.param, False)
         output = pipeline.batch_norm(
-            x,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            use_batch_stats=info.training,
-            momentum=0.0,
-            eps=info.eps,
-            kernel=primitive.PORTABLE,
-            mask=mask,
-            activation=None if name is None else pipeline.Activation(name, info.param, False),
+            pipeline.Call(x, running_mean, running_var, weight, bias, mask=mask),
+            pipeline.Plan(info.training, 0.0, info.eps, activation=activation),
+            primitive.PORTABLE,
         ).output
         grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph))
     return tuple(  # type: ignore[return-value]

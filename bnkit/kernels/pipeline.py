@@ -37,8 +37,10 @@ from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
 __all__ = [
     "Activation",
     "BatchNormResult",
+    "Call",
     "Chunk",
     "Kernel",
+    "Plan",
     "batch_norm",
     "ghost_chunks",
     "renorm_affine",
@@ -161,8 +163,8 @@ class Call(NamedTuple):
     running_var: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
-    num_batches_tracked: Tensor | None
-    mask: Tensor | None
+    num_batches_tracked: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class BatchNormResult(NamedTuple):
@@ -235,51 +237,23 @@ def renorm_affine(
     return scaled, shifted if bias is None else bias.to(dtype) + shifted
 
 
-def batch_norm(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    use_batch_stats: bool,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None = None,
-    unbiased: bool = True,
-    skip_nonfinite: bool = False,
-    kernel: Kernel | None = None,
-    mask: Tensor | None = None,
-    chunks: Sequence[Chunk] | None = None,
-    renorm_limits: tuple[Tensor, Tensor] | None = None,
-    deferred: list[BatchStats] | None = None,
-    group: Any = None,
-    few_values: Callable[[int], str] | None = None,
-    activation: Activation | None = None,
-) -> BatchNormResult:
-    """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
+class Plan(NamedTuple):
+    """How :func:`batch_norm` runs a call, besides its tensors (:class:`Call`): made once
+    per call by :mod:`bnkit.functional`, which validates the options and plans the chunks.
 
-    Inputs are assumed valid (:mod:`bnkit.functional` checks them and plans the chunks);
-    ``x`` has at least one value.
-
-    Args:
-        x: input (N, C, *).
-        running_mean, running_var: (C,) population statistics. With ``use_batch_stats``
-            they are updated in place when given; otherwise they normalize ``x``.
-        weight, bias: (C,) affine parameters or None.
-        use_batch_stats: normalize with the batch's statistics (training).
-        momentum: the update factor, or None for the cumulative average (then
+    Fields:
+        training: normalize with the batch's statistics and update the running ones when
+            the call has them; otherwise normalize with the running statistics.
+        momentum: the update factor, or None for the cumulative average (then the call's
             ``num_batches_tracked`` is required).
         eps: added to the variance.
-        num_batches_tracked: 0-d integer tensor, incremented in place when the running
-            statistics are updated.
         unbiased: store the unbiased (True) or biased batch variance in ``running_var``.
         skip_nonfinite: leave the running statistics and the counter untouched when the
             batch statistics hold NaN or Inf.
-        kernel: the kernel to use; :func:`select_kernel` by default.
-        mask: (N, *) bool, True at valid positions: statistics over those only.
+        activation: an activation applied to the output, fused with the normalization in
+            training (see :class:`Activation`).
         chunks: the ghost batches (each normalized with its own statistics) and their
-            modes; one chunk, the whole batch, by default.
+            modes; one chunk, the whole batch, when None.
         renorm_limits: (r_max, d_max) to apply batch renormalization with (needs the
             running statistics), or None.
         deferred: if given, the batch's merged statistics are appended to it instead of
@@ -287,43 +261,77 @@ def batch_norm(
         group: a process group (see :func:`bnkit.distributed.active_group`) to compute the
             statistics over. Without ghost batches (``chunks`` None) the batch is
             normalized with the global statistics (one collective forward, one backward;
-            ``x`` may be empty); with ghost batches each is normalized locally and only
-            the statistics recorded in the running ones are global.
+            the input may be empty); with ghost batches each is normalized locally and
+            only the statistics recorded in the running ones are global.
         few_values: with ``group``, called with the global number of values per channel
             once it is known; returns the mode ("batch", "running", "identity") or raises.
-        activation: an activation applied to the output, fused with the normalization in
-            training (see :class:`Activation`).
+    """
+
+    training: bool
+    momentum: float | None = 0.1
+    eps: float = 1e-5
+    unbiased: bool = True
+    skip_nonfinite: bool = False
+    activation: Activation | None = None
+    chunks: Sequence[Chunk] | None = None
+    renorm_limits: tuple[Tensor, Tensor] | None = None
+    deferred: list[BatchStats] | None = None
+    group: Any = None
+    few_values: Callable[[int], str] | None = None
+
+
+def batch_norm(call: Call, plan: Plan, kernel: Kernel | None = None) -> BatchNormResult:
+    """The pipeline: statistics -> (merge) -> normalize -> update running statistics.
+
+    Inputs are assumed valid (:mod:`bnkit.functional` checks them and plans the chunks);
+    the input has at least one value, unless ``plan.group`` is set.
+
+    Args:
+        call: the tensors. The running statistics are updated in place in training when
+            given, and normalize the input otherwise; the counter is incremented when they
+            are updated; the mask ((N, *) bool, True at valid positions) restricts the
+            statistics to those positions.
+        plan: everything else (:class:`Plan`).
+        kernel: the kernel to use; :func:`select_kernel` by default.
 
     Returns:
         A :class:`BatchNormResult`.
+
+    Example:
+        >>> x = torch.randn(8, 3, 4)
+        >>> out = batch_norm(Call(x, None, None, None, None), Plan(training=True))
+        >>> torch.allclose(out.output.mean(dim=(0, 2)), torch.zeros(3), atol=1e-6)
+        True
     """
+    x, running_mean, running_var, weight, bias, counter, mask = call
     k = kernel if kernel is not None else select_kernel(x)
-    plan = _Normalization(
-        k, running_mean, running_var, weight, bias, eps, renorm_limits, activation
+    norm = _Normalization(
+        k, running_mean, running_var, weight, bias, plan.eps, plan.renorm_limits, plan.activation
     )
-    if not use_batch_stats:
-        return BatchNormResult(plan.fallback(x, "running"), None)
-    if group is not None and chunks is None:
-        output, merged = plan.synchronized(x, mask, group, few_values)
+    if not plan.training:
+        return BatchNormResult(norm.fallback(x, "running"), None)
+    group = plan.group
+    if group is not None and plan.chunks is None:
+        output, merged = norm.synchronized(x, mask, group, plan.few_values)
     else:
-        output, merged = plan.chunked(x, mask, chunks)
+        output, merged = norm.chunked(x, mask, plan.chunks)
         if group is not None:  # ghost batches: local normalization, global running stats
             merged = distributed.gather_stats(
                 merged, x.shape[1], compute_dtype(x.dtype), x.device, group
             )
     if merged is None or (running_mean is None and running_var is None):
         return BatchNormResult(output, None)
-    if deferred is not None:
-        deferred.append(merged)
+    if plan.deferred is not None:
+        plan.deferred.append(merged)
         return BatchNormResult(output, None)
     recorded = k.update_running_stats(
         running_mean,
         running_var,
         merged,
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        unbiased=unbiased,
-        skip_nonfinite=skip_nonfinite,
+        plan.momentum,
+        num_batches_tracked=counter,
+        unbiased=plan.unbiased,
+        skip_nonfinite=plan.skip_nonfinite,
     )
     return BatchNormResult(output, recorded)
 

@@ -17,6 +17,8 @@ from bnkit import reference as ref
 from bnkit.functional import batch_norm as functional_batch_norm
 from bnkit.kernels import (
     Activation,
+    Call,
+    Plan,
     batch_norm,
     cpu,
     native,
@@ -79,17 +81,9 @@ def _run(
     running_var = torch.ones(channels, dtype=x.dtype)
     tracked = torch.zeros((), dtype=torch.long)
     result = batch_norm(
-        x,
-        running_mean,
-        running_var,
-        w,
-        b,
-        use_batch_stats=True,
-        momentum=momentum,
-        eps=eps,
-        num_batches_tracked=tracked,
-        kernel=kernel,
-        activation=activation,
+        Call(x, running_mean, running_var, w, b, tracked),
+        Plan(True, momentum, eps, activation=activation),
+        kernel,
     )
     result.output.backward(dy)
     return {
@@ -395,8 +389,7 @@ def test_masked_layer_matches_portable(layout: str, dtype: torch.dtype, pattern:
         xg = x.clone().requires_grad_(True)
         wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
         mean, var = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-        out = batch_norm(xg, mean, var, wg, bg, use_batch_stats=True, momentum=0.1, eps=1e-5,
-                         mask=mask, kernel=kernel).output  # fmt: skip
+        out = batch_norm(Call(xg, mean, var, wg, bg, mask=mask), Plan(True), kernel).output
         grads = torch.autograd.grad(out, (xg, wg, bg), dy)
         results.append((out, *grads, mean, var))
     for ours, theirs in zip(*results, strict=True):

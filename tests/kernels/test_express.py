@@ -16,9 +16,9 @@ import bnkit
 from bnkit import reference as ref
 from bnkit.errors import NonFiniteStatsWarning
 from bnkit.functional import batch_norm
+from bnkit.kernels import Call, Plan, express, native, primitive
 from bnkit.kernels import activation as act
 from bnkit.kernels import batch_norm as pipeline
-from bnkit.kernels import express, native, primitive
 from bnkit.kernels.activation import default_param
 from tests.helpers import assert_close_to_scale
 
@@ -88,17 +88,9 @@ def _step(
         y = result[0]
     else:
         y = pipeline(
-            x,
-            mean,
-            var,
-            w,
-            b,
-            use_batch_stats=training,
-            momentum=momentum,
-            eps=1e-5,
-            num_batches_tracked=tracked if training else None,
-            unbiased=unbiased,
-            kernel=primitive.PORTABLE,
+            Call(x, mean, var, w, b, tracked if training else None),
+            Plan(training, momentum, 1e-5, unbiased),
+            primitive.PORTABLE,
         ).output
         if relu:
             y = torch.relu(y)
@@ -548,8 +540,7 @@ def test_16_bit_inputs_match_the_portable_kernel(
             assert result is not None, "the express path did not take a 16-bit call"
             y = result[0]
         else:
-            y = pipeline(xg, mean, var, wg, bg, use_batch_stats=training, momentum=0.1,
-                         eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
+            y = pipeline(Call(xg, mean, var, wg, bg), Plan(training), primitive.PORTABLE).output
             y = torch.relu(y) if relu else y
         y.backward(dy)
         results.append({"y": y, "dx": xg.grad, "dw": wg.grad, "db": bg.grad, "mean": mean,
@@ -628,8 +619,7 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
         result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, None,
                                     express.Flags())  # fmt: skip
         assert result is not None
-        theirs = pipeline(x, mean, var, weight, bias, use_batch_stats=False, momentum=0.1,
-                          eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
+        theirs = pipeline(Call(x, mean, var, weight, bias), Plan(False), primitive.PORTABLE).output
     assert result[0].dtype == dtype
     assert_close_to_scale(result[0].float(), theirs.float(), HALF_ULP[dtype])
     assert express.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, None,
@@ -648,8 +638,7 @@ def test_16_bit_models_in_eval_take_the_express_path(dtype: torch.dtype) -> None
                 assert taken is not None
                 y = taken[0]
             else:
-                y = pipeline(x, rm, rv, weight, bias, use_batch_stats=True, momentum=0.1,
-                             eps=1e-5, kernel=primitive.PORTABLE).output  # fmt: skip
+                y = pipeline(Call(x, rm, rv, weight, bias), Plan(True), primitive.PORTABLE).output
         runs.append((y, rm, rv))
     assert_close_to_scale(runs[0][0].float(), runs[1][0].float(), HALF_ULP[dtype])
     for ours, theirs in zip(runs[0][1:], runs[1][1:], strict=True):

@@ -87,10 +87,10 @@ def _run(
         assert ("ExpressFunction" in name) == y.requires_grad
     else:
         out = pipeline.batch_norm(
-            x, mean, var, w, b, use_batch_stats=training, momentum=momentum, eps=1e-5,
-            num_batches_tracked=tracked, unbiased=unbiased, skip_nonfinite=skip_nonfinite,
-            kernel=ops.KERNEL, activation=activation, mask=mask,
-        )  # fmt: skip
+            pipeline.Call(x, mean, var, w, b, tracked, mask),
+            pipeline.Plan(training, momentum, 1e-5, unbiased, skip_nonfinite, activation),
+            ops.KERNEL,
+        )
         y = out.output
         # the express path says whether an update took the batch (True without
         # skip_nonfinite, where the pipeline reports nothing), and nothing in eval

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import bnkit
 from bnkit.bench.memory import peak_bytes
 from bnkit.kernels import ops, portable, primitive, select_kernel
-from bnkit.kernels.pipeline import batch_norm
+from bnkit.kernels.pipeline import Call, Plan, batch_norm
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> None:
@@ -30,11 +30,8 @@ def _portable_layer(channels: int) -> torch.nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             assert self.running_mean is not None
             assert self.running_var is not None
-            return batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                use_batch_stats=True, momentum=0.1, eps=self.eps,
-                kernel=primitive.PORTABLE,
-            ).output  # fmt: skip
+            tensors = Call(x, self.running_mean, self.running_var, self.weight, self.bias)
+            return batch_norm(tensors, Plan(True, eps=self.eps), primitive.PORTABLE).output
 
     return Portable(channels)
 
@@ -80,11 +77,9 @@ def test_every_kernel_records_the_same_autograd_function(activation: str | None)
     mask = torch.rand(4, 5, 5) > 0.3  # a mask keeps the call off the express path
     nodes = []
     for kernel in (primitive.PORTABLE, select_kernel(x)):
-        y = batch_norm(
-            x, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
-            kernel=kernel, mask=mask,
-            activation=None if activation is None else bnkit.kernels.Activation(activation, 0.1),
-        ).output  # fmt: skip
+        fused = None if activation is None else bnkit.kernels.Activation(activation, 0.1)
+        tensors = Call(x, None, None, None, None, mask=mask)
+        y = batch_norm(tensors, Plan(True, activation=fused), kernel).output
         assert y.grad_fn is not None
         nodes.append((type(y.grad_fn).__name__, y.grad_fn.prims))
     expected = "_NormalizeBackward" if activation is None else "_NormalizeActivateBackward"
@@ -101,10 +96,7 @@ def test_double_backward_through_the_operators_matches_the_portable_kernel() -> 
     results = []
     for kernel in (primitive.PORTABLE, select_kernel(x)):
         inp = x.clone().requires_grad_()
-        y = batch_norm(
-            inp, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
-            kernel=kernel,
-        ).output  # fmt: skip
+        y = batch_norm(Call(inp, None, None, None, None), Plan(True), kernel).output
         (g,) = torch.autograd.grad(y.pow(3).sum(), inp, create_graph=True)
         (h,) = torch.autograd.grad(g.square().sum(), inp)
         results.append(h)
@@ -127,10 +119,8 @@ def test_portable_fused_activation_peak_is_at_most_torchs_pair(
     param = 0.1 if name == "leaky_relu" else 1.0
 
     def ours() -> torch.Tensor:
-        return batch_norm(
-            x, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
-            kernel=primitive.PORTABLE, activation=bnkit.kernels.Activation(name, param),
-        ).output  # fmt: skip
+        plan = Plan(True, activation=bnkit.kernels.Activation(name, param))
+        return batch_norm(Call(x, None, None, None, None), plan, primitive.PORTABLE).output
 
     pair = torch.nn.Sequential(torch.nn.BatchNorm2d(16, affine=False), module(param))
     peaks = []

@@ -22,7 +22,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnkit import reference as ref
-from bnkit.kernels import Activation, Chunk, batch_norm, ghost_chunks, gpu, ops, portable, primitive
+from bnkit.kernels import (
+    Activation,
+    Call,
+    Chunk,
+    Plan,
+    batch_norm,
+    ghost_chunks,
+    gpu,
+    ops,
+    portable,
+    primitive,
+)
 from bnkit.kernels.gpu import primitives as prim
 from tests.helpers import assert_close_to_scale
 
@@ -369,18 +380,9 @@ def _run(
     running_mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
     running_var = torch.ones(channels, dtype=x.dtype, device=x.device)
     tracked = torch.zeros((), dtype=torch.long, device=x.device)
-    options.setdefault("momentum", 0.1)
-    options.setdefault("eps", 1e-5)
+    mask = options.pop("mask", None)
     result = batch_norm(
-        x,
-        running_mean,
-        running_var,
-        w,
-        b,
-        use_batch_stats=True,
-        num_batches_tracked=tracked,
-        kernel=kernel,
-        **options,
+        Call(x, running_mean, running_var, w, b, tracked, mask), Plan(True, **options), kernel
     )
     grads = torch.autograd.grad(result.output, [x, *params], dy)
     return {
@@ -634,10 +636,7 @@ def test_double_backward_through_one_launch_ghost_batches() -> None:
     results = []
     for kernel in (gpu.KERNEL, primitive.PORTABLE):
         inp = x.detach().clone().requires_grad_()
-        y = batch_norm(
-            inp, None, None, None, None, use_batch_stats=True, momentum=0.1, eps=1e-5,
-            kernel=kernel, chunks=chunks,
-        ).output  # fmt: skip
+        y = batch_norm(Call(inp, None, None, None, None), Plan(True, chunks=chunks), kernel).output
         (g,) = torch.autograd.grad(y.pow(3).sum(), inp, create_graph=True)
         (h,) = torch.autograd.grad(g.square().sum(), inp)
         results.append(h)
@@ -677,16 +676,11 @@ def test_renorm_and_eval_match_portable() -> None:
         x_ = x.detach().clone().requires_grad_(True)
         w, b = (p.detach().clone().requires_grad_(True) for p in (weight, bias))
         running = (torch.full((4,), 0.5, device=DEVICE), torch.full((4,), 2.0, device=DEVICE))
-        out = batch_norm(
-            x_, *running, w, b, use_batch_stats=True, momentum=0.1, eps=1e-5,
-            kernel=kernel, renorm_limits=limits,
-        ).output  # fmt: skip
+        plan = Plan(True, renorm_limits=limits)
+        out = batch_norm(Call(x_, *running, w, b), plan, kernel).output
         grads = torch.autograd.grad(out, [x_, w, b], dy)
         with torch.no_grad():
-            evaluated = batch_norm(
-                x, *running, weight, bias, use_batch_stats=False, momentum=0.1, eps=1e-5,
-                kernel=kernel,
-            ).output  # fmt: skip
+            evaluated = batch_norm(Call(x, *running, weight, bias), Plan(False), kernel).output
         results.append([out, *grads, *running, evaluated])
     for ours, theirs in zip(*results, strict=True):
         _close(ours, theirs, 2e-5)
@@ -699,8 +693,7 @@ def test_double_backward_goes_through_the_portable_backward() -> None:
     results = []
     for kernel in (gpu.KERNEL, primitive.PORTABLE):
         x_ = x.detach().clone().requires_grad_(True)
-        out = batch_norm(x_, None, None, None, None, use_batch_stats=True, momentum=0.1,
-                         eps=1e-5, kernel=kernel).output  # fmt: skip
+        out = batch_norm(Call(x_, None, None, None, None), Plan(True), kernel).output
         (dx,) = torch.autograd.grad((out**3).sum(), x_, create_graph=True)
         (ddx,) = torch.autograd.grad(dx.square().sum(), x_)
         results.append((dx, ddx))

@@ -12,6 +12,8 @@ import torch
 from bnkit.errors import ShapeError
 from bnkit.kernels import (
     BatchStats,
+    Call,
+    Plan,
     batch_norm,
     compute_dtype,
     merge_stats,
@@ -79,16 +81,9 @@ def test_pipeline_with_explicit_kernel() -> None:
         torch.ones(3, dtype=torch.float64),
     )
     result = batch_norm(
-        x,
-        running_mean,
-        running_var,
-        None,
-        None,
-        use_batch_stats=True,
-        momentum=1.0,
-        eps=1e-5,
-        kernel=Recording(),
-        skip_nonfinite=True,
+        Call(x, running_mean, running_var, None, None),
+        Plan(True, momentum=1.0, skip_nonfinite=True),
+        Recording(),
     )
     assert calls == ["stats"]
     assert result.recorded is not None
