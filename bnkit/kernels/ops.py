@@ -286,17 +286,7 @@ def native_passes(x: Tensor, mask: Tensor | None = None) -> Primitives | None:
     return _native_primitives(x.device.type, x, mask)
 
 
-def _supports(x: Tensor, mask: Tensor | None) -> bool:
-    """Where a native pass takes (x, mask): the tensors the operators exist to serve.
-    Inside ``torch.func`` transforms and forward-mode AD, where x's device and dtype have
-    one: the passes themselves then see the plain tensors the vmap rules make (and take
-    the composite path for what the native pass does not take)."""
-    if portable.transformed():
-        return _native_device(x)
-    return native_passes(x, mask) is not None
-
-
-def _native_device(x: Tensor) -> bool:
+def native_device(x: Tensor) -> bool:
     """Whether x's device and dtype have native passes, whatever its layout: the C loops
     for a CPU float32, float64, bfloat16 or float16 tensor (once built), the Triton kernels
     for a CUDA one."""
@@ -308,10 +298,13 @@ def _native_device(x: Tensor) -> bool:
 
 
 #: The operators behind the :class:`Primitives` interface: the passes of whichever
-#: native kernel torch's dispatcher finds for the tensor's device.
+#: native kernel torch's dispatcher finds for the tensor's device. They take every
+#: tensor (each implementation runs torch operations for what its native pass does not
+#: take), so the kernel on them never asks again what :func:`bnkit.kernels.pipeline.select_kernel`
+#: decided.
 OPERATORS = Primitives(
     name="bnkit operators",
-    supports=_supports,
+    supports=lambda x, mask: True,
     batch_stats=_op_batch_stats,
     affine=_op_affine,
     backward_reduce=_op_backward_reduce,

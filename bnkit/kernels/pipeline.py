@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bnkit import distributed
-from bnkit.kernels import cpu, gpu, ops, portable, primitive
+from bnkit.kernels import ops, portable, primitive
 from bnkit.kernels.activation import activate
 from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
 
@@ -126,32 +126,27 @@ class Kernel(Protocol):
         ...
 
 
-def select_kernel(x: Tensor) -> Kernel:
-    """The kernel for this input: the operators' kernel (:mod:`.ops`) where a native pass
-    takes x (the Triton kernels for a CUDA tensor where Triton is installed, or any
-    tensor under ``BNKIT_KERNEL=triton``; the C loops for a CPU floating-point tensor
-    they handle, :func:`bnkit.kernels.cpu.supports`) in eager mode, and inside torch.func
-    transforms and forward-mode AD where x's device and dtype have native passes (the
-    operators' vmap rules hand them plain tensors); else the portable kernel: the same
-    autograd functions on passes in torch operations, which ``torch.compile`` compiles.
-    Which native implementation runs is the operators' dispatch, by device.
+def select_kernel(x: Tensor, mask: Tensor | None = None) -> Kernel:
+    """The kernel for a call on (x, mask), decided once per call: the operators' kernel
+    (:mod:`.ops`) where a native pass takes them (:func:`bnkit.kernels.ops.native_passes`:
+    the Triton kernels for a CUDA tensor where Triton is installed, or any tensor under
+    ``BNKIT_KERNEL=triton``; the C loops for a CPU floating-point tensor they handle) in
+    eager mode, and inside torch.func transforms and forward-mode AD where x's device and
+    dtype have native passes (the operators' vmap rules hand them plain tensors); else the
+    portable kernel: the same autograd functions on passes in torch operations, which
+    ``torch.compile`` compiles. Which native implementation runs is the operators'
+    dispatch, by device; each runs torch operations for a pass its loops do not take (a
+    ghost batch below their size, say).
 
     Example:
         >>> select_kernel(torch.randn(4, 3, 8, 8)[:, :, ::2]).__class__.__name__  # strided
         'PortableKernel'
     """
+    if torch.compiler.is_compiling():
+        return primitive.PORTABLE
     if portable.transformed():
-        return ops.KERNEL if ops.OPERATORS.supports(x, None) else primitive.PORTABLE
-    return ops.KERNEL if _triton_takes(x) or cpu.supports(x) else primitive.PORTABLE
-
-
-def _triton_takes(x: Tensor) -> bool:
-    """Whether :mod:`.gpu`'s Triton kernels take ``x``: a CUDA tensor (or any tensor with
-    ``BNKIT_KERNEL=triton``, which the tests use with ``TRITON_INTERPRET=1``) in eager mode,
-    with Triton installed (transforms are :func:`select_kernel`'s first question)."""
-    if not (x.is_cuda or gpu.forced()) or torch.compiler.is_compiling():
-        return False
-    return gpu.available() and gpu.supports(x)
+        return ops.KERNEL if ops.native_device(x) else primitive.PORTABLE
+    return ops.KERNEL if ops.native_passes(x, mask) is not None else primitive.PORTABLE
 
 
 class Call(NamedTuple):
@@ -304,7 +299,7 @@ def batch_norm(call: Call, plan: Plan, kernel: Kernel | None = None) -> BatchNor
         True
     """
     x, running_mean, running_var, weight, bias, counter, mask = call
-    k = kernel if kernel is not None else select_kernel(x)
+    k = kernel if kernel is not None else select_kernel(x, mask)
     norm = _Normalization(
         k, running_mean, running_var, weight, bias, plan.eps, plan.renorm_limits, plan.activation
     )
