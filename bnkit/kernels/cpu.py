@@ -61,7 +61,7 @@ from bnkit.kernels import native, outputs, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
 from bnkit.kernels.stats import BatchStats, compute_dtype
 
-__all__ = ["KERNEL", "PRIMITIVES", "CpuKernel", "layout", "supports"]
+__all__ = ["KERNEL", "PRIMITIVES", "CpuKernel", "layout", "supports", "update_running_stats"]
 
 #: Below this many elements the loops run on one thread (starting threads costs more).
 PARALLEL_THRESHOLD = 32768
@@ -124,8 +124,6 @@ def supports(x: Tensor) -> bool:
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_RECORDED = torch.tensor(True)
-_SKIPPED = torch.tensor(False)
 
 
 def _threads(x: Tensor) -> int:
@@ -439,57 +437,49 @@ PRIMITIVES = Primitives(
 class CpuKernel(PrimitiveKernel):
     """:class:`bnkit.kernels.pipeline.Kernel` with C loops for CPU float32, float64,
     bfloat16 and float16 tensors; what they do not take (see :func:`supports`) goes to
-    the portable kernel."""
+    the portable kernel. (The library runs the loops through the operators of
+    :mod:`bnkit.kernels.ops`; this kernel calls them directly.)"""
 
     def __init__(self) -> None:
         super().__init__(PRIMITIVES)
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        stats: BatchStats,
-        momentum: float | None,
-        *,
-        num_batches_tracked: Tensor | None,
-        unbiased: bool,
-        skip_nonfinite: bool,
-    ) -> Tensor | None:
-        """The portable update (blended in float64) as one C call: O(C) work whose cost
-        is per-call overhead, which matters for small layers."""
-        if not _plain_update(running_mean, running_var, stats, momentum, num_batches_tracked):
-            return super().update_running_stats(
-                running_mean,
-                running_var,
-                stats,
-                momentum,
-                num_batches_tracked=num_batches_tracked,
-                unbiased=unbiased,
-                skip_nonfinite=skip_nonfinite,
-            )
-        first = running_mean if running_mean is not None else running_var
-        is_double = first is not None and first.dtype == torch.float64
-        count = float(stats.count[0].item()) if stats.count.numel() else 0.0
-        recorded = _call(
-            "bn_update_running",
-            stats.var,
-            stats.shift.data_ptr(),
-            stats.shifted_mean.data_ptr(),
-            stats.var.data_ptr(),
-            stats.var.numel(),
-            count,
-            _ptr(running_mean),
-            _ptr(running_var),
-            int(is_double),
-            -1.0 if momentum is None else float(momentum),
-            _ptr(num_batches_tracked),
-            int(unbiased),
-            int(skip_nonfinite),
-        )
-        if not skip_nonfinite:
-            return None
-        # A fresh 0-d bool tensor (cloning a constant is cheaper than torch.tensor).
-        return (_RECORDED if recorded else _SKIPPED).clone()
+
+def update_running_stats(
+    stats: BatchStats,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    unbiased: bool,
+    skip_nonfinite: bool,
+) -> bool | None:
+    """The portable update (blended in float64) as one C call, where it applies (CPU
+    float32/float64 contiguous statistics and running statistics, an int64 counter, no
+    autograd on any of them): O(C) work whose cost is per-call overhead, which matters
+    for small layers. Returns whether the batch was recorded, or None where the C update
+    does not apply (nothing changed)."""
+    if not _plain_update(running_mean, running_var, stats, momentum, num_batches_tracked):
+        return None
+    first = running_mean if running_mean is not None else running_var
+    is_double = first is not None and first.dtype == torch.float64
+    count = float(stats.count[0].item()) if stats.count.numel() else 0.0
+    recorded = _call(
+        "bn_update_running",
+        stats.var,
+        stats.shift.data_ptr(),
+        stats.shifted_mean.data_ptr(),
+        stats.var.data_ptr(),
+        stats.var.numel(),
+        count,
+        _ptr(running_mean),
+        _ptr(running_var),
+        int(is_double),
+        -1.0 if momentum is None else float(momentum),
+        _ptr(num_batches_tracked),
+        int(unbiased),
+        int(skip_nonfinite),
+    )
+    return bool(recorded)
 
 
 def _plain_update(

@@ -31,7 +31,7 @@ against 5 us per call on this project's 2-core machine), and a training step cal
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,6 +60,11 @@ _define(
     "Tensor k0, str? activation, float? param, bool from_output, Tensor? mask, "
     "Tensor? z_alpha, Tensor? z_beta) -> Tensor"
 )
+_define(
+    "update_running_stats(Tensor count, Tensor shift, Tensor shifted_mean, Tensor var, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+    "float? momentum, bool unbiased, bool skip_nonfinite) -> Tensor"
+)
 
 
 # --- the composite implementation: torch operations, any device -----------------------
@@ -70,12 +75,41 @@ def _batch_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor
     return stats.count, stats.shift, stats.shifted_mean, stats.var
 
 
+class _Update(NamedTuple):
+    """``bnkit::update_running_stats``'s arguments."""
+
+    counts: Tensor
+    shift: Tensor
+    shifted_mean: Tensor
+    var: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    unbiased: bool
+    skip_nonfinite: bool
+
+    def stats(self) -> BatchStats:
+        return BatchStats(self.counts, self.shift, self.shifted_mean, self.var)
+
+
+def _update(*args: Any) -> Tensor:
+    u = _Update(*args)
+    recorded = portable.update_running_stats(
+        u.running_mean, u.running_var, u.stats(), u.momentum,
+        num_batches_tracked=u.num_batches_tracked, unbiased=u.unbiased,
+        skip_nonfinite=u.skip_nonfinite,
+    )  # fmt: skip
+    return u.counts.new_ones((), dtype=torch.bool) if recorded is None else recorded
+
+
 #: The composite implementation of each operator (torch operations, any device).
 composite: dict[str, Callable[..., Any]] = {
     "batch_stats": _batch_stats,
     "affine": portable.affine,
     "backward_reduce": portable.backward_reduce,
     "backward_input": portable.backward_input,
+    "update_running_stats": _update,
 }
 
 
@@ -112,12 +146,32 @@ def _native(device: str) -> dict[str, Callable[..., Any]]:
             return portable.backward_input(g, src, *rest)
         return prims.backward_input(g, src, *rest)
 
+    def update_running_stats(*args: Any) -> Tensor:
+        u = _Update(*args)
+        update = (u.stats(), u.running_mean, u.running_var, u.num_batches_tracked,
+                  u.momentum, u.unbiased, u.skip_nonfinite)  # fmt: skip
+        if (device == "cuda" or gpu.forced()) and gpu.available():
+            recorded = gpu.update_running_stats(*update)
+            if recorded is not None:
+                return recorded
+        if device == "cpu":
+            taken = cpu.update_running_stats(*update)
+            if taken is not None:
+                return (_RECORDED if taken else _SKIPPED).clone()
+        return _update(*args)
+
     return {
         "batch_stats": batch_stats,
         "affine": affine,
         "backward_reduce": backward_reduce,
         "backward_input": backward_input,
+        "update_running_stats": update_running_stats,
     }
+
+
+# a fresh 0-d bool is a clone of one of these (cheaper than torch.tensor)
+_RECORDED = torch.tensor(True)
+_SKIPPED = torch.tensor(False)
 
 
 def _native_primitives(device: str, x: Tensor, mask: Tensor | None) -> Primitives | None:
@@ -149,12 +203,17 @@ def _fake_input(g: Tensor, src: Tensor, *rest: Any) -> Tensor:
     return _fake_output(src)
 
 
+def _fake_update(count: Tensor, *rest: Any) -> Tensor:
+    return count.new_empty((), dtype=torch.bool)
+
+
 _CPU, _CUDA = _native("cpu"), _native("cuda")
 for _name, _fake in (
     ("batch_stats", _fake_stats),
     ("affine", _fake_output),
     ("backward_reduce", _fake_sums),
     ("backward_input", _fake_input),
+    ("update_running_stats", _fake_update),
 ):
     _impl(_name, composite[_name], "CompositeExplicitAutograd")
     _impl(_name, _CPU[_name], "CPU")
@@ -313,14 +372,36 @@ OPERATORS = Primitives(
 )
 
 
-class OperatorKernel(cpu.CpuKernel):
+class OperatorKernel(PrimitiveKernel):
     """:class:`PrimitiveKernel` on :data:`OPERATORS`: the kernel
     :func:`bnkit.kernels.pipeline.select_kernel` picks for the tensors a native pass
-    takes. It keeps the CPU kernel's update of the running statistics (one C call where
-    they are plain CPU tensors, else torch operations on (C,) vectors)."""
+    takes. Its update of the running statistics is the operator
+    ``bnkit::update_running_stats`` (one C call on the CPU, one launch on a GPU, torch
+    operations on (C,) vectors elsewhere)."""
 
     def __init__(self) -> None:
-        PrimitiveKernel.__init__(self, OPERATORS)
+        super().__init__(OPERATORS)
+
+    def update_running_stats(
+        self, running_mean: Tensor | None, running_var: Tensor | None, stats: BatchStats,
+        momentum: float | None, *, num_batches_tracked: Tensor | None, unbiased: bool,
+        skip_nonfinite: bool,
+    ) -> Tensor | None:  # fmt: skip
+        """See :meth:`bnkit.kernels.pipeline.Kernel.update_running_stats`. Inside
+        ``torch.func`` transforms, torch operations, which vmap batches: the operator
+        mutates its arguments and has no vmap rule."""
+        if portable.transformed():
+            return super().update_running_stats(
+                running_mean, running_var, stats, momentum,
+                num_batches_tracked=num_batches_tracked, unbiased=unbiased,
+                skip_nonfinite=skip_nonfinite,
+            )  # fmt: skip
+        with torch.no_grad():
+            recorded: Tensor = _OPS.update_running_stats.default(
+                stats.count, stats.shift, stats.shifted_mean, stats.var, running_mean,
+                running_var, num_batches_tracked, momentum, unbiased, skip_nonfinite,
+            )  # fmt: skip
+        return recorded if skip_nonfinite else None
 
     def ghost_passes(self, x: Tensor, mask: Tensor | None) -> Primitives | None:
         """The native passes themselves where they take ghost batches in one launch (the

@@ -230,3 +230,101 @@ def test_vmap_rules_match_one_call_per_vmapped_call(batched: str, dtype: torch.d
             else:
                 expected = torch.stack(calls)
             _close(got, expected, tolerance, f"{op} {activation} vmapped {batched}")
+
+
+# --- the update of the running statistics ----------------------------------------------
+
+UPDATES = list(
+    itertools.product(
+        [torch.float32, torch.float64],  # the statistics' dtype
+        [torch.float32, torch.float64, torch.float16],  # the running statistics'
+        [0.1, None],  # momentum (None: the cumulative average)
+        [True, False],  # unbiased
+        [True, False],  # skip_nonfinite
+        [False, True],  # a NaN in the statistics
+    )
+)
+
+
+def _update_args(
+    dtype: torch.dtype, running: torch.dtype, momentum: float | None, unbiased: bool,
+    skip: bool, nan: bool,
+) -> tuple[Any, ...]:  # fmt: skip
+    """Arguments of ``bnkit::update_running_stats``: statistics of 7 values per channel
+    about a shift far from zero, running statistics, a counter at 3."""
+    generator = torch.Generator().manual_seed(11)
+    c = 37
+    shift = 100.0 * torch.randn(c, generator=generator, dtype=torch.float64)
+    shifted_mean, var = torch.randn(c, generator=generator), torch.rand(c, generator=generator)
+    if nan:
+        var[3] = float("nan")
+    stats = [torch.full((c,), 7.0), shift, shifted_mean, var]
+    rm = torch.randn(c, generator=generator).to(running)
+    rv = torch.rand(c, generator=generator).to(running)
+    tracked = torch.tensor(3)
+    return (*(t.to(dtype) for t in stats), rm, rv, tracked, momentum, unbiased, skip)
+
+
+def _fresh(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("case", UPDATES[::5])
+def test_update_opcheck(case: tuple[Any, ...]) -> None:
+    """The update's schema (its three mutated arguments) and fake kernel."""
+    args = _update_args(*case)
+    torch.library.opcheck(
+        torch.ops.bnkit.update_running_stats.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def _updated(args: tuple[Any, ...], run: Any) -> list[Any]:
+    """(recorded, running mean, running var, counter) after ``run`` updated a copy."""
+    args = _fresh(args)
+    recorded = run(*args)
+    return [bool(recorded), *args[4:7]]
+
+
+def _same_update(ours: list[Any], theirs: list[Any], what: str) -> None:
+    assert ours[0] == theirs[0], what
+    for a, b in zip(ours[1:], theirs[1:], strict=True):
+        assert a.dtype == b.dtype, what
+        assert torch.equal(a.isnan(), b.isnan()), what
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), what
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"no native code: {native.load_error()}")
+@pytest.mark.parametrize("case", UPDATES)
+def test_update_c_and_triton_agree_with_the_composite(
+    case: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C update (CPU), the Triton one (the interpreter) and the composite torch
+    operations leave the same running statistics and counter, bit for bit, and say the
+    same about whether the batch was recorded."""
+    args = _update_args(*case)
+    composite = _updated(args, ops.composite["update_running_stats"])
+    op = torch.ops.bnkit.update_running_stats.default
+    if case[0] == case[1]:  # the C update takes statistics and running ones of one dtype
+        stats = ops.BatchStats(*args[:4])
+        assert cpu.update_running_stats(stats, *_fresh(args)[4:7], *args[7:]) is not None
+    _same_update(_updated(args, op), composite, f"C {case}")
+    if gpu.available():
+        monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton
+        stats = ops.BatchStats(*args[:4])
+        assert gpu.update_running_stats(stats, *_fresh(args)[4:7], *args[7:]) is not None
+        _same_update(_updated(args, op), composite, f"Triton {case}")
+
+
+def test_update_without_running_statistics_or_counter() -> None:
+    """Only the counter, or only the running statistics: the others stay None."""
+    args = list(_update_args(torch.float32, torch.float32, 0.1, True, True, False))
+    tracked = args[6]
+    torch.ops.bnkit.update_running_stats(*args[:4], None, None, tracked, *args[7:])
+    assert int(tracked) == 4
+    rm, rv = args[4].clone(), args[5].clone()
+    recorded = torch.ops.bnkit.update_running_stats(*args[:4], rm, rv, None, *args[7:])
+    assert bool(recorded)
+    mean = (args[1].double() + args[2].double()) * 0.1 + args[4].double() * 0.9
+    assert torch.equal(rm, mean.float())

@@ -27,10 +27,11 @@ Each primitive is one launch over the tensor (plus the tiny merge for the two
 reductions), and a training step is 3 passes forward (statistics, normalization) and 5 backward
 (reductions, dx), as the CPU kernel; inference is 2. The per-channel coefficients
 (alpha, beta', k1, k0) are torch operations on (C,) vectors, and the running statistics
-are updated by :func:`bnkit.kernels.portable.update_running_stats`'s torch operations: no host
-synchronization anywhere, except the memory-efficient fused activation's check that its
-output can be inverted (:func:`bnkit.kernels.activation.invertible`, as in the portable
-kernel).
+are updated in one more launch (:func:`update_running_stats`, the operator
+``bnkit::update_running_stats``'s CUDA implementation; the portable kernel's arithmetic
+in float64): no host synchronization anywhere, except the memory-efficient fused
+activation's check that its output can be inverted
+(:func:`bnkit.kernels.activation.invertible`, as in the portable kernel).
 
 Layout: a tensor is walked as rows of a 2-D array in its own memory order. NCHW-like
 input (contiguous (N, C, *)) as N rows of L = H * W values per channel: program axis 0
@@ -73,6 +74,7 @@ from bnkit.kernels.gpu.primitives import (
     backward_reduce,
     batch_stats,
     interpreting,
+    update_running_stats,
 )
 
 __all__ = [
@@ -87,6 +89,7 @@ __all__ = [
     "forced",
     "import_error",
     "supports",
+    "update_running_stats",
 ]
 
 

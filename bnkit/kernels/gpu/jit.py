@@ -52,11 +52,13 @@ _NAMES = (
     "_store_part",
     "_act",
     "_grad",
+    "_batch_moments",
     "stats_kernel",
     "affine_kernel",
     "reduce_kernel",
     "input_kernel",
     "merge_kernel",
+    "update_kernel",
 )
 _BUILT = False
 #: Sizes a kernel is not recompiled for (Triton specializes integer arguments on being
@@ -485,3 +487,74 @@ def merge_kernel(
     else:
         tl.store(out_a + ch, n, mask=cm)
         tl.store(out_b + ch, s, mask=cm)
+
+
+def _batch_moments(count_ptr, shift_ptr, smean_ptr, var_ptr, ch, cm, UNBIASED: tl.constexpr):
+    """The batch mean and the variance to record, in float64, of channels ``ch``."""
+    mean = tl.load(shift_ptr + ch, mask=cm, other=0.0).to(tl.float64)
+    mean += tl.load(smean_ptr + ch, mask=cm, other=0.0).to(tl.float64)
+    var = tl.load(var_ptr + ch, mask=cm, other=0.0).to(tl.float64)
+    if UNBIASED:
+        n = tl.load(count_ptr + ch, mask=cm, other=2.0).to(tl.float64)
+        var = var * n / (n - 1.0)
+    return mean, var
+
+
+def update_kernel(
+    count_ptr,
+    shift_ptr,
+    smean_ptr,
+    var_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    tracked_ptr,
+    momentum_ptr,
+    recorded_ptr,
+    C,
+    HAS_MEAN: tl.constexpr,
+    HAS_VAR: tl.constexpr,
+    HAS_TRACKED: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    SKIP: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The update of the running statistics, one program for all C channels, in float64
+    as :func:`bnkit.kernels.portable.update_running_stats`: batch mean = shift + shifted
+    mean, batch variance = var (* n / (n - 1) if UNBIASED); with SKIP, nothing changes
+    unless every one of them is finite (a first pass); the counter is incremented (by
+    whether the batch was recorded); new = batch * f + old * (1 - f) with f the momentum
+    (a float64 value at ``momentum_ptr``) or, CUMULATIVE, 1 / counter. Writes whether the
+    batch was recorded to ``recorded_ptr``."""
+    ok = tl.full((), 1, tl.int32)
+    if SKIP:
+        bad = tl.zeros([BLOCK], tl.int32)
+        for c0 in range(0, C, BLOCK):
+            ch = c0 + tl.arange(0, BLOCK)
+            cm = ch < C
+            mean, var = _batch_moments(count_ptr, shift_ptr, smean_ptr, var_ptr, ch, cm, UNBIASED)
+            finite = (tl.abs(mean) < float("inf")) & (tl.abs(var) < float("inf"))
+            bad += tl.where(cm & ~finite, 1, 0)
+        ok = (tl.sum(bad, axis=0) == 0).to(tl.int32)
+    tl.store(recorded_ptr, ok != 0)
+    if HAS_TRACKED:
+        tracked = tl.load(tracked_ptr) + ok
+        tl.store(tracked_ptr, tracked)
+    if CUMULATIVE:  # noqa: SIM108 (a statement: only the taken branch is compiled)
+        factor = 1.0 / tracked.to(tl.float64)
+    else:
+        factor = tl.load(momentum_ptr)
+    keep = 1.0 - factor
+    if ok != 0:
+        for c0 in range(0, C, BLOCK):
+            ch = c0 + tl.arange(0, BLOCK)
+            cm = ch < C
+            mean, var = _batch_moments(count_ptr, shift_ptr, smean_ptr, var_ptr, ch, cm, UNBIASED)
+            if HAS_MEAN:
+                old = tl.load(rmean_ptr + ch, mask=cm).to(tl.float64)
+                new = mean * factor + old * keep
+                tl.store(rmean_ptr + ch, new.to(rmean_ptr.dtype.element_ty), mask=cm)
+            if HAS_VAR:
+                old = tl.load(rvar_ptr + ch, mask=cm).to(tl.float64)
+                new = var * factor + old * keep
+                tl.store(rvar_ptr + ch, new.to(rvar_ptr.dtype.element_ty), mask=cm)

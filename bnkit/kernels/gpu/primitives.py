@@ -33,6 +33,7 @@ __all__ = [
     "batch_stats",
     "plan",
     "register_ops",
+    "update_running_stats",
 ]
 
 #: Activation names and their codes in the kernels (None: no activation).
@@ -532,3 +533,70 @@ def backward_input(
         ghosts,
     )
     return dx
+
+
+#: Channels per loop step of the update kernel.
+UPDATE_BLOCK = 1024
+
+
+def update_running_stats(
+    stats: BatchStats,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    unbiased: bool,
+    skip_nonfinite: bool,
+) -> Tensor | None:
+    """The update of the running statistics in one launch (one program: O(C) work), the
+    portable kernel's arithmetic in float64; returns the 0-d bool ``recorded``, or None
+    where the kernel does not take the tensors (not on a CUDA device, or on the CPU under
+    ``TRITON_INTERPRET=1``; running statistics or counter not contiguous on the
+    statistics' device, a counter that is not int64; nothing changed)."""
+    device = stats.var.device
+    if device.type != ("cpu" if interpreting() else "cuda"):
+        return None
+    runs = [t for t in (running_mean, running_var) if t is not None]
+    tracked = num_batches_tracked
+    if any(t.device != device or not t.is_contiguous() for t in runs):
+        return None
+    if tracked is not None and (tracked.device != device or tracked.dtype != torch.int64):
+        return None
+    if momentum is None and tracked is None:
+        return None
+    recorded = torch.empty((), dtype=torch.bool, device=device)
+    factor = _momentum(0.0 if momentum is None else float(momentum), device)
+    dummy = stats.var
+    with _launching():
+        _launch(jit.update_kernel, (1,))(
+            stats.count,
+            stats.shift,
+            stats.shifted_mean,
+            stats.var,
+            dummy if running_mean is None else running_mean,
+            dummy if running_var is None else running_var,
+            recorded if tracked is None else tracked,
+            factor,
+            recorded,
+            stats.var.numel(),
+            HAS_MEAN=running_mean is not None,
+            HAS_VAR=running_var is not None,
+            HAS_TRACKED=tracked is not None,
+            UNBIASED=unbiased,
+            SKIP=skip_nonfinite,
+            CUMULATIVE=momentum is None,
+            BLOCK=min(UPDATE_BLOCK, _pow2(stats.var.numel())),
+        )
+    return recorded
+
+
+_MOMENTA: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def _momentum(value: float, device: torch.device) -> Tensor:
+    """The momentum as a float64 tensor on ``device`` (a Triton kernel's float arguments
+    are float32), made once per value and device: no copy to the device per call."""
+    key = (value, device)
+    if key not in _MOMENTA:
+        _MOMENTA[key] = torch.tensor([value], dtype=torch.float64, device=device)
+    return _MOMENTA[key]
