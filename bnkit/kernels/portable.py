@@ -106,7 +106,7 @@ def _in_place(*operands: Tensor) -> bool:
     torch.func transform or with a batched ``operand`` (batched gradients), where it may
     be unbatched while what it is combined with is batched."""
     if torch.compiler.is_compiling():
-        return True
+        return not transformed()  # a traced transform's tensors are wrappers too
     functorch = torch._C._functorch
     return functorch.peek_interpreter_stack() is None and not any(
         functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)

@@ -144,14 +144,7 @@ def _differentiable_gradients(
     act'(z) with a fused ``activation`` (name, param), else g."""
     x, weight, bias, shift, count, mask = saved
     view, dims = _view(x), _dims(x)
-    shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
-    if mask is None:
-        shifted_mean, var = portable._two_pass_moments(shifted, dims, view, in_place=False)
-    else:
-        valid = portable._valid(mask)
-        shifted_mean, var = portable._masked_moments(shifted, valid, count, dims, view)
-    invstd = torch.rsqrt(var + eps)
-    x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
+    x_hat, invstd = _differentiable_x_hat(x, shift, count, mask, eps)
     g = grad_output.to(invstd.dtype)
     if activation is not None:
         g = g * _slope(x_hat, weight, bias, *activation)
@@ -167,6 +160,51 @@ def _differentiable_gradients(
             through_stats = torch.where(portable._valid(mask), through_stats, 0.0)
         dx = torch.addcmul(through_stats, g, alpha.view(view)).to(x.dtype)
     return dx, sum_g_x_hat, sum_g
+
+
+def _differentiable_x_hat(
+    x: Tensor, shift: Tensor, count: Tensor, mask: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(x_hat, invstd) with the batch statistics recomputed from x in differentiable
+    operations (over the valid values with a mask), so that autograd and ``torch.func``
+    see how they depend on x; ``shift`` is a constant of the data (the statistics do not
+    depend on it)."""
+    view, dims = _view(x), _dims(x)
+    shifted = x - shift.view(view)  # (N, C, *) in the compute dtype
+    if mask is None:
+        shifted_mean, var = portable._two_pass_moments(shifted, dims, view, in_place=False)
+    else:
+        valid = portable._valid(mask)
+        shifted_mean, var = portable._masked_moments(shifted, valid, count, dims, view)
+    invstd = torch.rsqrt(var + eps)
+    x_hat = torch.addcmul((-shifted_mean * invstd).view(view), shifted, invstd.view(view))
+    return x_hat, invstd
+
+
+def _differentiable_output(
+    x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None, eps: float,
+    mask: Tensor | None, activation: tuple[str, float | None] | None,
+) -> Tensor:  # fmt: skip
+    """Training normalization (and activation) in differentiable torch operations, for a
+    ``torch.func`` transform that ``torch.compile`` traces: Dynamo traces no autograd
+    Function with a forward-mode rule, and these operations have every rule torch has."""
+    x_hat, _ = _differentiable_x_hat(x, stats.shift.detach(), stats.count, mask, eps)
+    view = _view(x)
+    z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+    if bias is not None:
+        z = z + bias.to(x_hat.dtype).view(view)
+    if activation is not None:
+        z = act.activate(z, *activation)
+    return _tangent_output(z, x)
+
+
+def _traced_transform(group: Any, ghosts: int) -> bool:
+    """Whether ``torch.compile`` traces a call inside a ``torch.func`` transform (or
+    forward-mode AD) that :func:`_differentiable_output` computes: one process, one ghost
+    batch at a time."""
+    return (
+        torch.compiler.is_compiling() and portable.transformed() and group is None and (ghosts == 1)
+    )
 
 
 def _slope(
@@ -458,6 +496,8 @@ class PrimitiveKernel:
         self, x: Tensor, stats: BatchStats, weight: Tensor | None, bias: Tensor | None,
         eps: float, mask: Tensor | None = None, group: Any = None, *, ghosts: int = 1,
     ) -> Tensor:  # fmt: skip
+        if _traced_transform(group, ghosts):
+            return _differentiable_output(x, stats, weight, bias, eps, mask, None)
         invstd = torch.rsqrt(stats.var + eps)
         function = _function(_NormalizeTraceable, _Normalize)
         output: Tensor = function.apply(
@@ -471,6 +511,8 @@ class PrimitiveKernel:
         eps: float, mask: Tensor | None, group: Any, activation: str, param: float | None,
         memory_efficient: bool, *, ghosts: int = 1,
     ) -> Tensor:  # fmt: skip
+        if _traced_transform(group, ghosts):
+            return _differentiable_output(x, stats, weight, bias, eps, mask, (activation, param))
         prims = self._passes(x, mask, ghosts)
         if mask is not None and not prims.masked_activation and ghosts == 1:
             prims = portable.PRIMITIVES
