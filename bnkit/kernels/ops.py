@@ -1,8 +1,12 @@
-"""bnkit's operators: the four passes of a native kernel as ``torch.library`` operators.
+"""bnkit's operators: the four passes of a native kernel and the update of the running
+statistics as ``torch.library`` operators.
 
 ``bnkit::batch_stats``, ``bnkit::affine``, ``bnkit::backward_reduce`` and
 ``bnkit::backward_input`` have the meaning of :class:`bnkit.kernels.primitive.Primitives`'
-fields, a schema each, and an implementation per dispatch key:
+fields, ``bnkit::update_running_stats`` that of
+:meth:`bnkit.kernels.pipeline.Kernel.update_running_stats` (it mutates the running
+statistics and the counter, and returns whether the batch was recorded); a schema each,
+and an implementation per dispatch key:
 
 - ``CPU``: the C loops (:data:`bnkit.kernels.cpu.PRIMITIVES`) where they take the
   tensors; the Triton kernels under ``BNKIT_KERNEL=triton`` (which the tests run through
@@ -13,8 +17,10 @@ fields, a schema each, and an implementation per dispatch key:
   the native passes do not take;
 - a fake (meta) implementation, so that ``torch.compile`` and ``torch.export`` can trace
   a graph that calls them;
-- a vmap rule (``torch.library.register_vmap``): the vmapped calls' channels side by
-  side in one call, so ``torch.func.vmap`` (model ensembling) runs the native pass once.
+- a vmap rule for each pass (``torch.library.register_vmap``): the vmapped calls'
+  channels side by side in one call, so ``torch.func.vmap`` (model ensembling) runs the
+  native pass once. The update has none (it mutates its arguments): inside transforms
+  :class:`OperatorKernel` updates in torch operations.
 
 So torch's dispatcher, not bnkit, picks the implementation for a tensor's device.
 :data:`OPERATORS` puts them behind the :class:`~bnkit.kernels.primitive.Primitives`
@@ -40,7 +46,14 @@ from bnkit.kernels import cpu, gpu, native, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
 from bnkit.kernels.stats import BatchStats, compute_dtype
 
-__all__ = ["KERNEL", "OPERATORS", "OperatorKernel", "composite", "native_passes"]
+__all__ = [
+    "KERNEL",
+    "OPERATORS",
+    "OperatorKernel",
+    "composite",
+    "native_device",
+    "native_passes",
+]
 
 _LIB = torch.library.Library("bnkit", "DEF")  # type: ignore[no-untyped-call]
 _define: Callable[[str], Any] = _LIB.define
