@@ -59,7 +59,7 @@ from torch import Tensor
 
 from bnkit.kernels import native, outputs, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
-from bnkit.kernels.stats import BatchStats, compute_dtype
+from bnkit.kernels.stats import BatchStats, Update, compute_dtype
 
 __all__ = ["KERNEL", "PRIMITIVES", "CpuKernel", "layout", "supports", "update_running_stats"]
 
@@ -444,20 +444,13 @@ class CpuKernel(PrimitiveKernel):
         super().__init__(PRIMITIVES)
 
 
-def update_running_stats(
-    stats: BatchStats,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    unbiased: bool,
-    skip_nonfinite: bool,
-) -> bool | None:
+def update_running_stats(update: Update) -> bool | None:
     """The portable update (blended in float64) as one C call, where it applies (CPU
     float32/float64 contiguous statistics and running statistics, an int64 counter, no
     autograd on any of them): O(C) work whose cost is per-call overhead, which matters
     for small layers. Returns whether the batch was recorded, or None where the C update
     does not apply (nothing changed)."""
+    stats, running_mean, running_var, num_batches_tracked, momentum, unbiased, skip = update
     if not _plain_update(running_mean, running_var, stats, momentum, num_batches_tracked):
         return None
     first = running_mean if running_mean is not None else running_var
@@ -477,7 +470,7 @@ def update_running_stats(
         -1.0 if momentum is None else float(momentum),
         _ptr(num_batches_tracked),
         int(unbiased),
-        int(skip_nonfinite),
+        int(skip),
     )
     return bool(recorded)
 

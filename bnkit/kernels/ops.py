@@ -37,14 +37,14 @@ against 5 us per call on this project's 2-core machine), and a training step cal
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bnkit.kernels import cpu, gpu, native, portable
 from bnkit.kernels.primitive import PrimitiveKernel, Primitives
-from bnkit.kernels.stats import BatchStats, compute_dtype
+from bnkit.kernels.stats import BatchStats, Update, compute_dtype
 
 __all__ = [
     "KERNEL",
@@ -88,32 +88,19 @@ def _batch_stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor
     return stats.count, stats.shift, stats.shifted_mean, stats.var
 
 
-class _Update(NamedTuple):
-    """``bnkit::update_running_stats``'s arguments."""
-
-    counts: Tensor
-    shift: Tensor
-    shifted_mean: Tensor
-    var: Tensor
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
-    momentum: float | None
-    unbiased: bool
-    skip_nonfinite: bool
-
-    def stats(self) -> BatchStats:
-        return BatchStats(self.counts, self.shift, self.shifted_mean, self.var)
+def _as_update(*args: Any) -> Update:
+    """``bnkit::update_running_stats``'s arguments (the statistics' four vectors first)."""
+    return Update(BatchStats(*args[:4]), *args[4:])
 
 
 def _update(*args: Any) -> Tensor:
-    u = _Update(*args)
+    u = _as_update(*args)
     recorded = portable.update_running_stats(
-        u.running_mean, u.running_var, u.stats(), u.momentum,
+        u.running_mean, u.running_var, u.stats, u.momentum,
         num_batches_tracked=u.num_batches_tracked, unbiased=u.unbiased,
         skip_nonfinite=u.skip_nonfinite,
     )  # fmt: skip
-    return u.counts.new_ones((), dtype=torch.bool) if recorded is None else recorded
+    return u.stats.count.new_ones((), dtype=torch.bool) if recorded is None else recorded
 
 
 #: The composite implementation of each operator (torch operations, any device).
@@ -160,15 +147,13 @@ def _native(device: str) -> dict[str, Callable[..., Any]]:
         return prims.backward_input(g, src, *rest)
 
     def update_running_stats(*args: Any) -> Tensor:
-        u = _Update(*args)
-        update = (u.stats(), u.running_mean, u.running_var, u.num_batches_tracked,
-                  u.momentum, u.unbiased, u.skip_nonfinite)  # fmt: skip
+        update = _as_update(*args)
         if (device == "cuda" or gpu.forced()) and gpu.available():
-            recorded = gpu.update_running_stats(*update)
+            recorded = gpu.update_running_stats(update)
             if recorded is not None:
                 return recorded
         if device == "cpu":
-            taken = cpu.update_running_stats(*update)
+            taken = cpu.update_running_stats(update)
             if taken is not None:
                 return (_RECORDED if taken else _SKIPPED).clone()
         return _update(*args)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from bnkit.errors import ShapeError
 
-__all__ = ["BatchStats", "Primitives", "compute_dtype", "merge_stats"]
+__all__ = ["BatchStats", "Primitives", "Update", "compute_dtype", "merge_stats"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,6 +65,20 @@ class BatchStats:
     def unbiased_var(self) -> Tensor:
         """The sample variance M2 / (count - 1): what ``running_var`` stores by default."""
         return self.m2 / (self.count - 1)
+
+
+class Update(NamedTuple):
+    """One update of the running statistics: the batch's statistics, what they are
+    folded into (each may be None), and how (see
+    :meth:`bnkit.kernels.pipeline.Kernel.update_running_stats`)."""
+
+    stats: BatchStats
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    unbiased: bool
+    skip_nonfinite: bool
 
 
 @dataclass(frozen=True)

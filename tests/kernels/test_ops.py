@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bnkit.kernels import cpu, gpu, native, ops
-from bnkit.kernels.stats import compute_dtype
+from bnkit.kernels.stats import BatchStats, Update, compute_dtype
 
 ACTIVATIONS = [(None, None), ("relu", None), ("leaky_relu", 0.1), ("elu", 1.0)]
 
@@ -280,6 +280,12 @@ def test_update_opcheck(case: tuple[Any, ...]) -> None:
     )
 
 
+def _update(args: tuple[Any, ...]) -> Update:
+    """A fresh copy of the arguments as the native implementations take them."""
+    fresh = _fresh(args)
+    return Update(BatchStats(*fresh[:4]), *fresh[4:])
+
+
 def _updated(args: tuple[Any, ...], run: Any) -> list[Any]:
     """(recorded, running mean, running var, counter) after ``run`` updated a copy."""
     args = _fresh(args)
@@ -307,13 +313,11 @@ def test_update_c_and_triton_agree_with_the_composite(
     composite = _updated(args, ops.composite["update_running_stats"])
     op = torch.ops.bnkit.update_running_stats.default
     if case[0] == case[1]:  # the C update takes statistics and running ones of one dtype
-        stats = ops.BatchStats(*args[:4])
-        assert cpu.update_running_stats(stats, *_fresh(args)[4:7], *args[7:]) is not None
+        assert cpu.update_running_stats(_update(args)) is not None
     _same_update(_updated(args, op), composite, f"C {case}")
     if gpu.available():
         monkeypatch.setattr(gpu, "FORCED", True)  # as BNKIT_KERNEL=triton
-        stats = ops.BatchStats(*args[:4])
-        assert gpu.update_running_stats(stats, *_fresh(args)[4:7], *args[7:]) is not None
+        assert gpu.update_running_stats(_update(args)) is not None
         _same_update(_updated(args, op), composite, f"Triton {case}")
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from bnkit.kernels import portable as _portable
 from bnkit.kernels.gpu import jit
-from bnkit.kernels.stats import BatchStats, compute_dtype
+from bnkit.kernels.stats import BatchStats, Update, compute_dtype
 
 __all__ = [
     "ACTIVATION_CODES",
@@ -539,25 +539,17 @@ def backward_input(
 UPDATE_BLOCK = 1024
 
 
-def update_running_stats(
-    stats: BatchStats,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    unbiased: bool,
-    skip_nonfinite: bool,
-) -> Tensor | None:
+def update_running_stats(update: Update) -> Tensor | None:
     """The update of the running statistics in one launch (one program: O(C) work), the
     portable kernel's arithmetic in float64; returns the 0-d bool ``recorded``, or None
     where the kernel does not take the tensors (not on a CUDA device, or on the CPU under
     ``TRITON_INTERPRET=1``; running statistics or counter not contiguous on the
     statistics' device, a counter that is not int64; nothing changed)."""
+    stats, running_mean, running_var, tracked, momentum, unbiased, skip_nonfinite = update
     device = stats.var.device
     if device.type != ("cpu" if interpreting() else "cuda"):
         return None
     runs = [t for t in (running_mean, running_var) if t is not None]
-    tracked = num_batches_tracked
     if any(t.device != device or not t.is_contiguous() for t in runs):
         return None
     if tracked is not None and (tracked.device != device or tracked.dtype != torch.int64):
