@@ -332,3 +332,23 @@ def test_update_without_running_statistics_or_counter() -> None:
     assert bool(recorded)
     mean = (args[1].double() + args[2].double()) * 0.1 + args[4].double() * 0.9
     assert torch.equal(rm, mean.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_update_on_cuda_matches_the_composite() -> None:
+    """The Triton update on a GPU (one launch) against the torch operations on the same
+    device, for every case: the same counter and verdict; the running statistics to the
+    last bit of a float64 blend that the GPU may fuse into one multiply-add."""
+    if not gpu.available():
+        pytest.skip(f"no Triton: {gpu.import_error()}")
+    for case in UPDATES:
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _update_args(*case))
+        assert gpu.update_running_stats(_update(args)) is not None, case
+        ours = _updated(args, torch.ops.bnkit.update_running_stats.default)
+        theirs = _updated(args, ops.composite["update_running_stats"])
+        assert ours[0] == theirs[0], case
+        assert torch.equal(ours[3], theirs[3]), case
+        for a, b in zip(ours[1:3], theirs[1:3], strict=True):
+            # one unit in the last place of the running statistics' dtype
+            tolerance = {torch.float64: 1e-14, torch.float32: 1e-6}.get(a.dtype, 1e-3)
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=0.0, equal_nan=True)
