@@ -496,7 +496,8 @@ def update_running_stats(
         if skip_nonfinite:
             # A 0-d device tensor: deciding with torch.where keeps the update free of
             # host synchronization and of graph breaks under torch.compile.
-            recorded = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+            # (one test of both: each test is several operations, each a launch on a GPU)
+            recorded = torch.isfinite(torch.stack((batch_mean, batch_var))).all()
         if num_batches_tracked is not None:
             if recorded is None:
                 num_batches_tracked.add_(1)
