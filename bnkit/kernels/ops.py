@@ -148,7 +148,7 @@ def _native(device: str) -> dict[str, Callable[..., Any]]:
 
     def update_running_stats(*args: Any) -> Tensor:
         update = _as_update(*args)
-        if (device == "cuda" or gpu.forced()) and gpu.available():
+        if _triton(device):
             recorded = gpu.update_running_stats(update)
             if recorded is not None:
                 return recorded
@@ -172,9 +172,15 @@ _RECORDED = torch.tensor(True)
 _SKIPPED = torch.tensor(False)
 
 
+def _triton(device: str) -> bool:
+    """Whether ``device``'s implementations run the Triton kernels where they take the
+    tensors: on CUDA, or anywhere with ``BNKIT_KERNEL=triton``, where Triton can run."""
+    return (device == "cuda" or gpu.forced()) and gpu.available()
+
+
 def _native_primitives(device: str, x: Tensor, mask: Tensor | None) -> Primitives | None:
     """The native passes that take (x, mask) on ``device``, or None."""
-    if (device == "cuda" or gpu.forced()) and gpu.available() and gpu.supports(x, mask):
+    if _triton(device) and gpu.supports(x, mask):
         return gpu.PRIMITIVES
     if device == "cpu" and cpu.PRIMITIVES.supports(x, mask):
         return cpu.PRIMITIVES

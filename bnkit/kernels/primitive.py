@@ -189,10 +189,7 @@ def _differentiable_output(
     ``torch.func`` transform that ``torch.compile`` traces: Dynamo traces no autograd
     Function with a forward-mode rule, and these operations have every rule torch has."""
     x_hat, _ = _differentiable_x_hat(x, stats.shift.detach(), stats.count, mask, eps)
-    view = _view(x)
-    z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
-    if bias is not None:
-        z = z + bias.to(x_hat.dtype).view(view)
+    z = _scaled(x_hat, weight, bias)
     if activation is not None:
         z = act.activate(z, *activation)
     return _tangent_output(z, x)
@@ -202,19 +199,22 @@ def _traced_transform(group: Any, ghosts: int) -> bool:
     """Whether ``torch.compile`` traces a call inside a ``torch.func`` transform (or
     forward-mode AD) that :func:`_differentiable_output` computes: one process, one ghost
     batch at a time."""
-    return (
-        torch.compiler.is_compiling() and portable.transformed() and group is None and (ghosts == 1)
-    )
+    traced = torch.compiler.is_compiling() and portable.transformed()
+    return traced and group is None and ghosts == 1
+
+
+def _scaled(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """z = x_hat * weight + bias (either may be None), in differentiable operations."""
+    view = _view(x_hat)
+    z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+    return z if bias is None else z + bias.to(x_hat.dtype).view(view)
 
 
 def _slope(
     x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, name: str, param: float | None
 ) -> Tensor:
     """act'(z) of z = x_hat * weight + bias, in differentiable operations."""
-    view = _view(x_hat)
-    z = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
-    if bias is not None:
-        z = z + bias.to(x_hat.dtype).view(view)
+    z = _scaled(x_hat, weight, bias)
     form = act.activate(z, name, param) if act.saves_output(name) else z
     return act.slope(form, name, param)
 

@@ -25,7 +25,7 @@ def supports(x: Tensor, mask: Tensor | None = None) -> bool:
         return False
     if x.dim() < 2 or x.numel() == 0 or _is_functorch_wrapped(x):
         return False
-    if x.device.type != ("cpu" if prim.interpreting() else "cuda"):
+    if x.device.type != prim.device_type():
         return False
     if mask is None:
         return True

@@ -156,6 +156,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def device_type() -> str:
+    """The device type whose tensors the kernels take: CUDA, or the CPU under the
+    interpreter."""
+    return "cpu" if interpreting() else "cuda"
+
+
 def _launch(kernel: Any, p: Plan | tuple[int, ...]) -> Any:
     """``kernel[grid]`` through ``wrap_triton`` (when torch has it), for plan p (or a grid)."""
     wrap = getattr(torch.library, "wrap_triton", None)
@@ -547,7 +553,7 @@ def update_running_stats(update: Update) -> Tensor | None:
     statistics' device, a counter that is not int64; nothing changed)."""
     stats, running_mean, running_var, tracked, momentum, unbiased, skip_nonfinite = update
     device = stats.var.device
-    if device.type != ("cpu" if interpreting() else "cuda"):
+    if device.type != device_type():
         return None
     runs = [t for t in (running_mean, running_var) if t is not None]
     if any(t.device != device or not t.is_contiguous() for t in runs):
