@@ -155,7 +155,8 @@ static inline int stream_row(const void *q, i64 n, i64 size, i64 *head) {
 
 /* q[j] = (EXPR) for j in [0, n) (EXPR an expression in the i64 j); with `stream`, the
  * whole lines of q with streaming stores, the values before the first and after the last
- * with ordinary ones (one loop serves both ends, and the whole row when not streaming). */
+ * with ordinary ones (one loop serves both ends, and the whole row when not streaming).
+ * The macro's own names end in an underscore: j and EXPR must use none of them. */
 #define WRITE_ROW(stream, q, n, j, EXPR)                                                  \
     do {                                                                                  \
         i64 head_ = (n), from_ = (n); /* ordinary stores on [0, head_) and [from_, n) */  \
@@ -164,9 +165,9 @@ static inline int stream_row(const void *q, i64 n, i64 size, i64 *head) {
             for (from_ = head_; from_ + LINE_VALUES_ <= (n); from_ += LINE_VALUES_) {     \
                 __typeof__(*(q)) line_[LINE_VALUES_] __attribute__((aligned(LINE_BYTES))); \
                 _Pragma("omp simd")                                                       \
-                for (i64 k_ = 0; k_ < LINE_VALUES_; ++k_) {                               \
-                    const i64 j = from_ + k_;                                             \
-                    line_[k_] = (EXPR);                                                   \
+                for (i64 in_line_ = 0; in_line_ < LINE_VALUES_; ++in_line_) {             \
+                    const i64 j = from_ + in_line_;                                       \
+                    line_[in_line_] = (EXPR);                                             \
                 }                                                                         \
                 stream_line((q) + from_, line_);                                          \
             }                                                                             \
@@ -268,6 +269,7 @@ int bn_update_running_f64(const double *shift, const double *smean, const double
 #define LD(v) (v)
 #define STO(v) (v)
 #define HALF_DATA 0
+#define STAGED 0
 #define T float
 #define D float
 #define S f32
@@ -359,6 +361,68 @@ static inline uint16_t f16_store(float f) {
     return (uint16_t)(o | (sign >> 16));
 }
 
+/* float16 rows converted with the F16C instructions, for the passes that read and write
+ * float16 (MAP_ROW1/2): the compiler vectorizes f16_load and f16_store in integer
+ * operations, and a loop doing both with the arithmetic ran at about a third of the speed
+ * of either alone; converting a chunk of the rows in a loop of its own, computing in float
+ * on the chunk and converting the results back halved the eval pass on 4096x1024 float16.
+ * The passes that only read float16 (the reductions) keep f16_load: staging their loads
+ * measured slower. The values are f16_load's and f16_store's, bit for bit (checked over
+ * every float32 and every float16): the conversions are exact or round to nearest even,
+ * and a NaN is stored as 0x7e00 with its sign, as f16_store stores it (a signalling NaN
+ * loads quiet, which no result can tell). */
+#if defined(__F16C__) && defined(__AVX__)
+#define F16C_ROWS 1
+static inline void f16_row_load(float *dst, const uint16_t *src, i64 n) {
+    i64 i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i,
+                         _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#endif
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; ++i) dst[i] = f16_load(src[i]);
+}
+static inline void f16_row_store(uint16_t *dst, const float *src, i64 n) {
+    i64 i = 0;
+#if defined(__AVX512F__)
+    const __m512i sign16 = _mm512_set1_epi32(INT32_MIN), quiet16 = _mm512_set1_epi32(0x7fc00000);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(src + i);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __m512i canonical =
+            _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign16), quiet16);
+        const __m512 w = _mm512_mask_blend_ps(nan, v, _mm512_castsi512_ps(canonical));
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    const __m256 sign = _mm256_set1_ps(-0.0f), quiet = _mm256_set1_ps(NAN);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(src + i);
+        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        const __m256 w = _mm256_blendv_ps(v, _mm256_or_ps(_mm256_and_ps(v, sign), quiet), nan);
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; ++i) dst[i] = f16_store(src[i]);
+}
+/* LD in the float16 loops: a float16 value, or a float already converted from a chunk. */
+#ifdef __cplusplus
+extern "C++" {
+static inline float f16_value(uint16_t h) { return f16_load(h); }
+static inline float f16_value(float f) { return f; }
+}
+#define F16_LD(v) f16_value(v)
+#else
+#define F16_LD(v) _Generic((v), float: (v), default: f16_load(v))
+#endif
+#else
+#define F16C_ROWS 0
+#define F16_LD(v) f16_load(v)
+#endif
+
 /* 16-bit data, computed in float */
 #define T float
 #define D uint16_t
@@ -374,13 +438,16 @@ static inline uint16_t f16_store(float f) {
 #undef S
 #undef LD
 #undef STO
+#undef STAGED
 #define S f16
-#define LD(v) f16_load(v)
+#define LD(v) F16_LD(v)
 #define STO(v) f16_store(v)
+#define STAGED F16C_ROWS
 #include __FILE__
 #undef S
 #undef LD
 #undef STO
+#undef STAGED
 #undef T
 #undef D
 #undef CS
@@ -441,6 +508,44 @@ BN_UPDATE(double, f64)
 #undef RELU_GRAD
 #define RELU(z) ({ const T z_ = (z); z_ < (T)0 ? (T)0 : z_; })
 #define RELU_GRAD(g, z) ({ const T g_ = (g); (z) > (T)0 ? g_ : (T)0; })
+/* q[j] = STO(EXPR) for j in [0, n), as WRITE_ROW; EXPR, in T, reads the row P (MAP_ROW1)
+ * or the rows P1 and P2 (MAP_ROW2) with LD. With STAGED (float16 data and F16C), a chunk
+ * at a time: the rows' values converted to float, EXPR on them (the row names then name
+ * the float chunks, which LD reads as they are), the results converted back and written. */
+#undef MAP_ROW1
+#undef MAP_ROW2
+#if STAGED
+#define STAGE_VALUES 256
+#define STAGED_CHUNKS(stream, q, n, ...)                                                   \
+    do {                                                                                   \
+        for (i64 c0_ = 0; c0_ < (n); c0_ += STAGE_VALUES) {                                \
+            const i64 m_ = min64(STAGE_VALUES, (n) - c0_);                                  \
+            float out_[STAGE_VALUES];                                                      \
+            uint16_t half_[STAGE_VALUES];                                                  \
+            { __VA_ARGS__ }                                                                \
+            if (stream) {                                                                  \
+                f16_row_store(half_, out_, m_);                                            \
+                WRITE_ROW(1, (q) + c0_, m_, h_, half_[h_]);                                \
+            } else {                                                                       \
+                f16_row_store((q) + c0_, out_, m_);                                        \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+/* the chunk of row P as floats in `chunk`, then P names it (indexed as the row is) */
+#define STAGED_ROW(P, chunk)                                                               \
+    float chunk[STAGE_VALUES];                                                             \
+    f16_row_load(chunk, (P) + c0_, m_);                                                    \
+    const float *const P = chunk - c0_;
+#define STAGED_MAP(j, EXPR)                                                                \
+    _Pragma("omp simd") for (i64 j = c0_; j < c0_ + m_; ++j) out_[j - c0_] = (EXPR);
+#define MAP_ROW1(stream, q, n, j, P, EXPR)                                                 \
+    STAGED_CHUNKS(stream, q, n, STAGED_ROW(P, one_) STAGED_MAP(j, EXPR))
+#define MAP_ROW2(stream, q, n, j, P1, P2, EXPR)                                            \
+    STAGED_CHUNKS(stream, q, n, STAGED_ROW(P1, one_) STAGED_ROW(P2, two_) STAGED_MAP(j, EXPR))
+#else
+#define MAP_ROW1(stream, q, n, j, P, EXPR) WRITE_ROW(stream, q, n, j, STO(EXPR))
+#define MAP_ROW2(stream, q, n, j, P1, P2, EXPR) WRITE_ROW(stream, q, n, j, STO(EXPR))
+#endif
 /* Statistics, ncl layout: shift = x[0, c, 0]; shifted mean and biased variance. */
 void NAME(bn_stats_ncl)(const D *x, i64 N, i64 C, i64 L, T *shift, T *smean, T *var,
                       int nt) {
@@ -744,9 +849,9 @@ void NAME(bn_affine_ncl)(const D *x, D *y, i64 N, i64 C, i64 L, const T *s, cons
             const D *p = x + row * L;
             D *q = y + row * L;
             if (relu)
-                WRITE_ROW(stream, q, L, i, STO(RELU((LD(p[i]) - sc) * ac + bc)));
+                MAP_ROW1(stream, q, L, i, p, RELU((LD(p[i]) - sc) * ac + bc));
             else
-                WRITE_ROW(stream, q, L, i, STO((LD(p[i]) - sc) * ac + bc));
+                MAP_ROW1(stream, q, L, i, p, (LD(p[i]) - sc) * ac + bc);
         }
         stream_fence(stream);
     }
@@ -764,9 +869,9 @@ void NAME(bn_affine_nc)(const D *x, D *y, i64 M, i64 C, const T *s, const T *a, 
             const D *p = x + r * C;
             D *q = y + r * C;
             if (relu)
-                WRITE_ROW(stream, q, C, c, STO(RELU((LD(p[c]) - s[c]) * a[c] + b[c])));
+                MAP_ROW1(stream, q, C, c, p, RELU((LD(p[c]) - s[c]) * a[c] + b[c]));
             else
-                WRITE_ROW(stream, q, C, c, STO((LD(p[c]) - s[c]) * a[c] + b[c]));
+                MAP_ROW1(stream, q, C, c, p, (LD(p[c]) - s[c]) * a[c] + b[c]);
         }
         stream_fence(stream);
     }
@@ -949,12 +1054,12 @@ void NAME(bn_backward_input_ncl)(const D *g, const D *x, D *dx, i64 N, i64 C, i6
             D *dp = dx + row * L;
             if (za) {
                 const T ta = za[c], tb = zb[c];
-                WRITE_ROW(stream, dp, L, i,
-                          STO(RELU_GRAD(LD(gp[i]), (LD(xp[i]) - sc) * ta + tb) * ac +
-                              ((LD(xp[i]) - sc) * k1c + k0c)));
+                MAP_ROW2(stream, dp, L, i, gp, xp,
+                        RELU_GRAD(LD(gp[i]), (LD(xp[i]) - sc) * ta + tb) * ac +
+                            ((LD(xp[i]) - sc) * k1c + k0c));
             } else {
-                WRITE_ROW(stream, dp, L, i,
-                          STO(LD(gp[i]) * ac + ((LD(xp[i]) - sc) * k1c + k0c)));
+                MAP_ROW2(stream, dp, L, i, gp, xp,
+                        LD(gp[i]) * ac + ((LD(xp[i]) - sc) * k1c + k0c));
             }
         }
         stream_fence(stream);
@@ -973,13 +1078,12 @@ void NAME(bn_backward_input_nc)(const D *g, const D *x, D *dx, i64 M, i64 C, con
             const D *gp = g + r * C, *xp = x + r * C;
             D *dp = dx + r * C;
             if (za)
-                WRITE_ROW(stream, dp, C, c,
-                          STO(RELU_GRAD(LD(gp[c]), (LD(xp[c]) - s[c]) * za[c] + zb[c]) *
-                                  alpha[c] +
-                              ((LD(xp[c]) - s[c]) * k1[c] + k0[c])));
+                MAP_ROW2(stream, dp, C, c, gp, xp,
+                        RELU_GRAD(LD(gp[c]), (LD(xp[c]) - s[c]) * za[c] + zb[c]) * alpha[c] +
+                            ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
             else
-                WRITE_ROW(stream, dp, C, c,
-                          STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c])));
+                MAP_ROW2(stream, dp, C, c, gp, xp,
+                        LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
         }
         stream_fence(stream);
     }
@@ -997,11 +1101,8 @@ void NAME(bn_backward_input_masked_ncl)(const D *g, const D *x, const uint8_t *m
         const D *gp = g + row * L, *xp = x + row * L;
         const uint8_t *mk = mask + (row / C) * L;
         D *dp = dx + row * L;
-        _Pragma("omp simd")
-        for (i64 i = 0; i < L; ++i) {
-            const T through = (LD(xp[i]) - sc) * k1c + k0c;
-            dp[i] = STO(LD(gp[i]) * ac + (mk[i] ? through : (T)0));
-        }
+        MAP_ROW2(0, dp, L, i, gp, xp,
+                 LD(gp[i]) * ac + (mk[i] ? (LD(xp[i]) - sc) * k1c + k0c : (T)0));
     }
 }
 
@@ -1013,14 +1114,11 @@ void NAME(bn_backward_input_masked_nc)(const D *g, const D *x, const uint8_t *ma
     for (i64 r = 0; r < M; ++r) {
         const D *gp = g + r * C, *xp = x + r * C;
         D *dp = dx + r * C;
-        if (mask[r]) {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c)
-                dp[c] = STO(LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
-        } else {
-            _Pragma("omp simd")
-            for (i64 c = 0; c < C; ++c) dp[c] = STO(LD(gp[c]) * alpha[c] + (T)0);
-        }
+        if (mask[r])
+            MAP_ROW2(0, dp, C, c, gp, xp,
+                     LD(gp[c]) * alpha[c] + ((LD(xp[c]) - s[c]) * k1[c] + k0[c]));
+        else
+            MAP_ROW1(0, dp, C, c, gp, LD(gp[c]) * alpha[c] + (T)0);
     }
 }
 
@@ -1075,12 +1173,10 @@ INLINE void NAME(act_forward_row)(const D *xp, D *yp, i64 n, i64 stride_c, const
                                   const T *a, const T *b, T p, const int act) {
     /* stride_c 0: one channel (s[0], a[0], b[0]); 1: channel i at position i. */
     if (stride_c) {
-        _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) yp[i] = STO(NAME(act_value)((LD(xp[i]) - s[i]) * a[i] + b[i], p, act));
+        MAP_ROW1(0, yp, n, i, xp, NAME(act_value)((LD(xp[i]) - s[i]) * a[i] + b[i], p, act));
     } else {
         const T sc = s[0], ac = a[0], bc = b[0];
-        _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) yp[i] = STO(NAME(act_value)((LD(xp[i]) - sc) * ac + bc, p, act));
+        MAP_ROW1(0, yp, n, i, xp, NAME(act_value)((LD(xp[i]) - sc) * ac + bc, p, act));
     }
 }
 
@@ -1217,20 +1313,19 @@ INLINE void NAME(act_input_row)(const D *gp, const D *sp, D *dp, i64 n, i64 stri
                                 const T *za, const T *zb, T p, const int act,
                                 const int from_y) {
     if (stride_c) {
-        _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) {
-            T v;
-            T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), s[i], za[i], zb[i], p, act, from_y, &v);
-            dp[i] = STO(gi * alpha[i] + ((v - s[i]) * k1[i] + k0[i]));
-        }
+        MAP_ROW2(0, dp, n, i, gp, sp, ({
+                     T v;
+                     T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), s[i], za[i], zb[i], p, act,
+                                           from_y, &v);
+                     gi * alpha[i] + ((v - s[i]) * k1[i] + k0[i]);
+                 }));
     } else {
         const T sc = s[0], ac = alpha[0], k1c = k1[0], k0c = k0[0], ta = za[0], tb = zb[0];
-        _Pragma("omp simd")
-        for (i64 i = 0; i < n; ++i) {
-            T v;
-            T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), sc, ta, tb, p, act, from_y, &v);
-            dp[i] = STO(gi * ac + ((v - sc) * k1c + k0c));
-        }
+        MAP_ROW2(0, dp, n, i, gp, sp, ({
+                     T v;
+                     T gi = NAME(act_grad)(LD(gp[i]), LD(sp[i]), sc, ta, tb, p, act, from_y, &v);
+                     gi * ac + ((v - sc) * k1c + k0c);
+                 }));
     }
 }
 

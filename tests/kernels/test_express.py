@@ -3,6 +3,7 @@ the NumPy reference and torch; and the calls it must leave to the general pipeli
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -555,17 +556,28 @@ def test_16_bit_inputs_match_the_portable_kernel(
         assert_close_to_scale(ours[key], theirs[key], TOLERANCE[torch.float32])
 
 
+#: Every 16-bit pattern as (N, C, L) rows of 16384 values (whole vectors), of 65543 (a
+#: scalar tail after the last whole vector, and a chunk of 7 after the float16 loops'
+#: 256-value chunks) and as (M, C) rows of 1003 channels (the patterns repeated to fill).
+PATTERN_SHAPES = [(4, 1, 16384), (1, 1, 65543), (66, 1003)]
+
+
+@pytest.mark.parametrize("shape", PATTERN_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
-def test_16_bit_values_are_read_and_rounded_as_torch_does(dtype: torch.dtype) -> None:
+def test_16_bit_values_are_read_and_rounded_as_torch_does(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
     """Every 16-bit pattern (normal, subnormal, zero, Inf, NaN) through an eval map
     y = x * scale + 0: bit for bit torch's float32 arithmetic and rounding to the type,
-    overflow to Inf and gradual underflow included."""
+    overflow to Inf and gradual underflow included, in vector bodies and scalar tails."""
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
-    x = patterns.view(dtype).reshape(4, 1, 128, 128)
+    x = patterns.repeat(-(-math.prod(shape) // patterns.numel()))[: math.prod(shape)]
+    x = x.view(dtype).reshape(shape)
+    channels = shape[1]
     eps = 2.0**-20
-    mean, var = torch.zeros(1), torch.full((1,), 1 - eps)  # invstd exactly 1
+    mean, var = torch.zeros(channels), torch.full((channels,), 1 - eps)  # invstd exactly 1
     for scale in (1.0, 3.7, -0.37, 1e5, 1e-5, 65504.0 / 3):
-        weight, bias = torch.full((1,), scale), torch.zeros(1)
+        weight, bias = torch.full((channels,), scale), torch.zeros(channels)
         result = express.batch_norm(x, mean, var, weight, bias, False, 0.1, eps, None,
                                     express.Flags())  # fmt: skip
         assert result is not None
