@@ -531,7 +531,8 @@ BN_UPDATE(double, f64)
             }                                                                              \
         }                                                                                  \
     } while (0)
-/* the chunk of row P as floats in `chunk`, then P names it (indexed as the row is) */
+/* the chunk of row P as floats in `chunk`, then P names it, indexed as the row is (a
+ * pointer c0_ values before the chunk, read only at c0_ .. c0_ + m_ - 1) */
 #define STAGED_ROW(P, chunk)                                                               \
     float chunk[STAGE_VALUES];                                                             \
     f16_row_load(chunk, (P) + c0_, m_);                                                    \
