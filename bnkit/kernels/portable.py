@@ -499,12 +499,16 @@ def update_running_stats(
         if unbiased:
             count = stats.count.to(dtype)
             batch_var = batch_var * count / (count - 1)
+        # The mean and the variance side by side: each operation below is one launch for
+        # both on a GPU (or MPS), where the update is otherwise a dozen small launches.
+        batch = torch.stack((batch_mean, batch_var))
         recorded = None
         if skip_nonfinite:
             # A 0-d device tensor: deciding with torch.where keeps the update free of
-            # host synchronization and of graph breaks under torch.compile.
-            # (one test of both: each test is several operations, each a launch on a GPU)
-            recorded = torch.isfinite(torch.stack((batch_mean, batch_var))).all()
+            # host synchronization and of graph breaks under torch.compile. v - v is 0
+            # exactly for finite v and NaN for NaN and +-Inf: two operations, where
+            # torch.isfinite is four.
+            recorded = ((batch - batch) == 0).all()
         if num_batches_tracked is not None:
             if recorded is None:
                 num_batches_tracked.add_(1)
@@ -518,12 +522,17 @@ def update_running_stats(
             factor = 1.0 / num_batches_tracked.to(dtype)
         else:
             factor = momentum
-        for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
-            if running is None:
-                continue
-            old = running.to(dtype)
-            new = batch * factor + old * (1.0 - factor)
-            if recorded is not None:
-                new = torch.where(recorded, new, old)
-            running.copy_(new)
+        runnings = [r for r in (running_mean, running_var) if r is not None]
+        if not runnings:
+            return recorded
+        if len(runnings) == 2:
+            old = torch.stack(runnings).to(dtype)
+        else:  # one of the two, as a row
+            batch = (batch_mean if running_mean is not None else batch_var).unsqueeze(0)
+            old = runnings[0].to(dtype).unsqueeze(0)
+        new = batch * factor + old * (1.0 - factor)
+        if recorded is not None:
+            new = torch.where(recorded, new, old)
+        for k, running in enumerate(runnings):
+            running.copy_(new[k])
         return recorded

@@ -6,6 +6,8 @@ and every kernel is checked to record the same autograd function.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ import bnkit
 from bnkit.bench.memory import peak_bytes
 from bnkit.kernels import ops, portable, primitive, select_kernel
 from bnkit.kernels.pipeline import Call, Plan, batch_norm
+from bnkit.kernels.stats import BatchStats
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> None:
@@ -283,3 +286,37 @@ def test_any_blocking_gives_the_whole_tensor_passes(
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+# inductor loads part of itself with torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_update_skips_nonfinite_statistics_when_compiled_by_inductor(bad: float) -> None:
+    """The portable update's finiteness test (v - v == 0) survives inductor's code
+    generation: a batch with a NaN or an infinite statistic leaves the running statistics
+    and the counter as they were, and a finite one is recorded as in eager mode."""
+    torch._dynamo.reset()
+
+    def update(stats: BatchStats, rm: torch.Tensor, rv: torch.Tensor, n: torch.Tensor) -> Any:
+        return portable.update_running_stats(
+            rm, rv, stats, 0.1, num_batches_tracked=n, unbiased=True, skip_nonfinite=True
+        )
+
+    compiled = torch.compile(update, fullgraph=True)
+    count, shift = torch.full((3,), 8.0), torch.tensor([1.0, 2.0, 3.0])
+    for var, expect in ((torch.tensor([0.5, bad, 2.0]), False), (torch.ones(3), True)):
+        stats = BatchStats(count, shift, torch.tensor([0.1, 0.2, 0.3]), var)
+        results = []
+        for fn in (compiled, update):
+            rm, rv, n = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+            recorded = fn(stats, rm, rv, n)
+            results.append((bool(recorded), rm, rv, int(n)))
+        (got, rm, rv, n), (eager, rm_e, rv_e, n_e) = results
+        assert got is eager is expect
+        assert n == n_e == int(expect)
+        assert torch.equal(rm, rm_e)
+        assert torch.equal(rv, rv_e)
+        if not expect:
+            assert torch.equal(rm, torch.zeros(3))
+            assert torch.equal(rv, torch.ones(3))
