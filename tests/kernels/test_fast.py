@@ -332,3 +332,35 @@ def test_an_expanded_gradient_costs_no_tensor_besides_dx(fmt: torch.memory_forma
     assert dx.stride() == x.stride()
     (expected,) = torch.autograd.grad(y, x, torch.full_like(y, 3.0))  # the same, in memory
     torch.testing.assert_close(dx, expected, atol=0, rtol=0)
+
+
+def test_express_backward_is_one_operator_call() -> None:
+    """The express node's backward pass is the backward operator and nothing else: no
+    zero gradients are made for the statistics and the recorded flag, which have none
+    (the node does not materialize them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call, misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = bnkit.BatchNorm2d(16)
+    x = torch.randn(8, 16, 8, 8, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    g = torch.randn_like(y)
+    recorder = Recorder()
+    with recorder:
+        ours = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    assert recorder.calls == ["bnkit.batch_norm_backward.default"]
+    expected = torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True)
+    theirs = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
