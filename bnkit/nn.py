@@ -58,7 +58,7 @@ from bnkit.functional import (
 from bnkit.kernels import pipeline
 from bnkit.kernels.activation import default_param
 from bnkit.kernels.pipeline import Call
-from bnkit.kernels.stats import BatchStats, merge_stats
+from bnkit.kernels.stats import BatchStats, Update, merge_stats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd", "accumulate_stats"]
 
@@ -474,15 +474,11 @@ class BatchNormNd(_BatchNorm):
         if self.running_mean is None or self.running_var is None:
             return
         momentum = self.momentum
-        recorded = pipeline.select_kernel(self.running_mean).update_running_stats(
-            self.running_mean,
-            self.running_var,
-            stats,
-            momentum,
-            num_batches_tracked=self.num_batches_tracked,
-            unbiased=self.running_var_estimator == "unbiased",
-            skip_nonfinite=self.skip_nonfinite,
-        )
+        update = Update(
+            stats, self.running_mean, self.running_var, self.num_batches_tracked, momentum,
+            self.running_var_estimator == "unbiased", self.skip_nonfinite,
+        )  # fmt: skip
+        recorded = pipeline.select_kernel(self.running_mean).update_running_stats(update)
         if recorded is not None:
             self._nonfinite_monitor.observe(recorded, (int(stats.count[0].item()),))
 

@@ -6,10 +6,10 @@ the portable one (:mod:`.portable`, plain torch operations for every device,
 ``torch.compile`` and ``torch.func``).
 
 The modules, each importing only those below it: :mod:`.stats` (:class:`BatchStats`,
-:func:`merge_stats`), :mod:`bnkit.distributed`, :mod:`.portable`, :mod:`.primitive` (the
-autograd functions of the native kernels), :mod:`.cpu` (with :mod:`.native` and
-:mod:`.outputs`) and :mod:`.gpu`, :mod:`.ops`, :mod:`.pipeline` (the steps and
-:func:`select_kernel`), then :mod:`.express`. This package
+:class:`Update`, :func:`merge_stats`), :mod:`bnkit.distributed`, :mod:`.portable`,
+:mod:`.primitive` (the autograd functions of the native kernels), :mod:`.cpu` (with
+:mod:`.native` and :mod:`.outputs`) and :mod:`.gpu`, :mod:`.ops`, :mod:`.pipeline` (the
+steps and :func:`select_kernel`), then :mod:`.express`. This package
 re-exports the names of :mod:`.stats` and :mod:`.pipeline`, loading them on first use.
 """
 
@@ -26,6 +26,7 @@ __all__ = [
     "Chunk",
     "Kernel",
     "Plan",
+    "Update",
     "batch_norm",
     "compute_dtype",
     "ghost_chunks",
@@ -36,7 +37,7 @@ __all__ = [
 
 #: where each name lives: :mod:`.stats` (no kernel imports) or :mod:`.pipeline` (all of
 #: them). Loaded on first use, so that a kernel importing :mod:`.stats` loads no other.
-_HOMES = dict.fromkeys(("BatchStats", "compute_dtype", "merge_stats"), "stats")
+_HOMES = dict.fromkeys(("BatchStats", "Update", "compute_dtype", "merge_stats"), "stats")
 
 
 def __getattr__(name: str) -> Any:

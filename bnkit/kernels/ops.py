@@ -94,13 +94,9 @@ def _as_update(*args: Any) -> Update:
 
 
 def _update(*args: Any) -> Tensor:
-    u = _as_update(*args)
-    recorded = portable.update_running_stats(
-        u.running_mean, u.running_var, u.stats, u.momentum,
-        num_batches_tracked=u.num_batches_tracked, unbiased=u.unbiased,
-        skip_nonfinite=u.skip_nonfinite,
-    )  # fmt: skip
-    return u.stats.count.new_ones((), dtype=torch.bool) if recorded is None else recorded
+    update = _as_update(*args)
+    recorded = portable.update_running_stats(update)
+    return update.stats.count.new_ones((), dtype=torch.bool) if recorded is None else recorded
 
 
 #: The composite implementation of each operator (torch operations, any device).
@@ -386,26 +382,18 @@ class OperatorKernel(PrimitiveKernel):
     def __init__(self) -> None:
         super().__init__(OPERATORS)
 
-    def update_running_stats(
-        self, running_mean: Tensor | None, running_var: Tensor | None, stats: BatchStats,
-        momentum: float | None, *, num_batches_tracked: Tensor | None, unbiased: bool,
-        skip_nonfinite: bool,
-    ) -> Tensor | None:  # fmt: skip
+    def update_running_stats(self, update: Update) -> Tensor | None:
         """See :meth:`bnkit.kernels.pipeline.Kernel.update_running_stats`. Inside
         ``torch.func`` transforms, torch operations, which vmap batches: the operator
         mutates its arguments and has no vmap rule."""
         if portable.transformed():
-            return super().update_running_stats(
-                running_mean, running_var, stats, momentum,
-                num_batches_tracked=num_batches_tracked, unbiased=unbiased,
-                skip_nonfinite=skip_nonfinite,
-            )  # fmt: skip
-        with torch.no_grad():
+            return super().update_running_stats(update)
+        stats = update.stats
+        with torch.no_grad():  # the schema's order is Update's, the statistics unpacked
             recorded: Tensor = _OPS.update_running_stats.default(
-                stats.count, stats.shift, stats.shifted_mean, stats.var, running_mean,
-                running_var, num_batches_tracked, momentum, unbiased, skip_nonfinite,
-            )  # fmt: skip
-        return recorded if skip_nonfinite else None
+                stats.count, stats.shift, stats.shifted_mean, stats.var, *update[1:]
+            )
+        return recorded if update.skip_nonfinite else None
 
     def ghost_passes(self, x: Tensor, mask: Tensor | None) -> Primitives | None:
         """The native passes themselves where they take ghost batches in one launch (the

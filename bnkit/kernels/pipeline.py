@@ -7,7 +7,7 @@ Every variant of batch normalization runs the same four steps::
     y = kernel.normalize_batch(x, stats, weight, bias, eps, mask)     # training
     y = kernel.normalize_population(x, mean, var, weight, bias, eps)  # inference
     stats = merge_stats([...])                         # ghost batches, micro-batches, shards
-    kernel.update_running_stats(running_mean, running_var, stats, momentum, ...)
+    kernel.update_running_stats(Update(stats, running_mean, running_var, ...))
 
 The variants are parameters of :func:`batch_norm`, not copies of it: a mask restricts
 the statistics to valid positions, ghost batches are chunks normalized with their own
@@ -32,7 +32,7 @@ from torch import Tensor
 from bnkit import distributed
 from bnkit.kernels import ops, portable, primitive
 from bnkit.kernels.activation import activate
-from bnkit.kernels.stats import BatchStats, compute_dtype, merge_stats
+from bnkit.kernels.stats import BatchStats, Update, compute_dtype, merge_stats
 
 __all__ = [
     "Activation",
@@ -107,17 +107,7 @@ class Kernel(Protocol):
         """Inference: the same map with fixed statistics (a per-channel affine map)."""
         ...
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        stats: BatchStats,
-        momentum: float | None,
-        *,
-        num_batches_tracked: Tensor | None,
-        unbiased: bool,
-        skip_nonfinite: bool,
-    ) -> Tensor | None:
+    def update_running_stats(self, update: Update) -> Tensor | None:
         """Fold the batch statistics into the running ones, in place, without a host sync.
 
         Returns a 0-d bool tensor (were the statistics finite, i.e. recorded?) when
@@ -319,15 +309,11 @@ def batch_norm(call: Call, plan: Plan, kernel: Kernel | None = None) -> BatchNor
     if plan.deferred is not None:
         plan.deferred.append(merged)
         return BatchNormResult(output, None)
-    recorded = k.update_running_stats(
-        running_mean,
-        running_var,
-        merged,
-        plan.momentum,
-        num_batches_tracked=counter,
-        unbiased=plan.unbiased,
-        skip_nonfinite=plan.skip_nonfinite,
-    )
+    update = Update(
+        merged, running_mean, running_var, counter, plan.momentum, plan.unbiased,
+        plan.skip_nonfinite,
+    )  # fmt: skip
+    recorded = k.update_running_stats(update)
     return BatchNormResult(output, recorded)
 
 

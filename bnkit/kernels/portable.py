@@ -51,7 +51,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from bnkit.kernels import activation as act
-from bnkit.kernels.stats import BatchStats, Primitives, compute_dtype, merge_stats
+from bnkit.kernels.stats import BatchStats, Primitives, Update, compute_dtype, merge_stats
 
 __all__ = [
     "PRIMITIVES",
@@ -478,19 +478,11 @@ def normalize_population(
     return (affine_pass or affine)(x, mean.to(dtype), alpha, beta)
 
 
-def update_running_stats(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    stats: BatchStats,
-    momentum: float | None,
-    *,
-    num_batches_tracked: Tensor | None,
-    unbiased: bool,
-    skip_nonfinite: bool,
-) -> Tensor | None:
+def update_running_stats(update: Update) -> Tensor | None:
     """Fold the batch statistics into the running ones, in place, in torch operations on
     (C,) vectors (no host synchronization); see
     :meth:`bnkit.kernels.pipeline.Kernel.update_running_stats`."""
+    stats, running_mean, running_var, num_batches_tracked, momentum, unbiased, skip = update
     with torch.no_grad():
         dtype = _update_dtype(stats.var.device)
         # Formed in the update dtype, so a float32 mean far from zero is rounded once.
@@ -503,7 +495,7 @@ def update_running_stats(
         # both on a GPU (or MPS), where the update is otherwise a dozen small launches.
         batch = torch.stack((batch_mean, batch_var))
         recorded = None
-        if skip_nonfinite:
+        if skip:
             # A 0-d device tensor: deciding with torch.where keeps the update free of
             # host synchronization and of graph breaks under torch.compile. v - v is 0
             # exactly for finite v and NaN for NaN and +-Inf: two operations, where

@@ -35,7 +35,7 @@ from torch import Tensor
 from bnkit.distributed import all_reduce_sum
 from bnkit.kernels import activation as act
 from bnkit.kernels import portable
-from bnkit.kernels.stats import BatchStats, Primitives, input_gradient_coefficients
+from bnkit.kernels.stats import BatchStats, Primitives, Update, input_gradient_coefficients
 
 __all__ = ["PORTABLE", "PortableKernel", "PrimitiveKernel", "Primitives"]
 
@@ -536,15 +536,8 @@ class PrimitiveKernel:
         prims = portable.PRIMITIVES if differentiable else self._passes(x, None)
         return portable.normalize_population(x, mean, var, weight, bias, eps, prims.affine)
 
-    def update_running_stats(
-        self, running_mean: Tensor | None, running_var: Tensor | None, stats: BatchStats,
-        momentum: float | None, *, num_batches_tracked: Tensor | None, unbiased: bool,
-        skip_nonfinite: bool,
-    ) -> Tensor | None:  # fmt: skip
-        return portable.update_running_stats(
-            running_mean, running_var, stats, momentum, num_batches_tracked=num_batches_tracked,
-            unbiased=unbiased, skip_nonfinite=skip_nonfinite,
-        )  # fmt: skip
+    def update_running_stats(self, update: Update) -> Tensor | None:
+        return portable.update_running_stats(update)
 
 
 class PortableKernel(PrimitiveKernel):

@@ -19,6 +19,7 @@ from bnkit.kernels import (
     Activation,
     Call,
     Plan,
+    Update,
     batch_norm,
     cpu,
     native,
@@ -427,19 +428,13 @@ def test_running_stats_update_matches_portable_bit_for_bit(
     stats = cpu.KERNEL.batch_stats(x)
     for skip in (True, False):
         states = []
-        for kernel in (cpu.KERNEL, primitive.PORTABLE):
+        for kernel in (ops.KERNEL, primitive.PORTABLE):  # the C update, torch operations
             g = torch.Generator().manual_seed(5)
             mean = torch.randn(4, generator=g, dtype=dtype)
             var = torch.rand(4, generator=g, dtype=dtype)
             tracked = torch.tensor(3)
             recorded = kernel.update_running_stats(
-                mean,
-                var,
-                stats,
-                momentum,
-                num_batches_tracked=tracked,
-                unbiased=unbiased,
-                skip_nonfinite=skip,
+                Update(stats, mean, var, tracked, momentum, unbiased, skip)
             )
             states.append((mean, var, tracked, recorded))
         (m1, v1, t1, r1), (m2, v2, t2, r2) = states

@@ -17,7 +17,7 @@ import bnkit
 from bnkit.bench.memory import peak_bytes
 from bnkit.kernels import ops, portable, primitive, select_kernel
 from bnkit.kernels.pipeline import Call, Plan, batch_norm
-from bnkit.kernels.stats import BatchStats
+from bnkit.kernels.stats import BatchStats, Update
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> None:
@@ -299,9 +299,7 @@ def test_update_skips_nonfinite_statistics_when_compiled_by_inductor(bad: float)
     torch._dynamo.reset()
 
     def update(stats: BatchStats, rm: torch.Tensor, rv: torch.Tensor, n: torch.Tensor) -> Any:
-        return portable.update_running_stats(
-            rm, rv, stats, 0.1, num_batches_tracked=n, unbiased=True, skip_nonfinite=True
-        )
+        return portable.update_running_stats(Update(stats, rm, rv, n, 0.1, True, True))
 
     compiled = torch.compile(update, fullgraph=True)
     count, shift = torch.full((3,), 8.0), torch.tensor([1.0, 2.0, 3.0])
